@@ -1,0 +1,1 @@
+"""Client side: private state, local training (vectorised cohort and per-client paths)."""

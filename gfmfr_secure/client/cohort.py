@@ -1,0 +1,267 @@
+"""Vectorised local training of a whole cohort of clients.
+
+All sampled clients of a round train together: their heads, user embeddings and
+local item-table rows are stacked, and every global step runs one batched forward
+and a hand-derived backward pass for all clients still active at that step (see
+:mod:`gfmfr_secure.client.plan`). Clients never share parameters: each keeps its
+own copy of the shared head and of the item-table rows it touches, exactly as if it
+trained alone. :mod:`gfmfr_secure.client.local` is the per-client reference (plain
+autograd); a test checks both give the same update.
+
+Model and loss for one client and a batch ``j = 1..n`` (all means over the batch)::
+
+    x_j = C[i_j] + P[i_j]                              # [d]
+    z_j = W1u e + W1i x_j + b1;  a_j = relu(z_j)       # [h]
+    l_j = w2 . a_j + b2;  p_j = sigmoid(l_j)
+    base = BCE(p, y) - alpha * MSE(P[i], C[i]) + beta * mean|C[i]|
+    loss = base + lambda * KL([q, 1-q] || [p, 1-p])   # q = teacher preference of the client's group
+    lambda = ema(base / KL) * cos(pi t / 2T)           # the ratio is a running, detached statistic
+
+``dloss/dl_j = ((p_j - y_j) + lambda (p_j - q_j)) / n``; the rest is the chain rule.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from gfmfr_secure.client.plan import build_step_plan
+from gfmfr_secure.client.state import ClientStateStore
+from gfmfr_secure.models.backbones import BackboneSpec
+from gfmfr_secure.models.params import SharedParams
+from gfmfr_secure.types import CohortUpdate, LocalHyper
+
+__all__ = ["train_cohort", "cohort_samples", "flatten_heads", "unflatten_heads"]
+
+
+def cohort_samples(indptr: np.ndarray, items: np.ndarray, labels: np.ndarray, clients: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gather the samples of ``clients`` from CSR arrays.
+
+    Returns (counts int64 [n], items int64 [m], labels float32 [m]) with each client's
+    samples contiguous, in cohort order.
+    """
+    start = indptr[clients]
+    counts = (indptr[clients + 1] - start).astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    idx = np.repeat(start - offsets, counts) + np.arange(int(counts.sum()))
+    return counts, items[idx], labels[idx]
+
+
+def flatten_heads(w1u: torch.Tensor, w1i: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
+    """Stacked heads [n, h, d] x2, [n, h], [n, h], [n] -> [n, H] (order of ``SharedParams.head_flat``)."""
+    n = w1u.shape[0]
+    return torch.cat([w1u.reshape(n, -1), w1i.reshape(n, -1), b1, w2, b2.reshape(n, 1)], dim=1)
+
+
+def unflatten_heads(flat: torch.Tensor, latent_dim: int) -> tuple[torch.Tensor, ...]:
+    """Inverse of :func:`flatten_heads` for hidden size = latent size."""
+    n, d = flat.shape[0], latent_dim
+    hd = d * d
+    w1u = flat[:, :hd].reshape(n, d, d)
+    w1i = flat[:, hd : 2 * hd].reshape(n, d, d)
+    b1 = flat[:, 2 * hd : 2 * hd + d]
+    w2 = flat[:, 2 * hd + d : 2 * hd + 2 * d]
+    b2 = flat[:, 2 * hd + 2 * d]
+    if flat.shape[1] != 2 * hd + 2 * d + 1:
+        raise ValueError(f"head vectors have {flat.shape[1]} entries, expected {2 * hd + 2 * d + 1}")
+    return w1u, w1i, b1, w2, b2
+
+
+def _xlogx(q: torch.Tensor) -> torch.Tensor:
+    return torch.xlogy(q, q)
+
+
+@torch.no_grad()
+def train_cohort(
+    shared: SharedParams,
+    store: ClientStateStore,
+    backbone: BackboneSpec,
+    clients: np.ndarray,
+    sample_indptr: np.ndarray,
+    sample_items: np.ndarray,
+    sample_labels: np.ndarray,
+    hyper: LocalHyper,
+    *,
+    teacher: torch.Tensor | None = None,
+    groups: np.ndarray | None = None,
+) -> CohortUpdate:
+    """Train every client of ``clients`` locally for one round and return their uploads.
+
+    Parameters
+    ----------
+    shared : global parameters broadcast this round (not modified).
+    store : client-private state; the clients' rows are updated in place.
+    backbone : which parameters exist and are shared.
+    clients : int64 [n] distinct user ids.
+    sample_indptr, sample_items, sample_labels : this round's training samples of all
+        users in CSR form ([U+1], [M], [M]); positives and fresh negatives.
+    hyper : this round's local hyperparameters.
+    teacher : [G, I] group preference scores q, or None (no distillation this round).
+    groups : int64 [n] group of each client (-1 = none, no distillation for it).
+
+    Returns
+    -------
+    CohortUpdate
+        Item-table deltas on the rows each client touched, head deltas, losses.
+    """
+    clients = np.asarray(clients, dtype=np.int64)
+    n, n_items, d = clients.size, shared.n_items, shared.latent_dim
+    if np.unique(clients).size != n:
+        raise ValueError("cohort contains a client twice")
+    counts, items, labels = cohort_samples(sample_indptr, sample_items, sample_labels, clients)
+    owner = np.repeat(np.arange(n), counts)
+
+    # Local item rows: one per (client, item) pair seen this round, sorted by client then item.
+    keys = owner * n_items + items
+    uniq, inverse = np.unique(keys, return_inverse=True)
+    row_owner = uniq // n_items
+    row_items = uniq % n_items
+    row_ptr = np.searchsorted(row_owner, np.arange(n + 1)).astype(np.int64)
+    row_items_t = torch.from_numpy(row_items)
+    c_loc = shared.item_table[row_items_t].clone()
+    p_loc = store.personal.gather(clients[row_owner] * n_items + row_items) if backbone.personal_items else None
+
+    plan = build_step_plan(clients, counts, batch_size=hyper.batch_size, epochs=hyper.epochs, seed=hyper.shuffle_seed)
+    order_t = torch.from_numpy(plan.order)
+
+    # Stacked per-client parameters, in plan order so active clients form a prefix.
+    if backbone.private_head:
+        if store.heads is None:
+            raise ValueError("backbone has a private head but the client store holds none")
+        w1u, w1i, b1, w2, b2 = (t.clone() for t in unflatten_heads(store.heads[torch.from_numpy(clients)][order_t], d))
+    else:
+        w1u = shared.w1_user.expand(n, -1, -1).clone()
+        w1i = shared.w1_item.expand(n, -1, -1).clone()
+        b1 = shared.b1.expand(n, -1).clone()
+        w2 = shared.w2.expand(n, -1).clone()
+        b2 = shared.b2.expand(n).clone()
+    emb = store.user_embedding[torch.from_numpy(clients)][order_t].clone()
+
+    distilling = torch.zeros(n, dtype=torch.bool)
+    q_sample = None
+    if teacher is not None and hyper.distill > 0:
+        if groups is None:
+            raise ValueError("distillation needs each client's group")
+        g = np.asarray(groups, dtype=np.int64)
+        dist_np = g >= 0
+        distilling = torch.from_numpy(dist_np[plan.order])
+        q_sample = torch.zeros(items.size, dtype=torch.float32)
+        sel = dist_np[owner]
+        q_sample[torch.from_numpy(np.flatnonzero(sel))] = teacher[torch.from_numpy(g[owner[sel]]), torch.from_numpy(items[sel])].float()
+    ema = store.ema_ratio[torch.from_numpy(clients)][order_t].clone()
+
+    sample_row = torch.from_numpy(inverse.reshape(-1))
+    labels_t = torch.from_numpy(np.asarray(labels, dtype=np.float32))
+    grid = torch.from_numpy(plan.grid)
+    loss_sum = torch.zeros(n, dtype=torch.float64)
+    step_count = torch.zeros(n, dtype=torch.float64)
+    lr_n, lr_i, wd = hyper.lr_network, hyper.lr_items, hyper.weight_decay
+    alpha, beta = (hyper.alpha, hyper.beta) if backbone.fedrap_regularisers else (0.0, 0.0)
+
+    for k in range(plan.n_steps):
+        nk = int(plan.active[k])
+        s = grid[int(plan.offsets[k]) : int(plan.offsets[k + 1])]  # [nk, B]
+        valid = s >= 0
+        s0 = s.clamp(min=0)
+        vm = valid.to(torch.float32)
+        nval = vm.sum(1)  # [nk], >= 1
+        rows = sample_row[s0]  # [nk, B]
+        y = labels_t[s0]
+        c_b = c_loc[rows]  # [nk, B, d]
+        x = c_b + p_loc[rows] if p_loc is not None else c_b
+        W1u, W1i, B1, W2, B2, E = w1u[:nk], w1i[:nk], b1[:nk], w2[:nk], b2[:nk], emb[:nk]
+
+        u_term = torch.bmm(W1u, E.unsqueeze(2)).squeeze(2) + B1  # [nk, h]
+        z = torch.baddbmm(u_term.unsqueeze(1), x, W1i.transpose(1, 2))  # [nk, B, h]
+        a = torch.relu(z)
+        logit = torch.bmm(a, W2.unsqueeze(2)).squeeze(2) + B2.unsqueeze(1)  # [nk, B]
+        p = torch.sigmoid(logit)
+
+        bce = ((F.softplus(logit) - y * logit) * vm).sum(1) / nval
+        base = bce
+        if alpha or beta:
+            diff = (p_loc[rows] - c_b) if p_loc is not None else -c_b
+            denom = nval * d
+            if alpha:
+                base = base - alpha * (diff.square().sum(2) * vm).sum(1) / denom
+            if beta:
+                base = base + beta * (c_b.abs().sum(2) * vm).sum(1) / denom
+        gl = (p - y) * vm
+        loss_c = base.double()
+        if q_sample is not None:
+            dist = distilling[:nk]
+            q = q_sample[s0]
+            kl_elem = _xlogx(q) + _xlogx(1 - q) - q * F.logsigmoid(logit) - (1 - q) * F.logsigmoid(-logit)
+            kl = (kl_elem * vm).sum(1) / nval
+            ratio = base.double() / (kl.double() + 1e-8)
+            prev = ema[:nk]
+            new = torch.where(torch.isnan(prev), ratio, hyper.ema_decay * prev + (1 - hyper.ema_decay) * ratio)
+            ema[:nk] = torch.where(dist, new, prev)
+            lam = torch.where(dist, ema[:nk] * hyper.distill, torch.zeros_like(prev))
+            loss_c = loss_c + lam * kl.double()
+            gl = gl + lam.to(torch.float32).unsqueeze(1) * (p - q) * vm
+        gl = gl / nval.unsqueeze(1)
+        loss_sum[:nk] += loss_c
+        step_count[:nk] += 1
+
+        g_b2 = gl.sum(1)
+        g_w2 = torch.bmm(gl.unsqueeze(1), a).squeeze(1)  # [nk, h]
+        gz = (gl.unsqueeze(2) * W2.unsqueeze(1)) * (z > 0)  # [nk, B, h]
+        g_w1i = torch.bmm(gz.transpose(1, 2), x)  # [nk, h, d]
+        g_b1 = gz.sum(1)  # [nk, h]
+        g_w1u = g_b1.unsqueeze(2) * E.unsqueeze(1)  # [nk, h, d]
+        g_e = torch.bmm(g_b1.unsqueeze(1), W1u).squeeze(1)  # [nk, d]
+        gx = torch.bmm(gz, W1i)  # [nk, B, d]
+
+        g_c = gx
+        g_p = gx if p_loc is not None else None
+        if alpha or beta:
+            scale = (vm / (nval * d).unsqueeze(1)).unsqueeze(2)  # [nk, B, 1]
+            if alpha and p_loc is not None:
+                reg = (2 * alpha) * scale * diff
+                g_p = g_p - reg
+                g_c = g_c + reg
+            if beta:
+                g_c = g_c + beta * scale * torch.sign(c_b)
+
+        flat_rows = rows.reshape(-1)
+        c_loc.index_add_(0, flat_rows, g_c.reshape(-1, d), alpha=-lr_i)
+        if p_loc is not None:
+            p_loc.index_add_(0, flat_rows, g_p.reshape(-1, d), alpha=-lr_i)
+        decay = 1.0 - lr_n * wd
+        W1u.mul_(decay).sub_(g_w1u, alpha=lr_n)
+        W1i.mul_(decay).sub_(g_w1i, alpha=lr_n)
+        B1.mul_(decay).sub_(g_b1, alpha=lr_n)
+        W2.mul_(decay).sub_(g_w2, alpha=lr_n)
+        B2.mul_(decay).sub_(g_b2, alpha=lr_n)
+        if backbone.user_embedding:
+            E.mul_(decay).sub_(g_e, alpha=lr_n)
+
+    # Back to cohort order.
+    rank = torch.empty(n, dtype=torch.long)
+    rank[order_t] = torch.arange(n)
+    heads_after = flatten_heads(w1u, w1i, b1, w2, b2)[rank]
+    client_idx = torch.from_numpy(clients)
+    if backbone.user_embedding:
+        store.user_embedding[client_idx] = emb[rank]
+    store.ema_ratio[client_idx] = ema[rank]
+    if p_loc is not None:
+        store.personal.put(clients[row_owner] * n_items + row_items, p_loc)
+    if backbone.private_head:
+        store.heads[client_idx] = heads_after
+        head_delta = None
+    else:
+        head_delta = heads_after - shared.head_flat().unsqueeze(0)
+    loss = (loss_sum / step_count.clamp(min=1))[rank].numpy()
+    return CohortUpdate(
+        clients=clients,
+        n_samples=counts,
+        row_ptr=row_ptr,
+        row_items=row_items,
+        item_delta=c_loc - shared.item_table[row_items_t],
+        head_delta=head_delta,
+        head_after=heads_after,
+        group=np.full(n, -1, dtype=np.int64) if groups is None else np.asarray(groups, dtype=np.int64),
+        loss=loss,
+    )

@@ -1,0 +1,123 @@
+"""Local minibatch schedules, identical for the cohort path and the per-client path.
+
+Each client shuffles its own samples every epoch. The permutation comes from a
+counter-based hash of ``(seed, client id, epoch, sample position)``, so it does not
+depend on which other clients train alongside: a client training alone on another
+machine draws exactly the batches it would draw in a simulated cohort.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["hash64", "StepPlan", "build_step_plan"]
+
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_GOLD = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _splitmix(x: np.ndarray) -> np.ndarray:
+    x = x + _GOLD
+    x = (x ^ (x >> np.uint64(30))) * _M1
+    x = (x ^ (x >> np.uint64(27))) * _M2
+    return x ^ (x >> np.uint64(31))
+
+
+def hash64(*parts: np.ndarray | int) -> np.ndarray:
+    """Vectorised 64-bit hash of integer arrays (broadcast), splitmix64-chained."""
+    with np.errstate(over="ignore"):
+        arrays = [np.asarray(p, dtype=np.uint64) for p in parts]
+        h = np.zeros(np.broadcast_shapes(*(a.shape for a in arrays)), dtype=np.uint64)
+        for a in arrays:
+            h = _splitmix(h ^ a)
+        return h
+
+
+@dataclass(frozen=True, eq=False)
+class StepPlan:
+    """Minibatches of a cohort, laid out step by step.
+
+    Clients are ordered by their number of local steps, descending, so the clients
+    still active at global step ``k`` are the first ``active[k]`` of that order.
+
+    Attributes
+    ----------
+    order : int64 [n] cohort positions sorted by step count (descending, stable).
+    active : int64 [K] number of active clients per global step.
+    offsets : int64 [K + 1] first row of each step in ``grid``.
+    grid : int64 [sum(active), B] sample index per (step row, slot); -1 = padding.
+        Row ``offsets[k] + r`` is the batch of client ``order[r]`` at step ``k``.
+    """
+
+    order: np.ndarray
+    active: np.ndarray
+    offsets: np.ndarray
+    grid: np.ndarray
+
+    @property
+    def n_steps(self) -> int:
+        return int(self.active.size)
+
+
+def build_step_plan(
+    clients: np.ndarray,
+    counts: np.ndarray,
+    *,
+    batch_size: int,
+    epochs: int,
+    seed: int,
+) -> StepPlan:
+    """Plan every client's local steps for one round.
+
+    Parameters
+    ----------
+    clients : int64 [n] client ids (used only to key the shuffle).
+    counts : int64 [n] number of samples per client; the samples of client ``c`` are
+        the contiguous block ``[sum(counts[:c]), sum(counts[:c+1]))`` of the cohort's
+        sample arrays.
+    batch_size, epochs : local minibatch size and number of passes.
+    seed : per-round shuffle seed.
+    """
+    clients = np.asarray(clients, dtype=np.int64)
+    counts = np.asarray(counts, dtype=np.int64)
+    if batch_size < 1 or epochs < 1:
+        raise ValueError(f"batch_size and epochs must be >= 1, got {batch_size}, {epochs}")
+    n = clients.size
+    nb = -(-counts // batch_size)
+    steps = nb * epochs
+    order = np.argsort(-steps, kind="stable")
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(n)
+    n_steps = int(steps.max()) if n else 0
+    sorted_steps = steps[order]
+    active = _active_counts(sorted_steps, n_steps)
+    offsets = np.concatenate([[0], np.cumsum(active)]).astype(np.int64)
+    grid = np.full((int(offsets[-1]), batch_size), -1, dtype=np.int64)
+    m = int(counts.sum())
+    if m == 0:
+        return StepPlan(order, active, offsets, grid)
+
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    owner = np.repeat(np.arange(n), counts)
+    pos = np.arange(m) - starts[owner]
+    for epoch in range(epochs):
+        keys = hash64(seed, clients[owner], epoch, pos)
+        perm = np.lexsort((keys, owner))  # within each client, a pseudo-random order
+        new_pos = np.arange(m) - starts[owner[perm]]
+        batch = new_pos // batch_size
+        slot = new_pos % batch_size
+        c = owner[perm]
+        step = epoch * nb[c] + batch
+        row = offsets[step] + rank[c]
+        grid[row, slot] = perm
+    return StepPlan(order, active, offsets, grid)
+
+
+def _active_counts(sorted_steps: np.ndarray, n_steps: int) -> np.ndarray:
+    """active[k] = #{c : steps_c > k} for descending ``sorted_steps``."""
+    ks = np.arange(n_steps)
+    asc = sorted_steps[::-1]
+    return (asc.size - np.searchsorted(asc, ks, side="right")).astype(np.int64)
