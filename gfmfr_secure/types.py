@@ -23,6 +23,7 @@ class LocalHyper:
     alpha, beta : FedRAP's regulariser weights for this round.
     distill : weight of the distillation term this round (``cos(pi t / 2T)``), 0 = off.
     ema_decay : decay of each client's running base/KL loss ratio.
+    max_ratio : cap on each batch's base/KL ratio before it enters the running mean.
     batch_size, epochs : local minibatch size and epochs.
     shuffle_seed : per-round seed of the counter-based shuffle (identical for both paths).
     """
@@ -34,6 +35,7 @@ class LocalHyper:
     beta: float
     distill: float
     ema_decay: float
+    max_ratio: float
     batch_size: int
     epochs: int
     shuffle_seed: int

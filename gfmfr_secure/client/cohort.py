@@ -194,7 +194,7 @@ def train_cohort(
             q = q_sample[s0]
             kl_elem = _xlogx(q) + _xlogx(1 - q) - q * F.logsigmoid(logit) - (1 - q) * F.logsigmoid(-logit)
             kl = (kl_elem * vm).sum(1) / nval
-            ratio = base.double() / (kl.double() + 1e-8)
+            ratio = (base.double() / (kl.double() + 1e-8)).clamp(max=hyper.max_ratio)
             prev = ema[:nk]
             new = torch.where(torch.isnan(prev), ratio, hyper.ema_decay * prev + (1 - hyper.ema_decay) * ratio)
             ema[:nk] = torch.where(dist, new, prev)

@@ -102,7 +102,7 @@ def train_client(
             log_pred = torch.stack([F.logsigmoid(logit), F.logsigmoid(-logit)], dim=1)
             target = torch.stack([q, 1 - q], dim=1)
             kl = F.kl_div(log_pred, target, reduction="batchmean")
-            ratio = base.item() / (kl.item() + 1e-8)
+            ratio = min(base.item() / (kl.item() + 1e-8), hyper.max_ratio)
             ema = ratio if np.isnan(ema) else hyper.ema_decay * ema + (1 - hyper.ema_decay) * ratio
             loss = base + (ema * hyper.distill) * kl
         opt.zero_grad()

@@ -1,0 +1,110 @@
+"""The aggregation interface and the pure sum functions every backend must reproduce."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Callable, ClassVar
+
+import numpy as np
+import torch
+
+from gfmfr_secure.types import AggregateResult, CohortUpdate
+
+__all__ = ["Aggregator", "AGGREGATORS", "register_aggregator", "get_aggregator", "weighted_sums", "group_sums"]
+
+
+class Aggregator(ABC):
+    """Turns a cohort's uploads into an :class:`AggregateResult`.
+
+    Each backend declares its ``exposure`` (see :class:`gfmfr_secure.types.Exposure`):
+    what the server learns. The runner builds the adversary view from that
+    declaration, so a backend must never return more than it declares (a contract
+    test checks ``per_client`` is None unless the exposure is per-client).
+    """
+
+    name: ClassVar[str]
+    exposure: ClassVar[str]
+
+    @abstractmethod
+    def aggregate(
+        self,
+        update: CohortUpdate,
+        *,
+        n_items: int,
+        weights: np.ndarray,
+        groups: np.ndarray | None = None,
+        n_groups: int = 0,
+    ) -> AggregateResult:
+        """Aggregate one round.
+
+        Parameters
+        ----------
+        update : the cohort's uploads.
+        n_items : I, the item-table height.
+        weights : float64 [n] FedAvg weights of the clients (1 for uniform).
+        groups : int64 [n] group each client placed itself in (client-side, oblivious
+            grouping) or None when no group-wise sums are wanted from the backend.
+        n_groups : G.
+        """
+
+
+AGGREGATORS: dict[str, Callable[[], Aggregator]] = {}
+
+
+def register_aggregator(name: str) -> Callable[[type[Aggregator]], type[Aggregator]]:
+    """Class decorator adding a backend to the registry; duplicates raise."""
+
+    def wrap(cls: type[Aggregator]) -> type[Aggregator]:
+        if name in AGGREGATORS:
+            raise ValueError(f"aggregation backend {name!r} is already registered")
+        cls.name = name
+        AGGREGATORS[name] = cls
+        return cls
+
+    return wrap
+
+
+def get_aggregator(name: str, **kwargs: object) -> Aggregator:
+    """Instantiate a registered backend; unknown names raise listing the known ones."""
+    if name not in AGGREGATORS:
+        raise ValueError(f"unknown aggregation backend {name!r}; known: {', '.join(sorted(AGGREGATORS))}")
+    return AGGREGATORS[name](**kwargs)
+
+
+def weighted_sums(update: CohortUpdate, n_items: int, weights: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Weighted sums of item-table deltas [I, d] and head deltas [H] (None for private heads)."""
+    w = torch.as_tensor(np.asarray(weights, dtype=np.float64), dtype=torch.float32)
+    d = update.item_delta.shape[1]
+    item_sum = torch.zeros(n_items, d)
+    row_w = w[torch.from_numpy(update.row_owner)].unsqueeze(1)
+    item_sum.index_add_(0, torch.from_numpy(update.row_items), update.item_delta * row_w)
+    head_sum = None if update.head_delta is None else (update.head_delta * w.unsqueeze(1)).sum(0)
+    return item_sum, head_sum
+
+
+def group_sums(
+    update: CohortUpdate, n_items: int, groups: np.ndarray, n_groups: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per-group unweighted sums: counts [G], item-table deltas [G, I, d], head deltas [G, H].
+
+    Clients with group -1 are left out of every group.
+    """
+    groups = np.asarray(groups, dtype=np.int64)
+    if groups.shape != (len(update),):
+        raise ValueError(f"groups must have shape ({len(update)},), got {groups.shape}")
+    if groups.size and (groups.max() >= n_groups or groups.min() < -1):
+        raise ValueError(f"group ids must lie in [-1, {n_groups - 1}], got range [{groups.min()}, {groups.max()}]")
+    member = groups >= 0
+    counts = torch.bincount(torch.from_numpy(groups[member]), minlength=n_groups).to(torch.float32)
+    d = update.item_delta.shape[1]
+    item = torch.zeros(n_groups * n_items, d)
+    row_group = groups[update.row_owner]
+    keep = row_group >= 0
+    flat = row_group[keep] * n_items + update.row_items[keep]
+    item.index_add_(0, torch.from_numpy(flat), update.item_delta[torch.from_numpy(np.flatnonzero(keep))])
+    head = None
+    if update.head_delta is not None:
+        head = torch.zeros(n_groups, update.head_delta.shape[1])
+        idx = np.flatnonzero(member)
+        head.index_add_(0, torch.from_numpy(groups[idx]), update.head_delta[torch.from_numpy(idx)])
+    return counts, item.view(n_groups, n_items, d), head

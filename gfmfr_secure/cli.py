@@ -1,0 +1,463 @@
+"""The ``gfmfr-secure`` command line.
+
+Subcommands are registered, not chosen by an if/elif ladder: a function
+decorated with :func:`register_command` adds its subparser, and every module in
+:data:`PLUGIN_MODULES` that is present is imported and its
+``register(subparsers)`` called. Each subparser sets ``handler`` to a function
+``(args) -> int``.
+
+Errors raised by the library (:class:`gfmfr_secure.errors.GfmfrError`) are
+printed as ``error: <message>`` with exit status 2; anything else is a bug and
+propagates with its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import os
+import sys
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import gfmfr_secure
+from gfmfr_secure.config import (
+    DATA_ENV_VAR,
+    DataConfig,
+    EvalConfig,
+    config_to_yaml,
+    load_config,
+    resolve_data_folder,
+    resolve_data_path,
+    with_overrides,
+)
+from gfmfr_secure.errors import GfmfrError
+from gfmfr_secure.runio import create_run, default_run_name, environment_info, utc_now
+
+__all__ = ["COMMANDS", "PLUGIN_MODULES", "build_parser", "main", "register_command"]
+
+# argparse exposes no public name for the object add_subparsers() returns.
+if typing.TYPE_CHECKING:
+    Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
+else:
+    Subparsers = argparse._SubParsersAction
+CommandRegistrar = Callable[[Subparsers], None]
+
+#: Built-in subcommands: name -> function adding its subparser.
+COMMANDS: dict[str, CommandRegistrar] = {}
+
+#: Optional modules that add subcommands through ``register(subparsers)``;
+#: each is imported only when its file exists.
+PLUGIN_MODULES: tuple[str, ...] = (
+    "gfmfr_secure.encoders.cli",
+    "gfmfr_secure.privacy.cli",
+    "evaluations.cli",
+    "attacks.cli",
+)
+
+
+def register_command(name: str) -> Callable[[CommandRegistrar], CommandRegistrar]:
+    """Decorator adding ``fn(subparsers)`` to :data:`COMMANDS` under ``name``.
+
+    Raises
+    ------
+    ValueError
+        If ``name`` is already registered (the known names are listed).
+    """
+
+    def decorate(fn: CommandRegistrar) -> CommandRegistrar:
+        if name in COMMANDS:
+            raise ValueError(
+                f"command {name!r} is already registered; known: {', '.join(sorted(COMMANDS))}"
+            )
+        COMMANDS[name] = fn
+        return fn
+
+    return decorate
+
+
+class CommandError(GfmfrError):
+    """A command was given arguments it cannot work with."""
+
+
+def _add_parser(
+    subparsers: Subparsers, name: str, summary: str, description: str, example: str
+) -> argparse.ArgumentParser:
+    return subparsers.add_parser(
+        name,
+        help=summary,
+        description=description,
+        epilog="example:\n  " + example,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+# --------------------------------------------------------------------------- output helpers
+
+
+def format_metrics_table(metrics: Mapping[str, Any]) -> str:
+    """Aligned table of ``NAME@k`` metrics: one row per metric, one column per k.
+
+    Keys without ``@`` (such as ``users``) are left out.
+    """
+    names: list[str] = []
+    ks: list[str] = []
+    for key in metrics:
+        if "@" not in key:
+            continue
+        name, k = key.split("@", 1)
+        if name not in names:
+            names.append(name)
+        if k not in ks:
+            ks.append(k)
+    if not names:
+        return "(no metrics)"
+    width = max(len(n) for n in names)
+    lines = [" " * width + "".join(f"{'@' + k:>10}" for k in ks)]
+    for name in names:
+        cells = []
+        for k in ks:
+            value = metrics.get(f"{name}@{k}")
+            cells.append(f"{value:>10.4f}" if isinstance(value, (int, float)) else f"{'-':>10}")
+        lines.append(f"{name:<{width}}" + "".join(cells))
+    return "\n".join(lines)
+
+
+def _flatten(mapping: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    rows: list[tuple[str, Any]] = []
+    for key, value in mapping.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            rows.extend(_flatten(value, dotted + "."))
+        else:
+            rows.append((dotted, value))
+    return rows
+
+
+def format_key_values(mapping: Mapping[str, Any]) -> str:
+    """Aligned ``key  value`` lines; nested mappings become dotted keys."""
+    rows = _flatten(mapping)
+    if not rows:
+        return "(empty)"
+    width = max(len(k) for k, _ in rows)
+    out = []
+    for key, value in rows:
+        text = f"{value:.6g}" if isinstance(value, float) else str(value)
+        out.append(f"{key:<{width}}  {text}")
+    return "\n".join(out)
+
+
+def _json_text(obj: Any) -> str:
+    return json.dumps(
+        obj, indent=2, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)
+    )
+
+
+# --------------------------------------------------------------------------- data helpers
+
+
+def _load_split(args: argparse.Namespace) -> tuple[Any, Any]:
+    """Load the dataset named by ``args`` and split it leave-one-out."""
+    from gfmfr_secure.data import leave_one_out, load_dataset
+
+    data = load_dataset(resolve_data_folder(args.data), fmt=args.format, duplicates=args.duplicates)
+    split = leave_one_out(data, args.min_interactions)
+    return data, split
+
+
+def _choices(section: type, key: str) -> tuple[str, ...]:
+    """The allowed values of a ``Literal`` config field (one source for config and flags)."""
+    return typing.get_args(typing.get_type_hints(section)[key])
+
+
+def _add_data_options(parser: argparse.ArgumentParser) -> None:
+    defaults = DataConfig()
+    parser.add_argument("--data", metavar="DIR", help=f"data folder (default: ${DATA_ENV_VAR})")
+    parser.add_argument(
+        "--format",
+        default=defaults.format,
+        choices=_choices(DataConfig, "format"),
+        help="layout of the data folder (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--duplicates",
+        default=defaults.duplicates,
+        choices=_choices(DataConfig, "duplicates"),
+        help="what to do with repeated (user, item) pairs (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--min-interactions",
+        type=int,
+        default=defaults.min_interactions,
+        metavar="N",
+        help="smallest history that gets a validation item (default: %(default)s)",
+    )
+
+
+# --------------------------------------------------------------------------- train
+
+
+@register_command("train")
+def _register_train(subparsers: Subparsers) -> None:
+    p = _add_parser(
+        subparsers,
+        "train",
+        "train a federated recommender and write a run folder",
+        "Load a YAML config, apply --set overrides, train, evaluate and write a run folder\n"
+        "(config.yaml, run.json, log.txt, metrics.json). The folder appears under its final\n"
+        "name only when the run completes. Data folder precedence: --data > "
+        f"${DATA_ENV_VAR} > data.path.",
+        "gfmfr-secure train --config configs/gfmfr.yaml --data ../shared/datasets/ml-100k-mm "
+        "--set train.rounds=5 --seed 1",
+    )
+    p.add_argument("--config", required=True, metavar="FILE", help="YAML experiment config")
+    p.add_argument(
+        "--data", metavar="DIR", help=f"data folder (overrides ${DATA_ENV_VAR} and data.path)"
+    )
+    p.add_argument(
+        "--out",
+        default="runs",
+        metavar="DIR",
+        help="parent folder of run folders (default: %(default)s)",
+    )
+    p.add_argument("--seed", type=int, metavar="N", help="root seed (overrides the config)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. train.rounds=5 (repeatable)",
+    )
+    p.add_argument("--name", help="run folder name (default: <method>-<UTC time>-seed<seed>)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or console log")
+    p.set_defaults(handler=_cmd_train)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    if args.seed is not None:
+        cfg = with_overrides(cfg, [f"seed={args.seed}"])
+    cfg = resolve_data_path(cfg, args.data)
+    from gfmfr_secure.simulation.runner import run_training
+
+    name = args.name or default_run_name(cfg.method, cfg.seed)
+    record: dict[str, Any] = {
+        "seed": cfg.seed,
+        "method": cfg.method,
+        "command": ["gfmfr-secure", *args.command_line],
+        "cwd": os.getcwd(),
+        "started_at": utc_now().isoformat(),
+        "finished_at": None,
+        "environment": environment_info(),
+    }
+    with create_run(args.out, name, console=not args.quiet) as run:
+        run.write_text("config.yaml", config_to_yaml(cfg))
+        run.write_json("run.json", record)
+        run.logger.info(
+            "run %s: method=%s seed=%d data=%s", name, cfg.method, cfg.seed, cfg.data.path
+        )
+        metrics = run_training(cfg, run, progress=not args.quiet)
+        run.write_json("metrics.json", metrics)
+        record["finished_at"] = utc_now().isoformat()
+        run.write_json("run.json", record)
+    test = metrics.get("test", {})
+    print(
+        f"test HR@10={_fmt(test.get('HR@10'))} NDCG@10={_fmt(test.get('NDCG@10'))} run: {run.dir}"
+    )
+    return 0
+
+
+def _fmt(value: object) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else "n/a"
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+@register_command("evaluate")
+def _register_evaluate(subparsers: Subparsers) -> None:
+    p = _add_parser(
+        subparsers,
+        "evaluate",
+        "full-ranking evaluation of a simple scorer or a finished run",
+        "Rank every item for each user with a held-out item (training items masked; for\n"
+        "the test split the validation item too; ties count against the model) and print\n"
+        "HR, NDCG, Recall and MRR at each cut-off. Either --data with --scorer (a simple\n"
+        "reference scorer on the leave-one-out split) or --run (a finished train run).",
+        "gfmfr-secure evaluate --data ../shared/datasets/ml-100k-mm --scorer popularity",
+    )
+    p.add_argument("--run", metavar="RUN_DIR", help="folder written by 'train'")
+    _add_data_options(p)
+    p.add_argument(
+        "--scorer",
+        choices=("popularity", "random"),
+        help="reference scorer (with --data): training-interaction counts, or uniform noise",
+    )
+    p.add_argument(
+        "--split",
+        default="test",
+        choices=("val", "test"),
+        help="held-out item to rank (default: %(default)s)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        metavar="N",
+        help="seed of the random scorer (default: %(default)s)",
+    )
+    p.add_argument(
+        "--ks",
+        type=int,
+        nargs="+",
+        default=list(EvalConfig().ks),
+        metavar="K",
+        help="cut-offs (default: %(default)s)",
+    )
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.set_defaults(handler=_cmd_evaluate)
+
+
+def _reference_scorer(name: str, split: Any, seed: int) -> Callable[[Any], Any]:
+    import torch
+
+    from gfmfr_secure.rng import torch_generator
+
+    n_items = int(split.n_items)
+    if name == "popularity":
+        items = torch.as_tensor(split.train_items, dtype=torch.int64)
+        counts = torch.bincount(items, minlength=n_items).to(torch.float32)  # [I]
+        return lambda users: counts.expand(users.numel(), n_items)
+    gen = torch_generator(seed, "evaluate", "random-scorer")
+    return lambda users: torch.rand(users.numel(), n_items, generator=gen)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from gfmfr_secure.metrics import evaluate_ranking
+
+    chunk = EvalConfig().chunk_users
+    if args.run is not None:
+        if args.scorer is not None or args.data is not None:
+            raise CommandError(
+                "--run evaluates a trained run: do not combine it with --scorer/--data"
+            )
+        run_dir = Path(args.run)
+        if not run_dir.is_dir():
+            raise CommandError(f"run folder {args.run!r} does not exist")
+        config_file = run_dir / "config.yaml"
+        if config_file.is_file():
+            chunk = load_config(config_file).eval.chunk_users
+        from gfmfr_secure.simulation.runner import load_scorer
+
+        score_fn, split = load_scorer(run_dir)
+        source = f"run {run_dir}"
+    else:
+        if args.scorer is None:
+            raise CommandError("evaluate needs --run RUN_DIR, or --scorer with --data DIR")
+        _, split = _load_split(args)
+        score_fn = _reference_scorer(args.scorer, split, args.seed)
+        source = f"{args.scorer} scorer"
+    metrics = evaluate_ranking(score_fn, split, which=args.split, ks=args.ks, chunk_size=chunk)
+    if args.json:
+        print(_json_text(metrics))
+    else:
+        print(f"{source}, split={args.split}, users={metrics['users']}")
+        print(format_metrics_table(metrics))
+    return 0
+
+
+# --------------------------------------------------------------------------- data
+
+
+@register_command("data")
+def _register_data(subparsers: Subparsers) -> None:
+    p = _add_parser(
+        subparsers,
+        "data",
+        "inspect a data folder",
+        "Dataset utilities. 'data stats' loads a folder, splits it leave-one-out by\n"
+        "timestamp and prints its statistics.",
+        "gfmfr-secure data stats --data ../shared/datasets/ml-100k-mm",
+    )
+    inner = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
+    stats = _add_parser(
+        inner,
+        "stats",
+        "dataset and split statistics",
+        "Load the dataset, apply the leave-one-out split and print users, items,\n"
+        "interactions, density and the split sizes as an aligned table (or JSON).",
+        "gfmfr-secure data stats --data ../shared/datasets/ml-100k-mm --json",
+    )
+    _add_data_options(stats)
+    stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    stats.set_defaults(handler=_cmd_data_stats)
+
+
+def _cmd_data_stats(args: argparse.Namespace) -> int:
+    from gfmfr_secure.data import describe
+
+    data, split = _load_split(args)
+    summary = describe(data, split)
+    print(_json_text(summary) if args.json else format_key_values(summary))
+    return 0
+
+
+# --------------------------------------------------------------------------- parser and entry point
+
+
+def _module_exists(name: str) -> bool:
+    """Whether module ``name`` can be imported, checking each parent package first."""
+    parts = name.split(".")
+    for depth in range(1, len(parts) + 1):
+        if importlib.util.find_spec(".".join(parts[:depth])) is None:
+            return False
+    return True
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with every registered and plugin subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="gfmfr-secure",
+        description="Privacy-preserving multimodal federated recommendation (GFMFR) toolkit.",
+        epilog="example:\n  gfmfr-secure train --config configs/gfmfr.yaml "
+        "--data ../shared/datasets/ml-100k-mm --out runs/\n\n"
+        "Run 'gfmfr-secure COMMAND --help' for the options of a command.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {gfmfr_secure.__version__}"
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for register in COMMANDS.values():
+        register(subparsers)
+    for module_name in PLUGIN_MODULES:
+        if _module_exists(module_name):
+            importlib.import_module(module_name).register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status.
+
+    Parameters
+    ----------
+    argv : arguments without the program name (default: ``sys.argv[1:]``).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.command_line = argv
+    try:
+        status: int = args.handler(args)
+    except GfmfrError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return status
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

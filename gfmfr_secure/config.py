@@ -1,0 +1,718 @@
+"""Typed, frozen, validated experiment configuration.
+
+An :class:`ExperimentConfig` is a tree of frozen dataclasses. YAML is parsed
+only at the edge (:func:`load_config`); everything inside the library sees
+typed, already-validated values. The conversion is generic
+(:func:`from_dict`): a new section (privacy, secure aggregation, attacks) is
+added by writing its dataclass and adding one field to
+:class:`ExperimentConfig`; parsing, overrides, error messages and
+round-tripping then work for it unchanged.
+
+Rules applied by :func:`from_dict`:
+
+- unknown keys are errors naming the full dotted key and listing the valid
+  keys of that section; missing keys take the dataclass default;
+- values must have the annotated type (``bool`` is not an ``int``); an
+  ``int`` is accepted for a ``float`` field, and so is a numeric string such
+  as ``1e-4`` (which YAML 1.1 reads as a string); NaN is rejected;
+- ``Literal[...]`` fields accept only the listed choices;
+- ``tuple[T, ...]`` fields accept a YAML list;
+- range checks live in each section's ``__post_init__``.
+
+Overrides have the form ``dotted.key=value``; the value is parsed with
+``yaml.safe_load``, so ``train.rounds=5``, ``fusion.modalities=[text]`` and
+``privacy.epsilon=.inf`` all do what they say.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+from gfmfr_secure.errors import ConfigError
+
+__all__ = [
+    "DATA_ENV_VAR",
+    "AggregationConfig",
+    "DataConfig",
+    "DistillConfig",
+    "EvalConfig",
+    "ExperimentConfig",
+    "FusionConfig",
+    "GroupingConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "config_from_dict",
+    "config_to_dict",
+    "config_to_yaml",
+    "from_dict",
+    "load_config",
+    "parse_override",
+    "resolve_data_folder",
+    "resolve_data_path",
+    "with_overrides",
+]
+
+#: Environment variable naming the data folder (used when ``--data`` is absent).
+DATA_ENV_VAR = "GFMFR_DATA"
+
+MODALITIES = ("text", "image")
+
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _require(ok: bool, key: str, what: str, value: object) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: must be {what}, got {value!r}")
+
+
+def _check_finite(key: str, value: float) -> None:
+    _require(math.isfinite(value), key, "finite", value)
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the interactions come from and how they are filtered.
+
+    Attributes
+    ----------
+    path : str or None
+        Data folder. Precedence: ``--data`` flag > ``GFMFR_DATA`` > this key.
+    format : {"auto", "ml100k-mm", "csv"}
+        Folder layout; ``auto`` detects it.
+    implicit_threshold : float
+        Ratings at or above this become positive interactions.
+    kcore : int
+        Iterated k-core filter on users and items (0 = off).
+    min_interactions : int
+        Smallest history that gets a validation item (>= 3); shorter
+        histories keep a test item only (see ``gfmfr_secure.data.leave_one_out``).
+    duplicates : {"error", "keep-latest"}
+        What to do with repeated (user, item) pairs.
+    negatives_exclude_heldout : bool
+        Compatibility with the original authors' protocol: sample training
+        negatives only from items the user never interacted with at all
+        (which excludes the held-out items). Off by default.
+    text_features, image_features : str or None
+        Optional ``.npy`` files overriding the dataset's item features.
+    """
+
+    path: str | None = None
+    format: Literal["auto", "ml100k-mm", "csv"] = "auto"
+    implicit_threshold: float = 0.0
+    kcore: int = 0
+    min_interactions: int = 3
+    duplicates: Literal["error", "keep-latest"] = "error"
+    negatives_exclude_heldout: bool = False
+    text_features: str | None = None
+    image_features: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_finite("data.implicit_threshold", self.implicit_threshold)
+        _require(self.kcore >= 0, "data.kcore", ">= 0", self.kcore)
+        _require(self.min_interactions >= 3, "data.min_interactions", ">= 3", self.min_interactions)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Client model.
+
+    Attributes
+    ----------
+    backbone : str
+        Name in the backbone registry (:mod:`gfmfr_secure.models`: ``fedrap``,
+        ``fedncf``, ``pfedrec``); checked by the runner, not here.
+    latent_dim : int
+        Size d of user and item embeddings.
+    """
+
+    backbone: str = "fedrap"
+    latent_dim: int = 64
+
+    def __post_init__(self) -> None:
+        _require(bool(self.backbone), "model.backbone", "a non-empty name", self.backbone)
+        _require(self.latent_dim >= 1, "model.latent_dim", ">= 1", self.latent_dim)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Federated training loop.
+
+    Attributes
+    ----------
+    rounds : int
+        Communication rounds T.
+    local_epochs : int
+        Client epochs E per round.
+    batch_size : int
+        Client mini-batch size.
+    num_negatives : int
+        Negatives sampled per positive, afresh every round.
+    lr : float
+        Network learning rate; round t uses ``lr * lr_decay**t``.
+    lr_decay : float
+        Multiplicative per-round decay of ``lr``, in (0, 1].
+    item_lr_scale : float
+        Item-table lr is ``lr * item_lr_scale``; 0 means ``lr * n_items``.
+    item_lr_decay : float
+        Multiplicative per-round decay of the item-table lr, in (0, 1].
+    weight_decay : float
+    alpha, beta : float
+        FedRAP regularisers; ``alpha_t = alpha * tanh(t / 10)`` (same for beta).
+    client_fraction : float
+        Fraction of clients per round, in (0, 1].
+    eval_every : int
+        Validate every this many rounds.
+    patience : int
+        Validations without an improvement of NDCG@10 before stopping early;
+        0 disables early stopping.
+    weighting : {"uniform", "samples"}
+        FedAvg weights: one per client, or proportional to its training samples.
+    """
+
+    rounds: int = 100
+    local_epochs: int = 5
+    batch_size: int = 256
+    num_negatives: int = 4
+    lr: float = 0.002
+    lr_decay: float = 0.8
+    item_lr_scale: float = 0.0
+    item_lr_decay: float = 0.9
+    weight_decay: float = 1.0e-4
+    alpha: float = 0.1
+    beta: float = 0.1
+    client_fraction: float = 1.0
+    eval_every: int = 1
+    patience: int = 5
+    weighting: Literal["uniform", "samples"] = "uniform"
+
+    def __post_init__(self) -> None:
+        p = "train."
+        _require(self.rounds >= 1, p + "rounds", ">= 1", self.rounds)
+        _require(self.local_epochs >= 1, p + "local_epochs", ">= 1", self.local_epochs)
+        _require(self.batch_size >= 1, p + "batch_size", ">= 1", self.batch_size)
+        _require(self.num_negatives >= 1, p + "num_negatives", ">= 1", self.num_negatives)
+        _require(0 < self.lr < math.inf, p + "lr", "> 0 and finite", self.lr)
+        _require(0 < self.lr_decay <= 1, p + "lr_decay", "in (0, 1]", self.lr_decay)
+        _require(
+            0 <= self.item_lr_scale < math.inf,
+            p + "item_lr_scale",
+            ">= 0 and finite",
+            self.item_lr_scale,
+        )
+        _require(0 < self.item_lr_decay <= 1, p + "item_lr_decay", "in (0, 1]", self.item_lr_decay)
+        _require(
+            0 <= self.weight_decay < math.inf,
+            p + "weight_decay",
+            ">= 0 and finite",
+            self.weight_decay,
+        )
+        _require(0 <= self.alpha < math.inf, p + "alpha", ">= 0 and finite", self.alpha)
+        _require(0 <= self.beta < math.inf, p + "beta", ">= 0 and finite", self.beta)
+        _require(
+            0 < self.client_fraction <= 1, p + "client_fraction", "in (0, 1]", self.client_fraction
+        )
+        _require(self.eval_every >= 1, p + "eval_every", ">= 1", self.eval_every)
+        _require(self.patience >= 0, p + "patience", ">= 0", self.patience)
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Group-teacher distillation (the KL term added from round 1).
+
+    Attributes
+    ----------
+    enabled : bool
+    ema_decay : float
+        Decay of the running base-loss / KL ratio, in [0, 1).
+    schedule : {"cosine", "constant"}
+        ``cosine`` multiplies the weight by ``cos(pi t / 2T)``.
+    max_ratio : float
+        Cap on each batch's base/KL ratio before it enters the running mean
+        (``inf`` = no cap). With a ratio kept per client, a batch whose KL is
+        near zero would otherwise give a weight of order ``1 / KL`` and a
+        gradient of order ``1 / |p - q|``, which diverges.
+    """
+
+    enabled: bool = True
+    ema_decay: float = 0.9
+    schedule: Literal["cosine", "constant"] = "cosine"
+    max_ratio: float = 20.0
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.ema_decay < 1, "distill.ema_decay", "in [0, 1)", self.ema_decay)
+        _require(self.max_ratio > 0, "distill.max_ratio", "> 0", self.max_ratio)
+
+
+@dataclass(frozen=True)
+class GroupingConfig:
+    """How clients are put into groups.
+
+    Attributes
+    ----------
+    method : {"spectral", "kmeans", "oblivious", "none"}
+        ``spectral`` is the paper's mode (the server sees per-client features);
+        ``oblivious`` lets each client pick its nearest broadcast centroid.
+    num_groups : int
+        G.
+    use_pca : bool
+        Reduce grouping features with PCA first.
+    pca_variance : float
+        Explained-variance fraction kept by PCA, in (0, 1].
+    """
+
+    method: Literal["spectral", "kmeans", "oblivious", "none"] = "spectral"
+    num_groups: int = 5
+    use_pca: bool = True
+    pca_variance: float = 0.95
+
+    def __post_init__(self) -> None:
+        _require(self.num_groups >= 1, "grouping.num_groups", ">= 1", self.num_groups)
+        _require(
+            0 < self.pca_variance <= 1, "grouping.pca_variance", "in (0, 1]", self.pca_variance
+        )
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    """Server-side group fusion module.
+
+    Attributes
+    ----------
+    operator : {"sum", "mlp", "gate", "attention", "moe"}
+    embedding_dim : int
+        Size of the group embedding and projected modality features.
+    modalities : tuple of {"text", "image"}
+        Item modalities fused with the group embedding, without repeats
+        (empty: the group embedding alone).
+    server_epochs : int
+        Fusion-training epochs per round.
+    server_lr : float
+    server_optimizer : {"sgd", "adam"}
+    batch_size : int
+    """
+
+    operator: Literal["sum", "mlp", "gate", "attention", "moe"] = "moe"
+    embedding_dim: int = 512
+    modalities: tuple[str, ...] = MODALITIES
+    server_epochs: int = 50
+    server_lr: float = 0.002
+    server_optimizer: Literal["sgd", "adam"] = "sgd"
+    batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        _require(self.embedding_dim >= 1, "fusion.embedding_dim", ">= 1", self.embedding_dim)
+        unknown = [m for m in self.modalities if m not in MODALITIES]
+        if unknown:
+            raise ConfigError(
+                f"fusion.modalities: unknown modality {unknown[0]!r}; valid: {', '.join(MODALITIES)}"
+            )
+        _require(
+            len(set(self.modalities)) == len(self.modalities),
+            "fusion.modalities",
+            "without repeats",
+            list(self.modalities),
+        )
+        _require(self.server_epochs >= 1, "fusion.server_epochs", ">= 1", self.server_epochs)
+        _require(
+            0 < self.server_lr < math.inf, "fusion.server_lr", "> 0 and finite", self.server_lr
+        )
+        _require(self.batch_size >= 1, "fusion.batch_size", ">= 1", self.batch_size)
+
+
+@dataclass(frozen=True)
+class AggregationConfig:
+    """Aggregation backend.
+
+    Attributes
+    ----------
+    backend : str
+        Name in the aggregation-backend registry (checked there, not here).
+    """
+
+    backend: str = "plain"
+
+    def __post_init__(self) -> None:
+        _require(bool(self.backend), "aggregation.backend", "a non-empty name", self.backend)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Full-ranking evaluation.
+
+    Attributes
+    ----------
+    ks : tuple of int
+        Distinct cut-offs K for HR@K, NDCG@K, ...
+    chunk_users : int
+        Users scored at once (memory is O(chunk_users x n_items)).
+    """
+
+    ks: tuple[int, ...] = (10, 20, 50)
+    chunk_users: int = 1024
+
+    def __post_init__(self) -> None:
+        _require(len(self.ks) >= 1, "eval.ks", "a non-empty list", list(self.ks))
+        _require(all(k >= 1 for k in self.ks), "eval.ks", "a list of integers >= 1", list(self.ks))
+        _require(len(set(self.ks)) == len(self.ks), "eval.ks", "without repeats", list(self.ks))
+        _require(self.chunk_users >= 1, "eval.chunk_users", ">= 1", self.chunk_users)
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """A whole experiment: the root of the configuration tree.
+
+    Attributes
+    ----------
+    method : str
+        Name in the runner's method registry (checked by the runner).
+    seed : int
+        Root seed from which every generator is derived (>= 0).
+    """
+
+    method: str = "gfmfr"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    grouping: GroupingConfig = field(default_factory=GroupingConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        _require(bool(self.method), "method", "a non-empty name", self.method)
+        _require(self.seed >= 0, "seed", ">= 0", self.seed)
+
+
+# --------------------------------------------------------------------------- generic conversion
+
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(c) for c in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _type_error(key: str, tp: Any, value: object) -> ConfigError:
+    return ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _convert(tp: Any, value: object, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and return the typed value."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise _type_error(key, tp, value)
+        return from_dict(typing.cast(type, tp), value, key)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise _type_error(key, tp, value)
+        non_none = [a for a in args if a is not type(None)]
+        if len(non_none) != 1:
+            raise TypeError(f"{key}: unions other than 'X | None' are not supported ({tp})")
+        inner = non_none[0]
+        if dataclasses.is_dataclass(inner) and isinstance(value, dict):
+            return _convert(inner, value, key)  # keep the nested section's own message
+        try:
+            return _convert(inner, value, key)
+        except ConfigError:
+            raise _type_error(key, tp, value) from None
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if isinstance(value, bool) or value not in choices:
+            raise ConfigError(
+                f"{key}: expected one of {', '.join(repr(c) for c in choices)}, got {value!r}"
+            )
+        return value
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if len(args) != 2 or args[1] is not Ellipsis:
+            raise TypeError(f"{key}: only tuple[T, ...] fields are supported ({tp})")
+        if not isinstance(value, (list, tuple)):
+            raise _type_error(key, tp, value)
+        return tuple(_convert(args[0], item, f"{key}[{i}]") for i, item in enumerate(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise _type_error(key, tp, value)
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _type_error(key, tp, value)
+        return value
+    if tp is float:
+        if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+            value = float(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _type_error(key, tp, value)
+        if isinstance(value, float) and math.isnan(value):
+            raise ConfigError(f"{key}: NaN is not allowed")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise _type_error(key, tp, value)
+        return value
+    raise TypeError(f"{key}: unsupported field type {tp!r} in the config schema")
+
+
+def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    """Build the (nested, frozen) dataclass ``cls`` from a plain mapping.
+
+    Works for any dataclass whose fields are annotated with ``bool``, ``int``,
+    ``float``, ``str``, ``X | None``, ``Literal[...]``, ``tuple[T, ...]`` or
+    another such dataclass. Missing keys take the field default.
+
+    Parameters
+    ----------
+    cls : dataclass type
+    data : dict
+        Parsed YAML (string keys).
+    prefix : str
+        Dotted path of ``data`` inside the whole config, used in error messages.
+
+    Returns
+    -------
+    An instance of ``cls``.
+
+    Raises
+    ------
+    ConfigError
+        Unknown key (naming the dotted key and the valid keys), wrong type
+        (naming the key, the expected type and the value), or a value outside
+        its range.
+    """
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"from_dict needs a dataclass type, got {cls!r}")
+    where = prefix or "the top level"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {data!r} ({type(data).__name__})")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    for key in data:
+        if key not in fields:
+            raise ConfigError(
+                f"unknown config key {_join(prefix, str(key))!r}; valid keys in {where}: "
+                f"{', '.join(fields)}"
+            )
+    kwargs = {
+        name: _convert(hints[name], data[name], _join(prefix, name))
+        for name in fields
+        if name in data
+    }
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any]) -> ExperimentConfig:
+    """Validated :class:`ExperimentConfig` from a plain mapping (e.g. parsed YAML)."""
+    return from_dict(ExperimentConfig, data)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists) of a config; inverse of :func:`config_from_dict`."""
+    if not dataclasses.is_dataclass(cfg) or isinstance(cfg, type):
+        raise TypeError(f"config_to_dict needs a dataclass instance, got {cfg!r}")
+    tree: dict[str, Any] = _plain(dataclasses.asdict(cfg))
+    return tree
+
+
+def config_to_yaml(cfg: Any) -> str:
+    """YAML text of a config, in schema order; :func:`load_config` reads it back."""
+    text: str = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False)
+    return text
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``"a.b.c=value"`` into ``(["a", "b", "c"], yaml.safe_load(value))``.
+
+    Raises
+    ------
+    ConfigError
+        If there is no ``=``, the key is empty, or the value is not valid YAML.
+    """
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {text!r}: expected the form dotted.key=value")
+    parts = key.split(".")
+    if any(not p for p in parts):
+        raise ConfigError(f"override {text!r}: empty component in key {key!r}")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({err})") from None
+    return parts, value
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, dict) else v
+    return out
+
+
+def _apply_override(tree: dict[str, Any], text: str) -> None:
+    parts, value = parse_override(text)
+    node = tree
+    for depth, part in enumerate(parts):
+        dotted = ".".join(parts[: depth + 1])
+        section = ".".join(parts[:depth]) or "the top level"
+        if part not in node:
+            raise ConfigError(
+                f"override {text!r}: unknown config key {dotted!r}; valid keys in {section}: "
+                f"{', '.join(node)}"
+            )
+        if depth == len(parts) - 1:
+            if isinstance(node[part], dict) and isinstance(value, dict):
+                node[part] = _merge(node[part], value)
+            else:
+                node[part] = value
+        else:
+            if not isinstance(node[part], dict):
+                raise ConfigError(f"override {text!r}: {dotted!r} is a value, not a section")
+            node = node[part]
+
+
+def with_overrides(cfg: T, overrides: typing.Iterable[str]) -> T:
+    """Return a copy of ``cfg`` with ``dotted.key=value`` overrides applied in order.
+
+    The result is re-validated as a whole, so an override that breaks a
+    range check fails here.
+    """
+    tree = config_to_dict(cfg)
+    out = cfg
+    for text in overrides:
+        _apply_override(tree, text)
+        try:
+            out = from_dict(type(cfg), tree)
+        except ConfigError as err:
+            raise ConfigError(f"override {text!r}: {err}") from None
+    return out
+
+
+# --------------------------------------------------------------------------- files and paths
+
+
+def load_config(
+    path: str | os.PathLike[str], overrides: typing.Iterable[str] = ()
+) -> ExperimentConfig:
+    """Read a YAML config file, validate it and apply ``--set`` overrides.
+
+    Parameters
+    ----------
+    path : path of the YAML file. An empty file gives the defaults.
+    overrides : ``dotted.key=value`` strings, applied in order.
+
+    Raises
+    ------
+    ConfigError
+        If the file is missing or unreadable, is not YAML, is not a mapping,
+        or any key or value is invalid (the message names the file).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {str(path)!r} is a directory") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+    if data is None:
+        data = {}
+    try:
+        cfg = config_from_dict(data)
+    except ConfigError as err:
+        raise ConfigError(f"config file {str(path)!r}: {err}") from None
+    return with_overrides(cfg, overrides)
+
+
+def resolve_data_folder(
+    cli_path: str | os.PathLike[str] | None = None,
+    config_path: str | None = None,
+    environ: typing.Mapping[str, str] | None = None,
+) -> str:
+    """Absolute path of the data folder, from the first source that names one.
+
+    Precedence: ``cli_path`` (the ``--data`` flag) > the ``GFMFR_DATA``
+    environment variable > ``config_path`` (the ``data.path`` key). A
+    relative path is taken relative to the current working directory.
+
+    Raises
+    ------
+    ConfigError
+        If no source names a folder, or the chosen folder does not exist (the
+        message says which source it came from).
+    """
+    env = os.environ if environ is None else environ
+    if cli_path is not None and str(cli_path):
+        chosen, source = str(cli_path), "--data"
+    elif env.get(DATA_ENV_VAR):
+        chosen, source = env[DATA_ENV_VAR], f"${DATA_ENV_VAR}"
+    elif config_path:
+        chosen, source = config_path, "config key data.path"
+    else:
+        raise ConfigError(
+            f"no data folder: pass --data DIR or set {DATA_ENV_VAR} "
+            "(or data.path in the config file)"
+        )
+    folder = Path(chosen).expanduser().absolute()
+    if not folder.is_dir():
+        raise ConfigError(f"data folder {chosen!r} (from {source}) is not an existing directory")
+    return str(folder)
+
+
+def resolve_data_path(
+    cfg: ExperimentConfig,
+    cli_path: str | os.PathLike[str] | None = None,
+    environ: typing.Mapping[str, str] | None = None,
+) -> ExperimentConfig:
+    """Copy of ``cfg`` whose ``data.path`` is the absolute folder chosen by :func:`resolve_data_folder`."""
+    folder = resolve_data_folder(cli_path, cfg.data.path, environ)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=folder))

@@ -1,0 +1,120 @@
+"""The server's work in one round, from aggregates only.
+
+Input is an :class:`~gfmfr_secure.types.AggregateResult` (and, for the paper's
+server-side grouping under ``plain``, the per-client features that backend exposes);
+the client state store is never an argument here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from gfmfr_secure.models.params import SharedParams
+from gfmfr_secure.server.fusion import GroupFusion, train_fusion
+from gfmfr_secure.server.teacher import group_preferences
+from gfmfr_secure.types import AggregateResult
+
+__all__ = ["ServerState", "apply_fedavg_", "group_targets", "update_teacher_"]
+
+
+@dataclass
+class ServerState:
+    """What the server keeps between rounds.
+
+    Attributes
+    ----------
+    shared : global shared parameters.
+    fusion : the group fusion module (None when distillation is off).
+    teacher : [G, I] group preference scores broadcast to clients (None before the first round).
+    assignment : int64 [U] group the server placed each client in (server-side grouping; -1 = none).
+    n_groups : G.
+    """
+
+    shared: SharedParams
+    fusion: GroupFusion | None
+    teacher: torch.Tensor | None
+    assignment: np.ndarray
+    n_groups: int
+
+
+def apply_fedavg_(shared: SharedParams, agg: AggregateResult) -> None:
+    """FedAvg: add the weighted mean delta of the item table and head to ``shared`` (in place)."""
+    if agg.weight_total <= 0:
+        raise ValueError(f"aggregation weights sum to {agg.weight_total}; nothing to average")
+    shared.item_table.add_(agg.item_sum / agg.weight_total)
+    if agg.head_sum is not None:
+        shared.set_head_flat_(shared.head_flat() + agg.head_sum / agg.weight_total)
+
+
+def group_targets(shared_before: SharedParams, agg: AggregateResult) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each group's averaged item table and output layer, from group sums.
+
+    A client's trained table is ``C + delta``, so the group average is ``C`` plus the
+    group's mean delta (``C`` = the table broadcast at the start of the round).
+
+    Returns
+    -------
+    targets : [G, I, d] group-averaged item tables.
+    out_weight : [G, h] group-averaged output-layer weights.
+    out_bias : [G] group-averaged output-layer biases.
+    mask : bool [G] groups with at least one member.
+    """
+    if agg.group_counts is None or agg.group_item_sum is None:
+        raise ValueError("group-wise targets need group sums from the aggregation backend")
+    counts = agg.group_counts
+    mask = counts > 0
+    denom = counts.clamp(min=1).view(-1, 1, 1)
+    targets = shared_before.item_table.unsqueeze(0) + agg.group_item_sum / denom
+    h = shared_before.w2.numel()
+    w2 = shared_before.w2.unsqueeze(0).repeat(counts.numel(), 1)
+    b2 = shared_before.b2.repeat(counts.numel())
+    if agg.group_head_sum is not None:
+        head_mean = agg.group_head_sum / counts.clamp(min=1).unsqueeze(1)
+        # head layout: w1_user, w1_item, b1 (2hd + h entries), then w2 (h), then b2 (1)
+        start = head_mean.shape[1] - h - 1
+        w2 = w2 + head_mean[:, start : start + h]
+        b2 = b2 + head_mean[:, -1]
+    return targets, w2, b2, mask
+
+
+def update_teacher_(
+    state: ServerState,
+    shared_before: SharedParams,
+    agg: AggregateResult,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    optimizer: str,
+    generator: torch.Generator,
+) -> list[float]:
+    """Train the fusion module on the group targets and refresh the teacher's preferences.
+
+    Groups without members this round keep their previous preference row (or 0.5
+    before they ever had members).
+    """
+    if state.fusion is None:
+        raise ValueError("the server has no fusion module (distillation is off)")
+    targets, w2, b2, mask = group_targets(shared_before, agg)
+    losses = train_fusion(
+        state.fusion,
+        targets,
+        group_mask=mask,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        optimizer=optimizer,
+        generator=generator,
+    )
+    with torch.no_grad():
+        fused = state.fusion.forward_all()
+        q = group_preferences(fused, w2, b2)
+    if state.teacher is None:
+        state.teacher = torch.full_like(q, 0.5)
+    state.teacher[mask] = q[mask]
+    return losses

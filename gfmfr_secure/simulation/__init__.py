@@ -1,0 +1,1 @@
+"""The round runner: wires clients, aggregation backend and server together."""

@@ -1,0 +1,144 @@
+"""Entry points used by the command line: train a configured method, reload a run.
+
+Methods are registered by name with the facts their name promises (backbone,
+whether distillation is on, grouping); a config whose settings contradict its
+method name is rejected, so a results table can trust its labels.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from gfmfr_secure.client.state import ClientStateStore, RowStore
+from gfmfr_secure.config import load_config
+from gfmfr_secure.data import leave_one_out, load_dataset, to_implicit, kcore
+from gfmfr_secure.errors import ConfigError
+from gfmfr_secure.models import SharedParams, get_backbone
+from gfmfr_secure.simulation.scoring import score_users
+
+__all__ = ["METHODS", "MethodSpec", "register_method", "prepare_data", "run_training", "load_scorer"]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A named method: how it trains and which settings its name implies (None = free)."""
+
+    name: str
+    trainer: str  # "federated" | "centralized"
+    backbone: str | None = None
+    distill: bool | None = None
+    grouping: tuple[str, ...] | None = None
+    description: str = ""
+
+
+METHODS: dict[str, MethodSpec] = {}
+
+
+def register_method(spec: MethodSpec) -> MethodSpec:
+    if spec.name in METHODS:
+        raise ValueError(f"method {spec.name!r} is already registered")
+    METHODS[spec.name] = spec
+    return spec
+
+
+_GROUPED = ("spectral", "kmeans", "oblivious")
+register_method(MethodSpec("gfmfr", "federated", "fedrap", True, _GROUPED, "GFMFR on the FedRAP backbone"))
+register_method(MethodSpec("gfmfr-fedncf", "federated", "fedncf", True, _GROUPED, "GFMFR loss on the FedNCF backbone"))
+register_method(MethodSpec("fedrap", "federated", "fedrap", False, None, "FedRAP"))
+register_method(MethodSpec("fedncf", "federated", "fedncf", False, None, "FedAvg-NCF"))
+register_method(MethodSpec("pfedrec", "federated", "pfedrec", False, None, "PFedRec (private score function)"))
+register_method(MethodSpec("mm-fedrap", "federated", "fedrap", True, ("none",), "MM-FedRAP: server fusion, no groups"))
+register_method(MethodSpec("mm-fedncf", "federated", "fedncf", True, ("none",), "MM-FedAvg (NCF): server fusion, no groups"))
+register_method(MethodSpec("centralized", "centralized", "fedncf", False, None, "centralised NCF upper bound"))
+
+
+def check_method(cfg: Any) -> MethodSpec:
+    """The method's spec; raises ConfigError when the config contradicts the method name."""
+    if cfg.method not in METHODS:
+        raise ConfigError(f"unknown method {cfg.method!r}; known: {', '.join(sorted(METHODS))}")
+    spec = METHODS[cfg.method]
+    get_backbone(cfg.model.backbone)
+    if spec.backbone is not None and cfg.model.backbone != spec.backbone:
+        raise ConfigError(f"method {spec.name!r} uses model.backbone={spec.backbone!r}, config has {cfg.model.backbone!r}")
+    if spec.distill is not None and cfg.distill.enabled != spec.distill:
+        raise ConfigError(f"method {spec.name!r} needs distill.enabled={spec.distill}, config has {cfg.distill.enabled}")
+    if spec.grouping is not None and cfg.grouping.method not in spec.grouping:
+        raise ConfigError(f"method {spec.name!r} needs grouping.method in {list(spec.grouping)}, config has {cfg.grouping.method!r}")
+    return spec
+
+
+def prepare_data(cfg: Any) -> tuple[Any, Any]:
+    """Load, convert to implicit feedback, optionally k-core filter, split (leave-one-out)."""
+    dc = cfg.data
+    if not dc.path:
+        raise ConfigError("data.path is not set (use --data DIR or GFMFR_DATA)")
+    data = load_dataset(dc.path, fmt=dc.format, text_features=dc.text_features, image_features=dc.image_features, duplicates=dc.duplicates)
+    data = to_implicit(data, dc.implicit_threshold)
+    if dc.kcore > 1:
+        data = kcore(data, dc.kcore)
+    return data, leave_one_out(data, dc.min_interactions)
+
+
+def run_training(cfg: Any, run: Any, *, progress: bool = True) -> dict[str, Any]:
+    """Train ``cfg.method`` on ``cfg.data.path``; write model and history into ``run``; return metrics."""
+    spec = check_method(cfg)
+    log = getattr(run, "logger", logging.getLogger("gfmfr_secure"))
+    data, split = prepare_data(cfg)
+    log.info("data %s: %d users, %d items, %d interactions", data.name, data.n_users, data.n_items, data.users.size)
+    if spec.trainer == "centralized":
+        from gfmfr_secure.simulation.centralized import run_centralized
+
+        result = run_centralized(cfg, split, logger=log, progress=progress)
+    else:
+        from gfmfr_secure.simulation.loop import run_federated
+
+        result = run_federated(cfg, data, split, logger=log, progress=progress)
+    save_model(run.path("model.pt"), result.shared, result.store)
+    run.write_json("history.json", result.history)
+    return result.metrics
+
+
+def save_model(path: Path, shared: SharedParams, store: ClientStateStore) -> None:
+    """Save the selected model (shared parameters and client state) for ``evaluate --run``."""
+    state = {
+        "shared": {k: v for k, v in vars(shared).items()},
+        "user_embedding": store.user_embedding,
+        "heads": store.heads,
+        "personal_keys": None if store.personal is None else torch.from_numpy(store.personal.keys),
+        "personal_values": None if store.personal is None else store.personal.values,
+    }
+    tmp = Path(str(path) + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def load_scorer(run_dir: str | Path) -> tuple[Callable[[torch.Tensor], torch.Tensor], Any]:
+    """Reload a finished run: (score_fn for users -> [B, I] scores, its split)."""
+    run_dir = Path(run_dir)
+    for name in ("config.yaml", "model.pt"):
+        if not (run_dir / name).is_file():
+            raise ConfigError(f"{run_dir} is not a finished run folder: {name} is missing")
+    cfg = load_config(run_dir / "config.yaml")
+    _, split = prepare_data(cfg)
+    state = torch.load(run_dir / "model.pt", weights_only=True)
+    shared = SharedParams(**state["shared"])
+    backbone = get_backbone(cfg.model.backbone)
+    personal = None
+    if state["personal_keys"] is not None:
+        personal = RowStore(split.n_users, split.n_items, shared.latent_dim)
+        personal.keys = state["personal_keys"].numpy()
+        personal.values = state["personal_values"]
+    store = ClientStateStore(
+        user_embedding=state["user_embedding"],
+        personal=personal,
+        ema_ratio=torch.zeros(split.n_users, dtype=torch.float64),
+        heads=state["heads"],
+        group=np.full(split.n_users, -1, dtype=np.int64),
+    )
+    return (lambda users: score_users(shared, store, backbone, users)), split
