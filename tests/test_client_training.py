@@ -1,0 +1,139 @@
+"""Client-side training: cohort path vs per-client path, schedules, sparse state semantics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gfmfr_secure.client.cohort import train_cohort
+from gfmfr_secure.client.local import train_client
+from gfmfr_secure.client.plan import build_step_plan
+from gfmfr_secure.client.state import ClientStateStore, RowStore
+from gfmfr_secure.models import get_backbone, init_shared_params
+from gfmfr_secure.types import LocalHyper
+
+U, I, D = 7, 40, 8
+
+
+def _samples(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    counts = rng.integers(1, 60, U)
+    indptr = np.concatenate([[0], np.cumsum(counts)])
+    items = rng.integers(0, I, indptr[-1])
+    labels = (rng.random(indptr[-1]) < 0.3).astype(np.float32)
+    return indptr, items, labels
+
+
+def _hyper(**kw) -> LocalHyper:
+    base = dict(lr_network=0.05, lr_items=2.0, weight_decay=1e-3, alpha=0.1, beta=0.1, distill=0.7, ema_decay=0.9, max_ratio=5.0, batch_size=16, epochs=3, shuffle_seed=5)
+    base.update(kw)
+    return LocalHyper(**base)
+
+
+def _setup(name: str):
+    spec = get_backbone(name)
+    shared = init_shared_params(I, D, torch.Generator().manual_seed(1))
+    store = ClientStateStore.create(
+        U, I, D,
+        user_embedding=spec.user_embedding,
+        personal_items=spec.personal_items,
+        private_head=shared.head_flat() if spec.private_head else None,
+        generator=torch.Generator().manual_seed(2),
+    )
+    return spec, shared, store
+
+
+@pytest.mark.parametrize("backbone", ["fedrap", "fedncf", "pfedrec"])
+@pytest.mark.parametrize("distill", [False, True])
+def test_cohort_equals_per_client_path(backbone: str, distill: bool) -> None:
+    """The vectorised cohort (hand-derived gradients) gives the autograd per-client update."""
+    spec, shared, store_a = _setup(backbone)
+    store_b = store_a.snapshot()
+    indptr, items, labels = _samples()
+    hyper = _hyper(distill=0.7 if distill else 0.0)
+    teacher = torch.rand(3, I, generator=torch.Generator().manual_seed(3)) if distill else None
+    groups = np.array([0, 1, 2, -1, 0, 1, 2])
+    clients = np.array([3, 0, 5, 6, 1, 2, 4])
+    up = train_cohort(shared, store_a, spec, clients, indptr, items, labels, hyper, teacher=teacher, groups=groups[clients] if distill else None)
+    for j, c in enumerate(clients):
+        sl = slice(indptr[c], indptr[c + 1])
+        g = int(groups[c]) if distill else -1
+        one = train_client(shared, store_b, spec, int(c), items[sl], labels[sl], hyper, teacher_row=teacher[g] if (distill and g >= 0) else None, group=g)
+        a, b = up.row_ptr[j], up.row_ptr[j + 1]
+        np.testing.assert_array_equal(up.row_items[a:b], one.row_items)
+        torch.testing.assert_close(up.item_delta[a:b], one.item_delta, atol=2e-6, rtol=1e-5)
+        torch.testing.assert_close(up.head_after[j], one.head_after[0], atol=2e-6, rtol=1e-5)
+        assert up.loss[j] == pytest.approx(one.loss[0], rel=1e-5)
+    torch.testing.assert_close(store_a.user_embedding, store_b.user_embedding, atol=2e-6, rtol=1e-5)
+    if spec.personal_items:
+        np.testing.assert_array_equal(store_a.personal.keys, store_b.personal.keys)
+        torch.testing.assert_close(store_a.personal.values, store_b.personal.values, atol=2e-6, rtol=1e-5)
+    if distill:
+        torch.testing.assert_close(store_a.ema_ratio, store_b.ema_ratio, rtol=1e-4, atol=1e-6, equal_nan=True)
+
+
+def test_shared_params_not_modified_and_private_rows_sparse() -> None:
+    spec, shared, store = _setup("fedrap")
+    before = shared.clone()
+    indptr, items, labels = _samples(1)
+    up = train_cohort(shared, store, spec, np.arange(U), indptr, items, labels, _hyper(distill=0.0))
+    torch.testing.assert_close(shared.item_table, before.item_table, rtol=0, atol=0)
+    # exactly the (client, item) pairs that were trained are stored; everything else reads as zero
+    expected = np.unique(np.repeat(np.arange(U), np.diff(indptr)) * I + items)
+    np.testing.assert_array_equal(store.personal.keys, expected)
+    untouched = np.setdiff1d(np.arange(U * I), expected)[:50]
+    assert torch.count_nonzero(store.personal.gather(untouched)) == 0
+    # uploads only carry touched rows
+    assert up.row_items.size == expected.size
+
+
+def test_per_round_shuffle_independent_of_cohort() -> None:
+    counts = np.array([37, 5, 64])
+    full = build_step_plan(np.array([10, 11, 12]), counts, batch_size=8, epochs=2, seed=9)
+    alone = build_step_plan(np.array([12]), counts[2:], batch_size=8, epochs=2, seed=9)
+    # client 12's samples are the block [42, 106) in the cohort; batches must match step by step
+    r = int(np.flatnonzero(full.order == 2)[0])
+    for k in range(alone.n_steps):
+        row_full = full.grid[full.offsets[k] + r]
+        row_alone = alone.grid[alone.offsets[k]]
+        np.testing.assert_array_equal(row_full[row_full >= 0] - 42, row_alone[row_alone >= 0])
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    counts=st.lists(st.integers(0, 50), min_size=1, max_size=6),
+    batch=st.integers(1, 16),
+    epochs=st.integers(1, 3),
+)
+def test_plan_visits_every_sample_once_per_epoch(counts: list[int], batch: int, epochs: int) -> None:
+    counts_a = np.array(counts)
+    plan = build_step_plan(np.arange(len(counts)), counts_a, batch_size=batch, epochs=epochs, seed=1)
+    used = plan.grid[plan.grid >= 0]
+    assert np.array_equal(np.sort(used), np.sort(np.tile(np.arange(counts_a.sum()), epochs)))
+    # each active row belongs to one client only
+    starts = np.concatenate([[0], np.cumsum(counts_a)])
+    for k in range(plan.n_steps):
+        for r in range(int(plan.active[k])):
+            row = plan.grid[plan.offsets[k] + r]
+            row = row[row >= 0]
+            c = plan.order[r]
+            assert row.size >= 1 and np.all((row >= starts[c]) & (row < starts[c + 1]))
+
+
+def test_rowstore_semantics() -> None:
+    rs = RowStore(4, 10, 3)
+    assert torch.count_nonzero(rs.gather(np.array([0, 5, 39]))) == 0
+    rs.put(np.array([12, 3]), torch.tensor([[1.0, 1, 1], [2.0, 2, 2]]))
+    rs.put(np.array([3, 30]), torch.tensor([[5.0, 5, 5], [7.0, 7, 7]]))
+    got = rs.gather(np.array([3, 12, 30, 4]))
+    torch.testing.assert_close(got, torch.tensor([[5.0, 5, 5], [1.0, 1, 1], [7.0, 7, 7], [0.0, 0, 0]]))
+    owner, items, values = rs.user_rows(np.array([3, 1, 0]))
+    np.testing.assert_array_equal(owner, [0, 1, 2])
+    np.testing.assert_array_equal(items, [0, 2, 3])
+    with pytest.raises(ValueError, match="unique"):
+        rs.put(np.array([1, 1]), torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="shape"):
+        rs.put(np.array([1]), torch.zeros(2, 3))
