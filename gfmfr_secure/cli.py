@@ -36,7 +36,6 @@ from gfmfr_secure.config import (
     with_overrides,
 )
 from gfmfr_secure.errors import GfmfrError
-from gfmfr_secure.runio import create_run, default_run_name, environment_info, utc_now
 
 __all__ = ["COMMANDS", "PLUGIN_MODULES", "build_parser", "main", "register_command"]
 
@@ -243,31 +242,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.seed is not None:
         cfg = with_overrides(cfg, [f"seed={args.seed}"])
     cfg = resolve_data_path(cfg, args.data)
-    from gfmfr_secure.simulation.runner import run_training
+    from gfmfr_secure.simulation.record import train_and_record
 
-    name = args.name or default_run_name(cfg.method, cfg.seed)
-    record: dict[str, Any] = {
-        "seed": cfg.seed,
-        "method": cfg.method,
-        "command": ["gfmfr-secure", *args.command_line],
-        "cwd": os.getcwd(),
-        "started_at": utc_now().isoformat(),
-        "finished_at": None,
-        "environment": environment_info(),
-    }
-    with create_run(args.out, name, console=not args.quiet) as run:
-        run.write_text("config.yaml", config_to_yaml(cfg))
-        run.write_json("run.json", record)
-        run.logger.info(
-            "run %s: method=%s seed=%d data=%s", name, cfg.method, cfg.seed, cfg.data.path
-        )
-        metrics = run_training(cfg, run, progress=not args.quiet)
-        run.write_json("metrics.json", metrics)
-        record["finished_at"] = utc_now().isoformat()
-        run.write_json("run.json", record)
+    metrics, run_dir = train_and_record(
+        cfg,
+        args.out,
+        name=args.name,
+        command=["gfmfr-secure", *args.command_line],
+        console=not args.quiet,
+        progress=not args.quiet,
+    )
     test = metrics.get("test", {})
     print(
-        f"test HR@10={_fmt(test.get('HR@10'))} NDCG@10={_fmt(test.get('NDCG@10'))} run: {run.dir}"
+        f"test HR@10={_fmt(test.get('HR@10'))} NDCG@10={_fmt(test.get('NDCG@10'))} run: {run_dir}"
     )
     return 0
 

@@ -49,7 +49,9 @@ def apply_fedavg_(shared: SharedParams, agg: AggregateResult) -> None:
         shared.set_head_flat_(shared.head_flat() + agg.head_sum / agg.weight_total)
 
 
-def group_targets(shared_before: SharedParams, agg: AggregateResult) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def group_targets(
+    shared_before: SharedParams, agg: AggregateResult
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each group's averaged item table and output layer, from group sums.
 
     A client's trained table is ``C + delta``, so the group average is ``C`` plus the
