@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,8 @@ def train_and_record(
     times, package versions, git revision), ``log.txt``, ``metrics.json``,
     ``history.json`` and ``model.pt``; it appears only once the run has finished.
     """
-    from gfmfr_secure.simulation import runner
+    # looked up at call time (through sys.modules) so tests can stand in a fake runner
+    runner = importlib.import_module("gfmfr_secure.simulation.runner")
 
     name = name or default_run_name(cfg.method, cfg.seed)
     record: dict[str, Any] = {
