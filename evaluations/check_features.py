@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["row_cosines", "compare", "verify_manifest", "main"]
+__all__ = ["compare", "main", "row_cosines", "verify_manifest"]
 
 MODALITIES = ("text", "image")
 
@@ -64,10 +64,14 @@ def row_cosines(produced: np.ndarray, reference: np.ndarray, eps: float = 1e-12)
     return cos
 
 
-def compare(produced: np.ndarray, reference: np.ndarray, threshold: float) -> dict[str, float | int]:
+def compare(
+    produced: np.ndarray, reference: np.ndarray, threshold: float
+) -> dict[str, float | int]:
     """Summary of :func:`row_cosines`: fraction at or above ``threshold``, min, median, counts."""
     if produced.shape != reference.shape:
-        raise CheckError(f"shape {produced.shape} of the produced features differs from the reference {reference.shape}")
+        raise CheckError(
+            f"shape {produced.shape} of the produced features differs from the reference {reference.shape}"
+        )
     cos = row_cosines(produced, reference)
     return {
         "items": int(cos.size),
@@ -75,7 +79,9 @@ def compare(produced: np.ndarray, reference: np.ndarray, threshold: float) -> di
         "min": float(cos.min()) if cos.size else float("nan"),
         "median": float(np.median(cos)) if cos.size else float("nan"),
         "both_zero": int(((np.abs(produced).sum(1) == 0) & (np.abs(reference).sum(1) == 0)).sum()),
-        "max_abs_diff": float(np.abs(produced.astype(np.float64) - reference).max()) if cos.size else 0.0,
+        "max_abs_diff": float(np.abs(produced.astype(np.float64) - reference).max())
+        if cos.size
+        else 0.0,
     }
 
 
@@ -121,16 +127,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m evaluations.check_features",
         description="Compare produced text/image features with the reference .npy files of a data folder.",
     )
-    parser.add_argument("--data", required=True, metavar="DIR",
-                        help="data folder holding the reference text_feat.npy / image_feat.npy")
-    parser.add_argument("--features", metavar="DIR",
-                        help="folder written by 'gfmfr-secure encode' (default: ./features/<data folder name>)")
-    parser.add_argument("--modalities", nargs="+", choices=MODALITIES, default=list(MODALITIES),
-                        help="modalities to compare (default: both)")
-    parser.add_argument("--threshold", type=float, default=0.99, help="per-item cosine to reach (default: %(default)s)")
-    parser.add_argument("--min-fraction", type=float, default=0.99,
-                        help="fraction of items that must reach it (default: %(default)s)")
-    parser.add_argument("--worst", type=int, default=5, help="how many worst items to list (default: %(default)s)")
+    parser.add_argument(
+        "--data",
+        required=True,
+        metavar="DIR",
+        help="data folder holding the reference text_feat.npy / image_feat.npy",
+    )
+    parser.add_argument(
+        "--features",
+        metavar="DIR",
+        help="folder written by 'gfmfr-secure encode' (default: ./features/<data folder name>)",
+    )
+    parser.add_argument(
+        "--modalities",
+        nargs="+",
+        choices=MODALITIES,
+        default=list(MODALITIES),
+        help="modalities to compare (default: both)",
+    )
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=0.99,
+        help="per-item cosine to reach (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--min-fraction",
+        type=float,
+        default=0.99,
+        help="fraction of items that must reach it (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--worst", type=int, default=5, help="how many worst items to list (default: %(default)s)"
+    )
     args = parser.parse_args(argv)
 
     data = Path(args.data)
