@@ -166,24 +166,26 @@ def train_cohort(
         s0 = s.clamp(min=0)
         vm = valid.to(torch.float32)
         nval = vm.sum(1)  # [nk], >= 1
-        rows = sample_row[s0]  # [nk, B]
+        flat_rows = sample_row.index_select(0, s0.reshape(-1))  # [nk * B]
+        rows = flat_rows.view(nk, -1)
         y = labels_t[s0]
-        c_b = c_loc[rows]  # [nk, B, d]
-        x = c_b + p_loc[rows] if p_loc is not None else c_b
+        c_b = c_loc.index_select(0, flat_rows).view(nk, -1, d)  # [nk, B, d]
+        p_b = p_loc.index_select(0, flat_rows).view(nk, -1, d) if p_loc is not None else None
+        x = c_b + p_b if p_b is not None else c_b
         W1u, W1i, B1, W2, B2, E = w1u[:nk], w1i[:nk], b1[:nk], w2[:nk], b2[:nk], emb[:nk]
 
-        u_term = torch.bmm(W1u, E.unsqueeze(2)).squeeze(2) + B1  # [nk, h]
-        z = torch.baddbmm(u_term.unsqueeze(1), x, W1i.transpose(1, 2))  # [nk, B, h]
-        a = torch.relu(z)
-        logit = torch.bmm(a, W2.unsqueeze(2)).squeeze(2) + B2.unsqueeze(1)  # [nk, B]
+        u_term = torch.baddbmm(B1.unsqueeze(2), W1u, E.unsqueeze(2)).squeeze(2)  # [nk, h]
+        a = torch.baddbmm(u_term.unsqueeze(1), x, W1i.transpose(1, 2)).relu_()  # [nk, B, h]
+        logit = torch.baddbmm(B2.view(-1, 1, 1), a, W2.unsqueeze(2)).squeeze(2)  # [nk, B]
         p = torch.sigmoid(logit)
 
         bce = ((F.softplus(logit) - y * logit) * vm).sum(1) / nval
         base = bce
+        diff = None
         if alpha or beta:
-            diff = (p_loc[rows] - c_b) if p_loc is not None else -c_b
             denom = nval * d
-            if alpha:
+            if alpha and p_b is not None:
+                diff = p_b - c_b
                 base = base - alpha * (diff.square().sum(2) * vm).sum(1) / denom
             if beta:
                 base = base + beta * (c_b.abs().sum(2) * vm).sum(1) / denom
@@ -207,25 +209,26 @@ def train_cohort(
 
         g_b2 = gl.sum(1)
         g_w2 = torch.bmm(gl.unsqueeze(1), a).squeeze(1)  # [nk, h]
-        gz = (gl.unsqueeze(2) * W2.unsqueeze(1)) * (z > 0)  # [nk, B, h]
+        gz = (gl.unsqueeze(2) * W2.unsqueeze(1)).masked_fill_(a <= 0, 0.0)  # [nk, B, h]
+        del a
         g_w1i = torch.bmm(gz.transpose(1, 2), x)  # [nk, h, d]
         g_b1 = gz.sum(1)  # [nk, h]
         g_w1u = g_b1.unsqueeze(2) * E.unsqueeze(1)  # [nk, h, d]
         g_e = torch.bmm(g_b1.unsqueeze(1), W1u).squeeze(1)  # [nk, d]
         gx = torch.bmm(gz, W1i)  # [nk, B, d]
+        del gz
 
         g_c = gx
-        g_p = gx if p_loc is not None else None
+        g_p = gx if p_b is not None else None
         if alpha or beta:
             scale = (vm / (nval * d).unsqueeze(1)).unsqueeze(2)  # [nk, B, 1]
-            if alpha and p_loc is not None:
+            if diff is not None:
                 reg = (2 * alpha) * scale * diff
                 g_p = g_p - reg
                 g_c = g_c + reg
             if beta:
                 g_c = g_c + beta * scale * torch.sign(c_b)
 
-        flat_rows = rows.reshape(-1)
         c_loc.index_add_(0, flat_rows, g_c.reshape(-1, d), alpha=-lr_i)
         if p_loc is not None:
             p_loc.index_add_(0, flat_rows, g_p.reshape(-1, d), alpha=-lr_i)
