@@ -16,8 +16,12 @@ from __future__ import annotations
 
 import hashlib
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported lazily: loaders and caches need not pay for it
+    import torch
 
 __all__ = ["purpose_key", "seed_sequence", "numpy_rng", "torch_generator", "derive_seed"]
 
@@ -58,8 +62,10 @@ def numpy_rng(root_seed: int, *path: int | str) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(seed_sequence(root_seed, *path)))
 
 
-def torch_generator(root_seed: int, *path: int | str, device: str | torch.device = "cpu") -> torch.Generator:
+def torch_generator(root_seed: int, *path: int | str, device: "str | torch.device" = "cpu") -> "torch.Generator":
     """A :class:`torch.Generator` seeded for ``(root_seed, *path)``."""
+    import torch
+
     gen = torch.Generator(device=device)
     gen.manual_seed(derive_seed(root_seed, *path))
     return gen
