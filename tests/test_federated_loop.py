@@ -113,3 +113,10 @@ def test_missing_modality_is_a_config_error(tiny_synthetic, split) -> None:
         run_federated(cfg_for("gfmfr"), no_image, split, progress=False)
     run = run_federated(cfg_for("gfmfr", "fusion.modalities=[text]"), no_image, split, progress=False)
     assert torch.isfinite(torch.tensor(run.metrics["test"]["NDCG@10"]))
+
+
+def test_small_cohorts_keep_previous_groups(tiny_synthetic, split) -> None:
+    """Rounds whose cohort is smaller than G skip regrouping instead of failing."""
+    run = run_federated(cfg_for("gfmfr", "train.client_fraction=0.04", "train.rounds=6"), tiny_synthetic, split, progress=False)
+    sizes = [r["cohort"] for r in run.history]
+    assert min(sizes) < 3 and len(run.history) == 6

@@ -192,7 +192,10 @@ def run_federated(
         agg = aggregator.aggregate(update, n_items=n_items, weights=weights, groups=backend_groups, n_groups=max(n_groups, 1))
         before = server.shared.clone()
         apply_fedavg_(server.shared, agg)
-        if n_groups:
+        regroup = n_groups and not (grouping in SERVER_GROUPING and len(update) < n_groups)
+        if n_groups and not regroup:
+            log.info("round %d: cohort of %d clients is smaller than G=%d; grouping and teacher kept", t, len(update), n_groups)
+        if regroup:
             if grouping in SERVER_GROUPING:
                 per_client = agg.per_client
                 labels = group_clients(
