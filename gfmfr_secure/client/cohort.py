@@ -209,25 +209,27 @@ def train_cohort(
 
         g_b2 = gl.sum(1)
         g_w2 = torch.bmm(gl.unsqueeze(1), a).squeeze(1)  # [nk, h]
-        gz = (gl.unsqueeze(2) * W2.unsqueeze(1)).masked_fill_(a <= 0, 0.0)  # [nk, B, h]
+        # dL/dz = gl * w2 * [z > 0]; keep m = gl * [z > 0] (one pass, ReLU's backward kernel)
+        # and fold w2 into the small [nk, h, d] factors instead of the [nk, B, h] tensor.
+        m = torch.ops.aten.threshold_backward(gl.unsqueeze(2).expand_as(a), a, 0.0)  # [nk, B, h]
         del a
-        g_w1i = torch.bmm(gz.transpose(1, 2), x)  # [nk, h, d]
-        g_b1 = gz.sum(1)  # [nk, h]
+        g_w1i = torch.bmm(m.transpose(1, 2), x).mul_(W2.unsqueeze(2))  # [nk, h, d]
+        g_b1 = m.sum(1).mul_(W2)  # [nk, h]
         g_w1u = g_b1.unsqueeze(2) * E.unsqueeze(1)  # [nk, h, d]
         g_e = torch.bmm(g_b1.unsqueeze(1), W1u).squeeze(1)  # [nk, d]
-        gx = torch.bmm(gz, W1i)  # [nk, B, d]
-        del gz
+        gx = torch.bmm(m, W1i * W2.unsqueeze(2))  # [nk, B, d]
+        del m
 
         g_c = gx
         g_p = gx if p_b is not None else None
         if alpha or beta:
             scale = (vm / (nval * d).unsqueeze(1)).unsqueeze(2)  # [nk, B, 1]
             if diff is not None:
-                reg = (2 * alpha) * scale * diff
+                reg = diff.mul_(scale * (2 * alpha))  # diff is not needed any more
                 g_p = g_p - reg
                 g_c = g_c + reg
             if beta:
-                g_c = g_c + beta * scale * torch.sign(c_b)
+                g_c = torch.addcmul(g_c, torch.sign(c_b), scale, value=beta)
 
         c_loc.index_add_(0, flat_rows, g_c.reshape(-1, d), alpha=-lr_i)
         if p_loc is not None:
