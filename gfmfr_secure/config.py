@@ -107,7 +107,13 @@ class DataConfig:
     negatives_exclude_heldout : bool
         Compatibility with the original authors' protocol: sample training
         negatives only from items the user never interacted with at all
-        (which excludes the held-out items). Off by default.
+        (which excludes the held-out items). Off by default. Combined with
+        fresh negatives every round this leaks the held-out items: every other
+        item is eventually drawn as a negative and pushed down (see
+        docs/baselines.md).
+    negatives_fixed : bool
+        Compatibility with the original authors' protocol: draw the negatives
+        once and reuse them every round (default: fresh every round).
     text_features, image_features : str or None
         Optional ``.npy`` files overriding the dataset's item features.
     """
@@ -119,6 +125,7 @@ class DataConfig:
     min_interactions: int = 3
     duplicates: Literal["error", "keep-latest"] = "error"
     negatives_exclude_heldout: bool = False
+    negatives_fixed: bool = False
     text_features: str | None = None
     image_features: str | None = None
 

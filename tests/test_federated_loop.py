@@ -120,3 +120,19 @@ def test_small_cohorts_keep_previous_groups(tiny_synthetic, split) -> None:
     run = run_federated(cfg_for("gfmfr", "train.client_fraction=0.04", "train.rounds=6"), tiny_synthetic, split, progress=False)
     sizes = [r["cohort"] for r in run.history]
     assert min(sizes) < 3 and len(run.history) == 6
+
+
+def test_fixed_negatives_are_reused(tiny_synthetic, split, monkeypatch) -> None:
+    import gfmfr_secure.simulation.loop as loop_mod
+
+    seen = []
+    real = loop_mod.train_cohort
+
+    def spy(*args, **kwargs):
+        seen.append(args[5].copy())  # sample_items
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop_mod, "train_cohort", spy)
+    run_federated(cfg_for("fedncf", "data.negatives_fixed=true", "train.rounds=2"), tiny_synthetic, split, progress=False)
+    run_federated(cfg_for("fedncf", "train.rounds=2"), tiny_synthetic, split, progress=False)
+    assert np.array_equal(seen[0], seen[1]) and not np.array_equal(seen[2], seen[3])

@@ -58,7 +58,8 @@ def run_centralized(cfg: Any, split: Split, *, logger: logging.Logger | None = N
     history, times, stale = [], [], 0
     for t in tqdm(range(tc.rounds), desc=cfg.method, disable=not progress, unit="round"):
         t0 = time.perf_counter()
-        s = sample_training(split, tc.num_negatives, numpy_rng(seed, "negatives", t), exclude_heldout=cfg.data.negatives_exclude_heldout)
+        neg_round = 0 if cfg.data.negatives_fixed else t
+        s = sample_training(split, tc.num_negatives, numpy_rng(seed, "negatives", neg_round), exclude_heldout=cfg.data.negatives_exclude_heldout)
         users, items, labels = (torch.from_numpy(s.users), torch.from_numpy(s.items), torch.from_numpy(s.labels))
         total = 0.0
         for epoch in range(tc.local_epochs):

@@ -147,6 +147,7 @@ def run_federated(
     history: list[dict[str, Any]] = []
     timing = {"client": [], "server": [], "eval": []}
     stale = 0
+    fixed_samples = None
     bar = tqdm(range(tc.rounds), desc=f"{cfg.method}", disable=not progress, unit="round")
     for t in bar:
         rec: dict[str, Any] = {"round": t}
@@ -156,9 +157,14 @@ def run_federated(
             history.append(rec)
             continue
         t0 = time.perf_counter()
-        samples = sample_training(
-            split, tc.num_negatives, numpy_rng(seed, "negatives", t), users=cohort, exclude_heldout=cfg.data.negatives_exclude_heldout
-        )
+        if cfg.data.negatives_fixed:  # compatibility: one draw for every user, reused every round
+            if fixed_samples is None:
+                fixed_samples = sample_training(split, tc.num_negatives, numpy_rng(seed, "negatives", 0), exclude_heldout=cfg.data.negatives_exclude_heldout)
+            samples = fixed_samples
+        else:
+            samples = sample_training(
+                split, tc.num_negatives, numpy_rng(seed, "negatives", t), users=cohort, exclude_heldout=cfg.data.negatives_exclude_heldout
+            )
         distill_on = server.teacher is not None
         hyper = LocalHyper(
             lr_network=schedules.network_lr(t, tc.lr, tc.lr_decay),
