@@ -137,6 +137,11 @@ def run_federated(
     if n_groups and grouping not in SERVER_GROUPING + ("none",):
         raise ConfigError(f"grouping.method={grouping!r} is not available in this version; known: spectral, kmeans, none")
 
+    if cfg.data.negatives_exclude_heldout and not cfg.data.negatives_fixed:
+        log.warning(
+            "data.negatives_exclude_heldout without data.negatives_fixed leaks the held-out items "
+            "(every other item is eventually drawn as a negative); metrics of this run are not comparable"
+        )
     eligible = np.flatnonzero(split.train_counts() > 0).astype(np.int64)
     ks = tuple(cfg.eval.ks)
 
