@@ -105,7 +105,7 @@ def build_step_plan(
     pos = np.arange(m) - starts[owner]
     for epoch in range(epochs):
         keys = hash64(seed, clients[owner], epoch, pos)
-        perm = np.lexsort((keys, owner))  # within each client, a pseudo-random order
+        perm = _order_within_clients(owner, keys)  # within each client, a pseudo-random order
         new_pos = np.arange(m) - starts[owner[perm]]
         batch = new_pos // batch_size
         slot = new_pos % batch_size
@@ -114,6 +114,19 @@ def build_step_plan(
         row = offsets[step] + rank[c]
         grid[row, slot] = perm
     return StepPlan(order, active, offsets, grid)
+
+
+def _order_within_clients(owner: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """Stable order by (owner, key): one argsort of a packed uint64 when owners fit in 24 bits.
+
+    The packed key keeps the key's top 40 bits; ties among a client's samples (about
+    n^2 / 2^41 of them) fall back to sample position, identically in the per-client
+    path, which sorts the same keys for the same samples.
+    """
+    if owner.size == 0 or int(owner.max()) < (1 << 24):
+        packed = (owner.astype(np.uint64) << np.uint64(40)) | (keys >> np.uint64(24))
+        return np.argsort(packed, kind="stable")
+    return np.lexsort((keys, owner))
 
 
 def _active_counts(sorted_steps: np.ndarray, n_steps: int) -> np.ndarray:
