@@ -34,7 +34,7 @@ from gfmfr_secure.encoders.registry import (
     package_versions,
     register_encoder,
 )
-from gfmfr_secure.encoders.text import check_bool, check_max_length, resolve_model_path
+from gfmfr_secure.encoders.text import check_bool, check_device, check_max_length, resolve_model_path
 from gfmfr_secure.errors import ConfigError, DataError
 
 __all__ = [
@@ -91,14 +91,6 @@ def efficientnet_input(image: Any, size: int = 224) -> np.ndarray:
     return np.ascontiguousarray(((pixels - 127.0) / 128.0).transpose(2, 0, 1))
 
 
-def _check_device(device: Any, name: str) -> str:
-    if not isinstance(device, str) or not device:
-        raise ConfigError(
-            f"encoder {name!r}: device must be a string such as 'cpu', got {device!r}"
-        )
-    return device
-
-
 # --------------------------------------------------------------------------- efficientnet-lite0
 
 
@@ -122,7 +114,7 @@ class EfficientNetLite0Encoder(Encoder):
 
     def __init__(self, modality: str, device: str = "cpu") -> None:
         super().__init__(modality)
-        self.device = _check_device(device, self.name)
+        self.device = check_device(device, self.name)
         self._model: Any = None
 
     @staticmethod
@@ -245,7 +237,7 @@ class HFImageEncoder(Encoder):
             )
         self.pooling = pooling
         self.normalize = check_bool(normalize, "normalize", self.name)
-        self.device = _check_device(device, self.name)
+        self.device = check_device(device, self.name)
         self._processor: Any = None
         self._model: Any = None
 
@@ -347,7 +339,7 @@ class HFClipEncoder(Encoder):
         self.path = resolve_model_path(path, self.name)
         self.normalize = check_bool(normalize, "normalize", self.name)
         self.max_length = check_max_length(max_length, self.name)
-        self.device = _check_device(device, self.name)
+        self.device = check_device(device, self.name)
         self._preprocess: Any = None
         self._model: Any = None
 

@@ -148,7 +148,8 @@ def item_texts(item_table: Any, source: str = "item table") -> list[str]:
     return texts
 
 
-def _check_device(device: Any, name: str) -> str:
+def check_device(device: Any, name: str) -> str:
+    """The ``device`` setting of encoder ``name``, checked to be a non-empty string."""
     if not isinstance(device, str) or not device:
         raise ConfigError(
             f"encoder {name!r}: device must be a string such as 'cpu', got {device!r}"
@@ -182,7 +183,7 @@ class MiniLMEncoder(Encoder):
 
     def __init__(self, modality: str, device: str = "cpu") -> None:
         super().__init__(modality)
-        self.device = _check_device(device, self.name)
+        self.device = check_device(device, self.name)
         self._model: Any = None
 
     @staticmethod
@@ -318,7 +319,7 @@ class HFTextEncoder(Encoder):
         self.pooling = pooling
         self.normalize = check_bool(normalize, "normalize", self.name)
         self.max_length = check_max_length(max_length, self.name)
-        self.device = _check_device(device, self.name)
+        self.device = check_device(device, self.name)
         self._tokenizer: Any = None
         self._model: Any = None
 
