@@ -17,7 +17,6 @@ import argparse
 import importlib
 import importlib.util
 import json
-import os
 import sys
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -29,7 +28,6 @@ from gfmfr_secure.config import (
     DATA_ENV_VAR,
     DataConfig,
     EvalConfig,
-    config_to_yaml,
     load_config,
     resolve_data_folder,
     resolve_data_path,

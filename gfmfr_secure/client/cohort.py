@@ -29,10 +29,10 @@ import torch.nn.functional as F
 from gfmfr_secure.client.plan import build_step_plan
 from gfmfr_secure.client.state import ClientStateStore
 from gfmfr_secure.models.backbones import BackboneSpec
-from gfmfr_secure.models.params import SharedParams
+from gfmfr_secure.models.params import SharedParams, flatten_heads, unflatten_heads
 from gfmfr_secure.types import CohortUpdate, LocalHyper
 
-__all__ = ["train_cohort", "cohort_samples", "flatten_heads", "unflatten_heads"]
+__all__ = ["train_cohort", "cohort_samples"]
 
 
 def cohort_samples(indptr: np.ndarray, items: np.ndarray, labels: np.ndarray, clients: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -46,26 +46,6 @@ def cohort_samples(indptr: np.ndarray, items: np.ndarray, labels: np.ndarray, cl
     offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
     idx = np.repeat(start - offsets, counts) + np.arange(int(counts.sum()))
     return counts, items[idx], labels[idx]
-
-
-def flatten_heads(w1u: torch.Tensor, w1i: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
-    """Stacked heads [n, h, d] x2, [n, h], [n, h], [n] -> [n, H] (order of ``SharedParams.head_flat``)."""
-    n = w1u.shape[0]
-    return torch.cat([w1u.reshape(n, -1), w1i.reshape(n, -1), b1, w2, b2.reshape(n, 1)], dim=1)
-
-
-def unflatten_heads(flat: torch.Tensor, latent_dim: int) -> tuple[torch.Tensor, ...]:
-    """Inverse of :func:`flatten_heads` for hidden size = latent size."""
-    n, d = flat.shape[0], latent_dim
-    hd = d * d
-    w1u = flat[:, :hd].reshape(n, d, d)
-    w1i = flat[:, hd : 2 * hd].reshape(n, d, d)
-    b1 = flat[:, 2 * hd : 2 * hd + d]
-    w2 = flat[:, 2 * hd + d : 2 * hd + 2 * d]
-    b2 = flat[:, 2 * hd + 2 * d]
-    if flat.shape[1] != 2 * hd + 2 * d + 1:
-        raise ValueError(f"head vectors have {flat.shape[1]} entries, expected {2 * hd + 2 * d + 1}")
-    return w1u, w1i, b1, w2, b2
 
 
 def _xlogx(q: torch.Tensor) -> torch.Tensor:
@@ -167,7 +147,6 @@ def train_cohort(
         vm = valid.to(torch.float32)
         nval = vm.sum(1)  # [nk], >= 1
         flat_rows = sample_row.index_select(0, s0.reshape(-1))  # [nk * B]
-        rows = flat_rows.view(nk, -1)
         y = labels_t[s0]
         c_b = c_loc.index_select(0, flat_rows).view(nk, -1, d)  # [nk, B, d]
         p_b = p_loc.index_select(0, flat_rows).view(nk, -1, d) if p_loc is not None else None

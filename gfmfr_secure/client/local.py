@@ -12,11 +12,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gfmfr_secure.client.cohort import flatten_heads, unflatten_heads
 from gfmfr_secure.client.plan import build_step_plan
 from gfmfr_secure.client.state import ClientStateStore
 from gfmfr_secure.models.backbones import BackboneSpec
-from gfmfr_secure.models.params import SharedParams
+from gfmfr_secure.models.params import SharedParams, flatten_heads, unflatten_heads
 from gfmfr_secure.types import CohortUpdate, LocalHyper
 
 __all__ = ["train_client"]

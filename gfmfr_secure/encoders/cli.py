@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gfmfr_secure.errors import ConfigError, GfmfrError
+from gfmfr_secure.errors import ConfigError
 
-__all__ = ["build_parser", "main", "register"]
+__all__ = ["main", "register"]
 
 _DESCRIPTION = """\
 Encode every item of a dataset folder with the server's content encoders and
@@ -139,22 +139,11 @@ def run_encode(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Stand-alone parser with the single subcommand ``encode``."""
-    parser = argparse.ArgumentParser(prog="python -m gfmfr_secure.encoders.cli")
-    register(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
-    return parser
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``encode`` without the main command line; returns the exit status."""
-    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    try:
-        status: int = args.handler(args)
-    except GfmfrError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return status
+    """Run ``encode ...`` through the main command line; returns the exit status."""
+    from gfmfr_secure.cli import main as cli_main
+
+    return cli_main(list(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":  # pragma: no cover

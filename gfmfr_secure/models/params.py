@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-__all__ = ["SharedParams", "head_size", "init_shared_params", "HEAD_KEYS"]
+__all__ = ["SharedParams", "head_size", "init_shared_params", "flatten_heads", "unflatten_heads", "HEAD_KEYS"]
 
 HEAD_KEYS = ("w1_user", "w1_item", "b1", "w2", "b2")
 
@@ -88,3 +88,23 @@ def init_shared_params(n_items: int, latent_dim: int, generator: torch.Generator
         w2=w2,
         b2=torch.zeros(1),
     )
+
+
+def flatten_heads(w1u: torch.Tensor, w1i: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
+    """Stacked heads [n, h, d] x2, [n, h], [n, h], [n] -> [n, H] (order of ``SharedParams.head_flat``)."""
+    n = w1u.shape[0]
+    return torch.cat([w1u.reshape(n, -1), w1i.reshape(n, -1), b1, w2, b2.reshape(n, 1)], dim=1)
+
+
+def unflatten_heads(flat: torch.Tensor, latent_dim: int) -> tuple[torch.Tensor, ...]:
+    """Inverse of :func:`flatten_heads` for hidden size = latent size."""
+    n, d = flat.shape[0], latent_dim
+    hd = d * d
+    w1u = flat[:, :hd].reshape(n, d, d)
+    w1i = flat[:, hd : 2 * hd].reshape(n, d, d)
+    b1 = flat[:, 2 * hd : 2 * hd + d]
+    w2 = flat[:, 2 * hd + d : 2 * hd + 2 * d]
+    b2 = flat[:, 2 * hd + 2 * d]
+    if flat.shape[1] != 2 * hd + 2 * d + 1:
+        raise ValueError(f"head vectors have {flat.shape[1]} entries, expected {2 * hd + 2 * d + 1}")
+    return w1u, w1i, b1, w2, b2

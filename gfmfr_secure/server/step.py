@@ -14,7 +14,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from gfmfr_secure.models.params import SharedParams
+from gfmfr_secure.models.params import SharedParams, unflatten_heads
 from gfmfr_secure.server.fusion import GroupFusion, train_fusion
 from gfmfr_secure.server.teacher import group_preferences
 from gfmfr_secure.types import AggregateResult
@@ -88,15 +88,13 @@ def group_targets(
     mask = counts > 0
     denom = counts.clamp(min=1).view(-1, 1, 1)
     targets = shared_before.item_table.unsqueeze(0) + agg.group_item_sum / denom
-    h = shared_before.w2.numel()
     w2 = shared_before.w2.unsqueeze(0).repeat(counts.numel(), 1)
     b2 = shared_before.b2.repeat(counts.numel())
     if agg.group_head_sum is not None:
         head_mean = agg.group_head_sum / counts.clamp(min=1).unsqueeze(1)
-        # head layout: w1_user, w1_item, b1 (2hd + h entries), then w2 (h), then b2 (1)
-        start = head_mean.shape[1] - h - 1
-        w2 = w2 + head_mean[:, start : start + h]
-        b2 = b2 + head_mean[:, -1]
+        _, _, _, w2_delta, b2_delta = unflatten_heads(head_mean, shared_before.latent_dim)
+        w2 = w2 + w2_delta
+        b2 = b2 + b2_delta
     return targets, w2, b2, mask
 
 

@@ -25,6 +25,7 @@ from gfmfr_secure.models import get_backbone, init_shared_params
 from gfmfr_secure.rng import numpy_rng, torch_generator
 from gfmfr_secure.simulation.loop import FederatedRun
 from gfmfr_secure.simulation.scoring import score_users
+from gfmfr_secure.simulation.selection import ValidationSelector
 
 __all__ = ["run_centralized"]
 
@@ -54,8 +55,8 @@ def run_centralized(cfg: Any, split: Split, *, logger: logging.Logger | None = N
                 getattr(shared, name).copy_(params[key])
 
     ks = tuple(cfg.eval.ks)
-    best: dict[str, Any] = {"ndcg": -1.0, "round": -1, "val": None, "snap": None}
-    history, times, stale = [], [], 0
+    selector = ValidationSelector(tc.patience)
+    history, times = [], []
     for t in tqdm(range(tc.rounds), desc=cfg.method, disable=not progress, unit="round"):
         t0 = time.perf_counter()
         neg_round = 0 if cfg.data.negatives_fixed else t
@@ -81,16 +82,11 @@ def run_centralized(cfg: Any, split: Split, *, logger: logging.Logger | None = N
             val = evaluate_ranking(lambda us: score_users(shared, store, backbone, us), split, "val", ks=ks, chunk_size=cfg.eval.chunk_users)
             rec["val"] = val
             log.info("round %d: loss %.4f val NDCG@10 %.4f", t, rec["loss"], val["NDCG@10"])
-            if val["NDCG@10"] > best["ndcg"]:
-                best.update(ndcg=val["NDCG@10"], round=t, val=val, snap=(shared.clone(), store.snapshot()))
-                stale = 0
-            else:
-                stale += 1
-                if tc.patience and stale >= tc.patience:
-                    history.append(rec)
-                    break
+            if selector.observe(t, val, lambda: (shared.clone(), store.snapshot())):
+                history.append(rec)
+                break
         history.append(rec)
-    sel_shared, sel_store = best["snap"]
+    sel_shared, sel_store = selector.snapshot
     test = evaluate_ranking(lambda us: score_users(sel_shared, sel_store, backbone, us), split, "test", ks=ks, chunk_size=cfg.eval.chunk_users)
-    metrics = {"val": best["val"], "test": test, "best_round": best["round"], "rounds_run": len(history), "timing": {"train_s_per_round": float(np.mean(times))}}
+    metrics = {"val": selector.best_val, "test": test, "best_round": selector.best_round, "rounds_run": len(history), "timing": {"train_s_per_round": float(np.mean(times))}}
     return FederatedRun(shared=sel_shared, store=sel_store, server=None, metrics=metrics, history=history)

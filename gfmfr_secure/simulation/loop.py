@@ -33,6 +33,7 @@ from gfmfr_secure.server.fusion import GroupFusion
 from gfmfr_secure.server.grouping import group_clients
 from gfmfr_secure.server.step import ServerState, apply_fedavg_, update_teacher_
 from gfmfr_secure.simulation.scoring import score_users
+from gfmfr_secure.simulation.selection import ValidationSelector
 from gfmfr_secure.types import AdversaryView, Exposure, LocalHyper
 
 __all__ = ["FederatedRun", "run_federated", "SERVER_GROUPING", "RoundCallback"]
@@ -148,10 +149,9 @@ def run_federated(
     def scorer(sh: Any, st: ClientStateStore) -> Callable[[torch.Tensor], torch.Tensor]:
         return lambda users: score_users(sh, st, backbone, users)
 
-    best: dict[str, Any] = {"ndcg": -1.0, "round": -1, "val": None, "snapshot": None}
+    selector = ValidationSelector(tc.patience)
     history: list[dict[str, Any]] = []
     timing = {"client": [], "server": [], "eval": []}
-    stale = 0
     fixed_samples = None
     bar = tqdm(range(tc.rounds), desc=f"{cfg.method}", disable=not progress, unit="round")
     for t in bar:
@@ -252,26 +252,21 @@ def run_federated(
             rec["val"] = val
             bar.set_postfix(loss=f"{rec['loss']:.4f}", ndcg10=f"{val['NDCG@10']:.4f}")
             log.info("round %d: loss %.4f val HR@10 %.4f NDCG@10 %.4f (client %.2fs, server %.2fs)", t, rec["loss"], val["HR@10"], val["NDCG@10"], rec["client_s"], rec["server_s"])
-            if val["NDCG@10"] > best["ndcg"]:
-                best.update(ndcg=val["NDCG@10"], round=t, val=val, snapshot=(server.shared.clone(), store.snapshot()))
-                stale = 0
-            else:
-                stale += 1
-                if tc.patience and stale >= tc.patience:
-                    history.append(rec)
-                    log.info("early stop after round %d (best round %d)", t, best["round"])
-                    break
+            if selector.observe(t, val, lambda: (server.shared.clone(), store.snapshot())):
+                history.append(rec)
+                log.info("early stop after round %d (best round %d)", t, selector.best_round)
+                break
         history.append(rec)
     bar.close()
 
-    if best["snapshot"] is None:
+    if selector.snapshot is None:
         raise RuntimeError("no validation round was run; check eval.every and train.rounds")
-    sel_shared, sel_store = best["snapshot"]
+    sel_shared, sel_store = selector.snapshot
     test = evaluate_ranking(scorer(sel_shared, sel_store), split, "test", ks=ks, chunk_size=cfg.eval.chunk_users)
     metrics = {
-        "val": best["val"],
+        "val": selector.best_val,
         "test": test,
-        "best_round": best["round"],
+        "best_round": selector.best_round,
         "rounds_run": len(history),
         "timing": {
             "client_s_per_round": float(np.mean(timing["client"])) if timing["client"] else 0.0,

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from gfmfr_secure.client.cohort import unflatten_heads
 from gfmfr_secure.client.state import ClientStateStore
 from gfmfr_secure.models.backbones import BackboneSpec
-from gfmfr_secure.models.params import SharedParams
+from gfmfr_secure.models.params import SharedParams, unflatten_heads
 
 __all__ = ["score_users"]
 
