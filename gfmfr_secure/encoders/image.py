@@ -28,13 +28,19 @@ import numpy as np
 
 from gfmfr_secure.encoders.registry import (
     Encoder,
-    folder_fingerprint,
     force_offline,
     import_optional,
     package_versions,
     register_encoder,
 )
-from gfmfr_secure.encoders.text import check_bool, check_device, check_max_length, resolve_model_path
+from gfmfr_secure.encoders.text import (
+    check_bool,
+    check_device,
+    check_max_length,
+    check_pooling,
+    local_model_identity,
+    resolve_model_path,
+)
 from gfmfr_secure.errors import ConfigError, DataError
 
 __all__ = [
@@ -231,32 +237,20 @@ class HFImageEncoder(Encoder):
     ) -> None:
         super().__init__(modality)
         self.path = resolve_model_path(path, self.name)
-        if pooling not in self._POOLINGS:
-            raise ConfigError(
-                f"encoder {self.name!r}: pooling must be one of {', '.join(self._POOLINGS)}, got {pooling!r}"
-            )
-        self.pooling = pooling
+        self.pooling = check_pooling(pooling, self._POOLINGS, self.name)
         self.normalize = check_bool(normalize, "normalize", self.name)
         self.device = check_device(device, self.name)
         self._processor: Any = None
         self._model: Any = None
 
     def identity(self) -> dict[str, Any]:
-        return {
-            "encoder": self.name,
-            "modality": self.modality,
-            "versions": package_versions("transformers", "torch", "pillow"),
-            "model": {
-                "path": str(self.path.resolve()),
-                "fingerprint": folder_fingerprint(self.path),
-            },
-            "recipe": {
-                "convert": "PIL RGB",
-                "preprocess": "AutoImageProcessor of the model folder",
-                "pooling": self.pooling,
-                "normalize": "l2" if self.normalize else "none",
-            },
+        recipe = {
+            "convert": "PIL RGB",
+            "preprocess": "AutoImageProcessor of the model folder",
+            "pooling": self.pooling,
+            "normalize": "l2" if self.normalize else "none",
         }
+        return local_model_identity(self, self.path, package_versions("transformers", "torch", "pillow"), recipe)
 
     def load(self) -> tuple[Any, Any]:
         """Load (once) and return ``(image_processor, model)``."""
@@ -359,16 +353,7 @@ class HFClipEncoder(Encoder):
             }
             versions = package_versions("transformers", "torch", "pillow")
         recipe["normalize"] = "l2" if self.normalize else "none"
-        return {
-            "encoder": self.name,
-            "modality": self.modality,
-            "versions": versions,
-            "model": {
-                "path": str(self.path.resolve()),
-                "fingerprint": folder_fingerprint(self.path),
-            },
-            "recipe": recipe,
-        }
+        return local_model_identity(self, self.path, versions, recipe)
 
     def load(self) -> tuple[Any, Any]:
         """Load (once) and return ``(tokenizer or image processor, CLIPModel)``."""

@@ -276,6 +276,24 @@ def check_max_length(value: Any, name: str) -> int | None:
     return value
 
 
+def check_pooling(pooling: Any, allowed: tuple[str, ...], name: str) -> str:
+    """The ``pooling`` setting of encoder ``name``, checked against ``allowed``."""
+    if pooling not in allowed:
+        raise ConfigError(f"encoder {name!r}: pooling must be one of {', '.join(allowed)}, got {pooling!r}")
+    return str(pooling)
+
+
+def local_model_identity(encoder: Encoder, path: Path, versions: dict[str, Any], recipe: dict[str, Any]) -> dict[str, Any]:
+    """Manifest identity of an encoder that runs a local model folder (hashed, never downloaded)."""
+    return {
+        "encoder": encoder.name,
+        "modality": encoder.modality,
+        "versions": versions,
+        "model": {"path": str(path.resolve()), "fingerprint": folder_fingerprint(path)},
+        "recipe": recipe,
+    }
+
+
 @register_encoder("hf-text")
 class HFTextEncoder(Encoder):
     """Any local Hugging Face text encoder folder, through ``transformers``.
@@ -312,11 +330,7 @@ class HFTextEncoder(Encoder):
     ) -> None:
         super().__init__(modality)
         self.path = resolve_model_path(path, self.name)
-        if pooling not in self._POOLINGS:
-            raise ConfigError(
-                f"encoder {self.name!r}: pooling must be one of {', '.join(self._POOLINGS)}, got {pooling!r}"
-            )
-        self.pooling = pooling
+        self.pooling = check_pooling(pooling, self._POOLINGS, self.name)
         self.normalize = check_bool(normalize, "normalize", self.name)
         self.max_length = check_max_length(max_length, self.name)
         self.device = check_device(device, self.name)
@@ -324,23 +338,13 @@ class HFTextEncoder(Encoder):
         self._model: Any = None
 
     def identity(self) -> dict[str, Any]:
-        return {
-            "encoder": self.name,
-            "modality": self.modality,
-            "versions": package_versions("transformers", "tokenizers", "torch"),
-            "model": {
-                "path": str(self.path.resolve()),
-                "fingerprint": folder_fingerprint(self.path),
-            },
-            "recipe": {
-                "tokenizer": "AutoTokenizer, padding to the longest, truncation",
-                "max_length": self.max_length
-                if self.max_length is not None
-                else "tokenizer limit (<= 512)",
-                "pooling": self.pooling,
-                "normalize": "l2" if self.normalize else "none",
-            },
+        recipe = {
+            "tokenizer": "AutoTokenizer, padding to the longest, truncation",
+            "max_length": self.max_length if self.max_length is not None else "tokenizer limit (<= 512)",
+            "pooling": self.pooling,
+            "normalize": "l2" if self.normalize else "none",
         }
+        return local_model_identity(self, self.path, package_versions("transformers", "tokenizers", "torch"), recipe)
 
     def load(self) -> tuple[Any, Any]:
         """Load (once) and return ``(tokenizer, model)``."""
