@@ -50,6 +50,7 @@ __all__ = [
     "FusionConfig",
     "GroupingConfig",
     "ModelConfig",
+    "PrivacyConfig",
     "TrainConfig",
     "config_from_dict",
     "config_to_dict",
@@ -190,6 +191,10 @@ class TrainConfig:
         0 disables early stopping.
     weighting : {"uniform", "samples"}
         FedAvg weights: one per client, or proportional to its training samples.
+    selection : {"best-val", "last"}
+        Which round's model is tested: the best on validation (with early stopping),
+        or the last one trained (validation is then only logged; what differential
+        privacy needs, since validation reads users' held-out items).
     """
 
     rounds: int = 100
@@ -209,6 +214,7 @@ class TrainConfig:
     eval_every: int = 1
     patience: int = 5
     weighting: Literal["uniform", "samples"] = "uniform"
+    selection: Literal["best-val", "last"] = "best-val"
 
     def __post_init__(self) -> None:
         p = "train."
@@ -361,6 +367,95 @@ class AggregationConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    """User-level differential privacy of the released aggregates (DESIGN section 4).
+
+    Attributes
+    ----------
+    mechanism : str
+        ``none``; ``central`` (clients clip, the aggregator or decryptor adds
+        N(0, (sigma Delta)^2) to each released sum); ``distributed`` (clients clip
+        and each adds a share of that noise, sized so that ``honest_fraction`` of
+        the cohort carries all of it); ``local`` (each client noises its own
+        upload: the FedRec local-DP baseline, protecting against the server too);
+        ``dpsgd`` (record-level DP-SGD inside each client through Opacus; the
+        unit is one interaction, not one user).
+    epsilon, delta : float
+        Target budget. With ``noise_multiplier`` unset, sigma is calibrated so
+        that ``train.rounds`` rounds at rate ``train.client_fraction`` spend at most
+        ``epsilon``; training stops before any round that would exceed it.
+        ``epsilon = .inf`` with ``noise_multiplier`` set only reports epsilon.
+    noise_multiplier : float or None
+        sigma; None = calibrate from ``epsilon``.
+    clip : float
+        L2 bound C of each client's whole update (``.inf`` = no clipping, only
+        allowed with sigma = 0).
+    clipping : str
+        ``flat`` (one norm over all tensors) or ``per-tensor`` (item rows and head
+        each clipped to C / sqrt(2); same sensitivity).
+    count_scale : float
+        Each client writes ``count_scale * C`` into its group's count coordinate,
+        so the sensitivity of the released vector is ``Delta = C sqrt(1 + count_scale^2)``.
+    accountant : str
+        ``rdp`` or ``prv`` (Opacus accountants).
+    honest_fraction : float
+        ``distributed`` only: fraction of each round's cohort assumed honest.
+    adaptive_clip : bool
+        Adaptive clipping (Andrew et al. 2021): C follows the ``target_quantile`` of
+        update norms through a noised count of unclipped clients; sigma is split
+        between the update and the count so the total noise multiplier stays sigma.
+    target_quantile, clip_lr, clip_count_stddev : float
+        Adaptive clipping: quantile gamma, geometric step eta, std of the noise
+        on the unclipped count (0 = expected cohort / 20, as in the paper).
+    dpsgd_noise_multiplier, dpsgd_max_grad_norm, dpsgd_batch_size : float, float, int
+        ``dpsgd`` only: Opacus's sigma, per-example clip and expected batch size.
+    """
+
+    mechanism: Literal["none", "central", "distributed", "local", "dpsgd"] = "none"
+    epsilon: float = math.inf
+    delta: float = 1.0e-4
+    noise_multiplier: float | None = None
+    clip: float = 1.0
+    clipping: Literal["flat", "per-tensor"] = "flat"
+    count_scale: float = 0.5
+    accountant: Literal["rdp", "prv"] = "rdp"
+    honest_fraction: float = 1.0
+    adaptive_clip: bool = False
+    target_quantile: float = 0.5
+    clip_lr: float = 0.2
+    clip_count_stddev: float = 0.0
+    dpsgd_noise_multiplier: float = 1.0
+    dpsgd_max_grad_norm: float = 1.0
+    dpsgd_batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        _require(self.epsilon > 0, "privacy.epsilon", "> 0 (.inf allowed)", self.epsilon)
+        _require(0 < self.delta < 1, "privacy.delta", "in (0, 1)", self.delta)
+        if self.noise_multiplier is not None:
+            _require(
+                0 <= self.noise_multiplier < math.inf, "privacy.noise_multiplier", ">= 0 and finite, or null", self.noise_multiplier
+            )
+        _require(self.clip > 0, "privacy.clip", "> 0 (.inf = no clipping)", self.clip)
+        _require(0 < self.count_scale < math.inf, "privacy.count_scale", "> 0 and finite", self.count_scale)
+        _require(0 < self.honest_fraction <= 1, "privacy.honest_fraction", "in (0, 1]", self.honest_fraction)
+        _require(0 < self.target_quantile < 1, "privacy.target_quantile", "in (0, 1)", self.target_quantile)
+        _require(0 < self.clip_lr < math.inf, "privacy.clip_lr", "> 0 and finite", self.clip_lr)
+        _require(0 <= self.clip_count_stddev < math.inf, "privacy.clip_count_stddev", ">= 0 and finite", self.clip_count_stddev)
+        _require(self.dpsgd_noise_multiplier >= 0, "privacy.dpsgd_noise_multiplier", ">= 0", self.dpsgd_noise_multiplier)
+        _require(self.dpsgd_max_grad_norm > 0, "privacy.dpsgd_max_grad_norm", "> 0", self.dpsgd_max_grad_norm)
+        _require(self.dpsgd_batch_size >= 1, "privacy.dpsgd_batch_size", ">= 1", self.dpsgd_batch_size)
+        if self.mechanism in ("central", "distributed", "local"):
+            if self.noise_multiplier is None and math.isinf(self.epsilon):
+                raise ConfigError(
+                    f"privacy.mechanism={self.mechanism!r} needs privacy.epsilon (finite) or privacy.noise_multiplier"
+                )
+            if math.isinf(self.clip) and (self.noise_multiplier is None or self.noise_multiplier > 0):
+                raise ConfigError("privacy.clip=.inf (no clipping) has unbounded sensitivity: only privacy.noise_multiplier=0 is allowed")
+            if math.isinf(self.clip) and self.adaptive_clip:
+                raise ConfigError("privacy.adaptive_clip needs a finite initial privacy.clip")
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     """Full-ranking evaluation.
 
@@ -403,6 +498,7 @@ class ExperimentConfig:
     grouping: GroupingConfig = field(default_factory=GroupingConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
@@ -629,18 +725,21 @@ def _apply_override(tree: dict[str, Any], text: str) -> None:
 def with_overrides(cfg: T, overrides: typing.Iterable[str]) -> T:
     """Return a copy of ``cfg`` with ``dotted.key=value`` overrides applied in order.
 
-    The result is re-validated as a whole, so an override that breaks a
-    range check fails here.
+    All overrides are applied first and the result is validated once, as a
+    whole (so settings that depend on each other can be changed together); an
+    override that breaks a check fails here, naming the overrides.
     """
     tree = config_to_dict(cfg)
-    out = cfg
-    for text in overrides:
+    texts = list(overrides)
+    for text in texts:
         _apply_override(tree, text)
-        try:
-            out = from_dict(type(cfg), tree)
-        except ConfigError as err:
-            raise ConfigError(f"override {text!r}: {err}") from None
-    return out
+    if not texts:
+        return cfg
+    try:
+        return from_dict(type(cfg), tree)
+    except ConfigError as err:
+        shown = ", ".join(repr(t) for t in texts)
+        raise ConfigError(f"override {shown}: {err}") from None
 
 
 # --------------------------------------------------------------------------- files and paths

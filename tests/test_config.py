@@ -167,7 +167,7 @@ def test_overrides_apply_in_order_and_merge_sections():
     ("override", "message"),
     [
         ("train.roundz=5", "unknown config key 'train.roundz'; valid keys in train: rounds"),
-        ("privacy.epsilon=1", "unknown config key 'privacy'; valid keys in the top level: method"),
+        ("attack.epsilon=1", "unknown config key 'attack'; valid keys in the top level: method"),
         ("seed.value=1", "'seed' is a value, not a section"),
         ("train.rounds", "expected the form dotted.key=value"),
         ("=5", "expected the form dotted.key=value"),

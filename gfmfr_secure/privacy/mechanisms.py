@@ -17,11 +17,14 @@ from torch import Tensor
 from gfmfr_secure.errors import ConfigError, DataError
 
 __all__ = [
+    "adaptive_clip_step",
     "add_central_noise",
+    "clip_sparse_updates",
     "clip_updates",
     "clip_updates_per_tensor",
     "distributed_noise_std",
     "gaussian_noise_like",
+    "split_noise_multiplier",
 ]
 
 
@@ -195,3 +198,104 @@ def distributed_noise_std(noise_multiplier: float, clip: float, n_honest_min: in
     if isinstance(n_honest_min, bool) or not isinstance(n_honest_min, int) or n_honest_min < 1:
         raise ConfigError(f"n_honest_min must be an integer >= 1, got {n_honest_min!r}")
     return _noise_std(noise_multiplier, clip) / math.sqrt(n_honest_min)
+
+
+def clip_sparse_updates(
+    row_owner: Tensor,
+    item_delta: Tensor,
+    head_delta: Tensor | None,
+    n_clients: int,
+    clip: float,
+    *,
+    per_tensor: bool = False,
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Clip each client's whole update, held as sparse item rows plus a head vector.
+
+    Client ``i``'s update is the concatenation of its item-table rows
+    ``item_delta[row_owner == i]`` and ``head_delta[i]``; rows it did not upload
+    are zero and do not change the norm. Flat clipping scales the whole update by
+    ``min(1, C / ||u_i||)``; per-tensor clipping scales the item part and the
+    head part separately to ``C / sqrt(2)`` each (the same total bound C).
+
+    Parameters
+    ----------
+    row_owner : int64 [R] cohort position owning each row.
+    item_delta : [R, d] item-table row updates.
+    head_delta : [n, H] head updates, or None (private heads: item rows only).
+    n_clients : n.
+    clip : C > 0; ``inf`` returns the inputs unchanged (the same tensor objects).
+    per_tensor : per-tensor instead of flat clipping.
+
+    Returns
+    -------
+    item_delta : [R, d] clipped rows.
+    head_delta : [n, H] clipped heads, or None.
+    norms : [n] L2 norm of each client's whole update before clipping.
+
+    Raises
+    ------
+    DataError
+        If an update holds NaN or infinite values.
+    """
+    c = _check_clip(clip)
+    item_sq = torch.zeros(n_clients, dtype=torch.float64)
+    item_sq.index_add_(0, row_owner, item_delta.double().square().sum(1))
+    head_sq = head_delta.double().square().sum(1) if head_delta is not None else torch.zeros(n_clients, dtype=torch.float64)
+    norms = (item_sq + head_sq).sqrt()
+    if not bool(torch.isfinite(norms).all()):
+        bad = torch.nonzero(~torch.isfinite(norms)).flatten().tolist()
+        raise DataError(f"client updates at cohort positions {bad[:10]} hold NaN or infinite values")
+    if math.isinf(c):
+        return item_delta, head_delta, norms.float()
+
+    def factor(norm: Tensor, bound: float) -> Tensor:
+        return torch.where(norm > bound, bound / norm.clamp(min=1e-300), torch.ones_like(norm))
+
+    if per_tensor and head_delta is not None:
+        bound = c / math.sqrt(2.0)
+        f_item, f_head = factor(item_sq.sqrt(), bound), factor(head_sq.sqrt(), bound)
+    else:
+        f_item = f_head = factor(norms, c)
+    item_out = item_delta * f_item.to(item_delta.dtype)[row_owner].unsqueeze(1)
+    head_out = None if head_delta is None else head_delta * f_head.to(head_delta.dtype).unsqueeze(1)
+    return item_out, head_out, norms.float()
+
+
+def split_noise_multiplier(noise_multiplier: float, count_stddev: float, expected_clients: float) -> float:
+    """Noise multiplier left for the update when adaptive clipping also noises a count.
+
+    Andrew et al. (2021), Theorem 1: releasing the sum of updates with multiplier
+    ``z_Delta`` and the count of unclipped clients (sensitivity 1/2 after centring)
+    with std ``sigma_b`` is, for accounting, one Gaussian mechanism with multiplier
+    ``z = (z_Delta^-2 + (2 sigma_b)^-2)^-1/2``. So ``z_Delta = (z^-2 - (2 sigma_b)^-2)^-1/2``.
+
+    Parameters
+    ----------
+    noise_multiplier : z, the total multiplier that is accounted, > 0.
+    count_stddev : sigma_b, std of the count noise; 0 means ``expected_clients / 20``.
+    expected_clients : expected cohort size (for the default sigma_b).
+
+    Raises
+    ------
+    ConfigError
+        If ``2 sigma_b <= z``: the count would take more than the whole budget.
+    """
+    z = _check_sigma(noise_multiplier)
+    sigma_b = float(count_stddev) if count_stddev > 0 else float(expected_clients) / 20.0
+    if z == 0.0:
+        return 0.0
+    if 2.0 * sigma_b <= z:
+        raise ConfigError(
+            f"adaptive clipping: the count noise std {sigma_b:g} is too small for noise_multiplier {z:g} "
+            f"(needs 2 * sigma_b > z); raise privacy.clip_count_stddev"
+        )
+    return (z ** -2 - (2.0 * sigma_b) ** -2) ** -0.5
+
+
+def adaptive_clip_step(clip: float, noisy_unclipped_fraction: float, target_quantile: float, lr: float) -> float:
+    """Geometric update of the clip towards a norm quantile (Andrew et al. 2021).
+
+    ``C <- C * exp(-lr * (b - gamma))`` with ``b`` the noised fraction of clients
+    whose update norm was at most C.
+    """
+    return float(clip) * math.exp(-float(lr) * (float(noisy_unclipped_fraction) - float(target_quantile)))

@@ -13,8 +13,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,20 +29,25 @@ from gfmfr_secure.data import Split, sample_training
 from gfmfr_secure.errors import ConfigError
 from gfmfr_secure.metrics import evaluate_ranking
 from gfmfr_secure.models import get_backbone, init_shared_params
+from gfmfr_secure.privacy.mechanisms import clip_sparse_updates
+from gfmfr_secure.privacy.plan import USER_MECHANISMS, UserLevelDP, coverage
+from gfmfr_secure.privacy.release import NoiseShares, ReleaseLayout, central_noise, noise_release
 from gfmfr_secure.rng import derive_seed, numpy_rng, torch_generator
 from gfmfr_secure.server.fusion import GroupFusion
-from gfmfr_secure.server.grouping import group_clients
+from gfmfr_secure.server.grouping import group_clients, nearest_centroid
 from gfmfr_secure.server.step import ServerState, apply_fedavg_, update_teacher_
 from gfmfr_secure.simulation.scoring import score_users
 from gfmfr_secure.simulation.selection import ValidationSelector
 from gfmfr_secure.types import AdversaryView, Exposure, LocalHyper
 
-__all__ = ["FederatedRun", "run_federated", "SERVER_GROUPING", "RoundCallback"]
+__all__ = ["SERVER_GROUPING", "FederatedRun", "RoundCallback", "run_federated"]
 
 RoundCallback = Callable[[AdversaryView], None]
 
 #: grouping methods the server runs over individual client features (need per-client exposure)
 SERVER_GROUPING = ("spectral", "kmeans")
+#: grouping methods in which each client picks its own group (the server learns group sums only)
+CLIENT_GROUPING = ("oblivious", "none")
 
 
 @dataclass
@@ -135,8 +141,8 @@ def run_federated(
             f"grouping.method={grouping!r} clusters individual client updates, which backend "
             f"{aggregator.name!r} does not expose; use grouping.method=oblivious"
         )
-    if n_groups and grouping not in SERVER_GROUPING + ("none",):
-        raise ConfigError(f"grouping.method={grouping!r} is not available in this version; known: spectral, kmeans, none")
+    if n_groups and grouping not in SERVER_GROUPING + CLIENT_GROUPING:
+        raise ConfigError(f"grouping.method={grouping!r} is unknown; known: {', '.join(SERVER_GROUPING + CLIENT_GROUPING)}")
 
     if cfg.data.negatives_exclude_heldout and not cfg.data.negatives_fixed:
         log.warning(
@@ -145,20 +151,29 @@ def run_federated(
         )
     eligible = np.flatnonzero(split.train_counts() > 0).astype(np.int64)
     ks = tuple(cfg.eval.ks)
+    dp = _plan_privacy(cfg, eligible.size)
+    head_size = 0 if backbone.private_head else shared.head_flat().numel()
+    init_groups = numpy_rng(seed, "oblivious-init").integers(0, max(n_groups, 1), size=n_users) if grouping == "oblivious" else None
+    centroids: np.ndarray | None = None  # oblivious grouping: [G, H] mean head update of each group
 
     def scorer(sh: Any, st: ClientStateStore) -> Callable[[torch.Tensor], torch.Tensor]:
         return lambda users: score_users(sh, st, backbone, users)
 
-    selector = ValidationSelector(tc.patience)
+    selector = ValidationSelector(tc.patience, mode=tc.selection)
     history: list[dict[str, Any]] = []
     timing = {"client": [], "server": [], "eval": []}
     fixed_samples = None
     bar = tqdm(range(tc.rounds), desc=f"{cfg.method}", disable=not progress, unit="round")
     for t in bar:
         rec: dict[str, Any] = {"round": t}
+        if dp is not None and not dp.fits(t):
+            log.info("round %d would exceed the privacy budget (epsilon %.4g of %.4g spent): training stops", t, dp.epsilon(), dp.target_epsilon)
+            break
         cohort = _sample_cohort(eligible, tc.client_fraction, seed, t)
         rec["cohort"] = int(cohort.size)
         if cohort.size == 0:
+            if dp is not None:  # the round happened (sampling is data-independent); account for it
+                dp.record(t)
             history.append(rec)
             continue
         t0 = time.perf_counter()
@@ -198,32 +213,71 @@ def run_federated(
         )
         t1 = time.perf_counter()
 
+        # ---- client side: clip, pick a group (oblivious), add own noise share
+        upload, norms = _clip_upload(update, dp, cfg)
+        client_groups = None
+        if n_groups and grouping == "oblivious":
+            if centroids is None:  # first round: a data-independent random partition
+                client_groups = init_groups[cohort]
+            else:
+                offsets = (update.head_after - server.shared.head_flat().unsqueeze(0)).numpy()
+                client_groups = nearest_centroid(offsets, centroids)
+        elif n_groups and grouping == "none":
+            client_groups = np.zeros(len(update), dtype=np.int64)
+        if not (n_groups and grouping in SERVER_GROUPING):
+            upload = dataclasses.replace(upload, head_after=None)  # only server-side grouping needs it
+        if client_groups is not None:
+            upload = dataclasses.replace(upload, group=client_groups)
+
+        # ---- aggregation backend, then (paper mode) grouping by the server
         weights = update.n_samples.astype(np.float64) if tc.weighting == "samples" else np.ones(len(update))
-        backend_groups = np.zeros(len(update), dtype=np.int64) if (n_groups and grouping == "none") else None
-        agg = aggregator.aggregate(update, n_items=n_items, weights=weights, groups=backend_groups, n_groups=max(n_groups, 1))
-        before = server.shared.clone()
-        apply_fedavg_(server.shared, agg)
-        regroup = n_groups and not (grouping in SERVER_GROUPING and len(update) < n_groups)
+        agg = aggregator.aggregate(upload, n_items=n_items, weights=weights, groups=client_groups, n_groups=max(n_groups, 1))
+        regroup = bool(n_groups) and not (grouping in SERVER_GROUPING and len(update) < n_groups)
         if n_groups and not regroup:
             log.info("round %d: cohort of %d clients is smaller than G=%d; grouping and teacher kept", t, len(update), n_groups)
-        if regroup:
-            if grouping in SERVER_GROUPING:
-                per_client = agg.per_client
-                labels = group_clients(
-                    per_client.head_after.numpy(),
-                    per_client.clients,
-                    server.assignment,
-                    method=grouping,
-                    n_groups=n_groups,
-                    use_pca=cfg.grouping.use_pca,
-                    pca_variance=cfg.grouping.pca_variance,
-                    seed=derive_seed(seed, "grouping", t) % (2**31),
-                )
-                counts, g_item, g_head = group_sums(per_client, n_items, labels, n_groups)
-                agg = dataclasses.replace(agg, group_counts=counts, group_item_sum=g_item, group_head_sum=g_head)
-            else:
-                labels = backend_groups
+        labels = client_groups
+        if regroup and grouping in SERVER_GROUPING:
+            per_client = agg.per_client
+            labels = group_clients(
+                per_client.head_after.numpy(),
+                per_client.clients,
+                server.assignment,
+                method=grouping,
+                n_groups=n_groups,
+                use_pca=cfg.grouping.use_pca,
+                pca_variance=cfg.grouping.pca_variance,
+                seed=derive_seed(seed, "grouping", t) % (2**31),
+            )
+            counts, g_item, g_head = group_sums(per_client, n_items, labels, n_groups)
+            agg = dataclasses.replace(agg, group_counts=counts, group_item_sum=g_item, group_head_sum=g_head)
             server.assignment[cohort] = labels
+
+        # ---- differential privacy: noise on every released sum
+        shares = None
+        if dp is not None:
+            blocks = n_groups if (agg.group_counts is not None and n_groups) else 1
+            layout = ReleaseLayout(blocks, n_items, d, head_size, dp.count_value)
+            noise = central_noise(layout, dp.central_std(), seed, t)
+            share_std = dp.share_std(len(update))
+            if share_std > 0:
+                server_grouped = grouping in SERVER_GROUPING and blocks > 1
+                share_layout = dataclasses.replace(layout, n_groups=1) if server_grouped else layout
+                shares = NoiseShares(seed, t, cohort, share_std, share_layout)
+                noise = noise + shares.sum_by_group(labels if server_grouped else None).view(layout.shape)
+            agg = noise_release(agg, noise, layout)
+            dp.record(t)
+            rec["dp"] = {"clip": dp.clip, "epsilon": dp.epsilon(), "median_norm": float(norms.median())}
+            if dp.adaptive:
+                unclipped = float((norms <= dp.clip).sum())
+                noisy = unclipped + float(torch.randn((), generator=torch_generator(seed, "dp-count", t))) * dp.count_stddev
+                dp.adapt_clip(noisy, tc.client_fraction * eligible.size)
+
+        # ---- server: FedAvg, centroids, fusion and teacher
+        before = server.shared.clone()
+        apply_fedavg_(server.shared, agg)
+        if regroup:
+            if grouping == "oblivious" and agg.group_head_sum is not None:
+                centroids = _update_centroids(centroids, agg)
             fusion_losses = update_teacher_(
                 server,
                 before,
@@ -235,12 +289,12 @@ def run_federated(
                 optimizer=cfg.fusion.server_optimizer,
                 generator=torch_generator(seed, "fusion-shuffle", t),
             )
-            store.group[cohort] = labels  # downlink: each client learns its group
+            store.group[cohort] = labels  # each client knows its own group
             rec["fusion_loss"] = float(fusion_losses[-1]) if fusion_losses else None
-            rec["group_sizes"] = [int(c) for c in agg.group_counts.tolist()]
+            rec["group_sizes"] = [round(float(c), 3) for c in agg.group_counts.tolist()]
         t2 = time.perf_counter()
         for cb in callbacks:
-            _emit_views(cb, t, aggregator, agg, server)
+            _emit_views(cb, t, aggregator, agg, server, upload, shares, dp)
         rec.update(loss=float(np.mean(update.loss)), client_s=t1 - t0, server_s=t2 - t1)
         timing["client"].append(t1 - t0)
         timing["server"].append(t2 - t1)
@@ -264,6 +318,7 @@ def run_federated(
     sel_shared, sel_store = selector.snapshot
     test = evaluate_ranking(scorer(sel_shared, sel_store), split, "test", ks=ks, chunk_size=cfg.eval.chunk_users)
     metrics = {
+        "privacy": _privacy_report(cfg, dp, grouping, n_groups, len(history)),
         "val": selector.best_val,
         "test": test,
         "best_round": selector.best_round,
@@ -277,14 +332,90 @@ def run_federated(
     return FederatedRun(shared=sel_shared, store=sel_store, server=server, metrics=metrics, history=history)
 
 
-def _emit_views(cb: RoundCallback, t: int, aggregator: Any, agg: Any, server: ServerState) -> None:
-    """Hand the round's adversary views (server and outsider) to a callback."""
+def _plan_privacy(cfg: Any, n_eligible: int) -> UserLevelDP | None:
+    """The run's user-level DP plan, or None when no user-level mechanism is configured."""
+    pc = cfg.privacy
+    if pc.mechanism == "none":
+        return None
+    if pc.mechanism not in USER_MECHANISMS:
+        raise ConfigError(f"privacy.mechanism={pc.mechanism!r} is not available in the federated loop; known: none, {', '.join(USER_MECHANISMS)}")
+    if cfg.train.weighting != "uniform":
+        raise ConfigError("user-level DP bounds each client's contribution: set train.weighting=uniform (sample weights change the sensitivity)")
+    tc = cfg.train
+    return UserLevelDP.from_config(pc, sample_rate=tc.client_fraction, rounds=tc.rounds, expected_clients=tc.client_fraction * n_eligible)
+
+
+def _clip_upload(update: Any, dp: UserLevelDP | None, cfg: Any) -> tuple[Any, torch.Tensor]:
+    """Client side: clip each client's whole update to ``dp.clip`` (no-op without DP)."""
+    if dp is None:
+        return update, torch.zeros(0)
+    owner = torch.from_numpy(update.row_owner)
+    item, head, norms = clip_sparse_updates(owner, update.item_delta, update.head_delta, len(update), dp.clip, per_tensor=cfg.privacy.clipping == "per-tensor")
+    return dataclasses.replace(update, item_delta=item, head_delta=head), norms
+
+
+def _update_centroids(centroids: np.ndarray | None, agg: Any) -> np.ndarray:
+    """Federated k-means step: each group's mean head update, from the (noised) group sums.
+
+    Groups that received no members keep their previous centroid (zeros before any).
+    """
+    counts = agg.group_counts.double()
+    mean = (agg.group_head_sum.double() / counts.clamp(min=1.0).unsqueeze(1)).numpy()
+    out = np.zeros_like(mean) if centroids is None else centroids.copy()
+    has = (counts >= 0.5).numpy()
+    out[has] = mean[has]
+    return out
+
+
+def _privacy_report(cfg: Any, dp: UserLevelDP | None, grouping: str, n_groups: int, rounds_run: int) -> dict[str, Any]:
+    """The ``privacy`` block of metrics.json; ``epsilon`` is null where it does not hold."""
+    pc = cfg.privacy
+    if dp is None:
+        return {"mechanism": "none", "epsilon": None, "covers": [], "not_covered": ["everything: no differential privacy was applied"]}
+    covers, not_covered = coverage(mechanism=dp.mechanism, grouping=grouping, distill=bool(n_groups), selection=cfg.train.selection)
+    spent = dp.epsilon()
+    report = {
+        "mechanism": dp.mechanism,
+        "epsilon": None if not_covered or dp.noise_multiplier == 0.0 else spent,
+        "epsilon_if_covered": spent,
+        "target_epsilon": pc.epsilon,
+        "delta": dp.delta,
+        "accountant": dp.accountant,
+        "unit": "user (all of one client's interactions)",
+        "relation": "replace one user's data (local DP, against the server)" if dp.mechanism == "local" else "add or remove one user",
+        "noise_multiplier": dp.noise_multiplier,
+        "update_noise_multiplier": dp.update_multiplier,
+        "calibrated": dp.calibrated,
+        "clip": pc.clip,
+        "clip_final": dp.clip,
+        "clipping": pc.clipping,
+        "adaptive_clip": dp.adaptive,
+        "count_scale": dp.count_scale,
+        "sensitivity_factor": float(np.sqrt(1.0 + dp.count_scale**2)),
+        "sample_rate": dp.sample_rate,
+        "rounds": len(dp.ledger),
+        "covers": covers,
+        "not_covered": not_covered,
+        "ledger": dp.ledger.to_dict(),
+    }
+    if not_covered:
+        report["epsilon_withheld_because"] = "; ".join(not_covered)
+    return report
+
+
+def _emit_views(cb: RoundCallback, t: int, aggregator: Any, agg: Any, server: ServerState, upload: Any, shares: Any, dp: Any) -> None:
+    """Hand the round's adversary views (server and outsider) to a callback.
+
+    Under ``plain`` the server receives each client's upload as sent (clipped when
+    DP is on; its own noise share, if any, in ``noise_shares``), and the released
+    sums; secure backends give it only the sums.
+    """
     if aggregator.exposure == Exposure.PER_CLIENT:
-        received = {"per_client": agg.per_client}
+        received = {"per_client": upload, "noise_shares": shares}
     else:
         received = {}
     received.update(item_sum=agg.item_sum, head_sum=agg.head_sum, group_counts=agg.group_counts, group_item_sum=agg.group_item_sum, group_head_sum=agg.group_head_sum, weight_total=agg.weight_total)
     released = {"shared": server.shared.clone(), "teacher": None if server.teacher is None else server.teacher.clone()}
-    meta = {"n_clients": agg.n_clients, "n_groups": server.n_groups}
+    meta = {"n_clients": agg.n_clients, "n_groups": server.n_groups, "dp": None if dp is None else {"mechanism": dp.mechanism, "clip": dp.clip, "noise_multiplier": dp.noise_multiplier}}
     cb(AdversaryView(round=t, backend=aggregator.name, exposure=aggregator.exposure, observer="server", received=received, released=released, meta=meta))
     cb(AdversaryView(round=t, backend=aggregator.name, exposure=aggregator.exposure, observer="outsider", received={}, released=released, meta=meta))

@@ -1,0 +1,165 @@
+"""Noise on the released group-indexed sums.
+
+What a round releases (DESIGN sections 3 and 4) is one vector per group ``g``::
+
+    block_g = [ sum of item-table deltas (I * d) | sum of head deltas (H) | count coordinate (1) ]
+
+Each client writes its clipped update (norm <= C) into its group's block and
+``kappa = count_scale * C`` into that block's count coordinate, so one client
+changes the released vector by at most ``Delta = sqrt(C^2 + kappa^2)`` in L2.
+Gaussian noise of std ``sigma * Delta`` on every coordinate of every block makes
+the release a Gaussian mechanism with noise multiplier sigma. The global FedAvg
+sum is the sum of the blocks, the cohort size their decoded counts: both are
+post-processing. Without groups there is one block.
+
+Noise comes from two places: the central draw (by whoever releases the sum), and
+per-client shares (distributed or local DP) that are part of each client's upload.
+A share is regenerated from ``(seed, round, client)``, so an attack can see
+exactly the noisy upload a client sent without the simulation storing it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from gfmfr_secure.rng import torch_generator
+from gfmfr_secure.types import AggregateResult
+
+__all__ = ["NoiseShares", "ReleaseLayout", "central_noise", "noise_release"]
+
+
+@dataclass(frozen=True)
+class ReleaseLayout:
+    """Shape of the released vector.
+
+    Attributes
+    ----------
+    n_groups : number of blocks (1 when no group-wise sums are released).
+    n_items, latent_dim : I and d of the item table.
+    head_size : H (0 when heads are private).
+    count_value : what each client writes into its count coordinate (kappa).
+    """
+
+    n_groups: int
+    n_items: int
+    latent_dim: int
+    head_size: int
+    count_value: float
+
+    @property
+    def block_size(self) -> int:
+        """Coordinates of one group's block: ``I * d + H + 1``."""
+        return self.n_items * self.latent_dim + self.head_size + 1
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(G, block_size)``."""
+        return (self.n_groups, self.block_size)
+
+
+@dataclass(frozen=True)
+class NoiseShares:
+    """The Gaussian noise each client adds to its own upload (distributed or local DP).
+
+    Attributes
+    ----------
+    seed : root seed of the run.
+    round : round index.
+    clients : int64 [n] user ids, in cohort order.
+    std : per-coordinate std of each share.
+    layout : the released vector's layout; each share has ``layout.shape``.
+    """
+
+    seed: int
+    round: int
+    clients: np.ndarray
+    std: float
+    layout: ReleaseLayout
+
+    def client(self, position: int) -> torch.Tensor:
+        """[G, block] the share of the client at cohort ``position`` (deterministic)."""
+        gen = torch_generator(self.seed, "dp-share", self.round, int(self.clients[position]))
+        return torch.randn(self.layout.shape, generator=gen) * self.std
+
+    def sum_by_group(self, groups: np.ndarray | None = None) -> torch.Tensor:
+        """[G, block] sum of all shares.
+
+        With ``groups`` (int64 [n]; the server's grouping of clients whose upload
+        was a single block), client ``i``'s share lands in block ``groups[i]`` and
+        groups of -1 are dropped; otherwise shares are already group-laid-out and
+        are summed block by block.
+        """
+        total = torch.zeros(self.layout.shape, dtype=torch.float64)
+        if self.std == 0.0:
+            return total.float()
+        for i in range(self.clients.size):  # one regenerable share per client
+            share = self.client(i).double()
+            if groups is None:
+                total += share
+            elif groups[i] >= 0:
+                total[int(groups[i])] += share.sum(0)
+        return total.float()
+
+
+def _decode_counts(raw: torch.Tensor, layout: ReleaseLayout) -> torch.Tensor:
+    return raw / layout.count_value
+
+
+def noise_release(agg: AggregateResult, noise: torch.Tensor, layout: ReleaseLayout) -> AggregateResult:
+    """Add ``noise`` [G, block] to the released sums and derive the global sums from them.
+
+    ``agg`` holds exact sums (group sums when ``layout.n_groups`` blocks are
+    released with groups, otherwise only global sums and ``n_clients``). The
+    result's group sums, counts, global sums and ``weight_total`` are all computed
+    from the noised blocks (global = sum over blocks), so the server learns
+    nothing beyond the noised release. Counts are decoded from the count
+    coordinate (``raw / kappa``); ``weight_total`` is clamped at 1.
+
+    Raises
+    ------
+    ValueError
+        If ``noise`` does not have the layout's shape, or group sums are missing
+        while more than one block is released.
+    """
+    if tuple(noise.shape) != layout.shape:
+        raise ValueError(f"noise must have shape {layout.shape}, got {tuple(noise.shape)}")
+    n_i, d, h = layout.n_items, layout.latent_dim, layout.head_size
+    n_item = n_i * d
+    noise_item = noise[:, :n_item].reshape(layout.n_groups, n_i, d)
+    noise_head = noise[:, n_item : n_item + h]
+    noise_count = _decode_counts(noise[:, -1], layout)
+    if agg.group_counts is not None:
+        if agg.group_item_sum is None or agg.group_counts.numel() != layout.n_groups:
+            raise ValueError(f"group sums for {layout.n_groups} groups are needed to release {layout.n_groups} blocks")
+        counts = agg.group_counts + noise_count
+        g_item = agg.group_item_sum + noise_item
+        g_head = None if agg.group_head_sum is None else agg.group_head_sum + noise_head
+        item_sum = agg.item_sum + noise_item.sum(0)
+        head_sum = None if agg.head_sum is None else agg.head_sum + noise_head.sum(0)
+    else:
+        if layout.n_groups != 1:
+            raise ValueError(f"without group sums only one block can be released, layout has {layout.n_groups}")
+        counts = g_item = g_head = None
+        item_sum = agg.item_sum + noise_item[0]
+        head_sum = None if agg.head_sum is None else agg.head_sum + noise_head[0]
+    n_noisy = float(agg.n_clients + noise_count.sum())
+    return dataclasses.replace(
+        agg,
+        weight_total=max(n_noisy, 1.0),
+        item_sum=item_sum,
+        head_sum=head_sum,
+        group_counts=counts,
+        group_item_sum=g_item,
+        group_head_sum=g_head,
+    )
+
+
+def central_noise(layout: ReleaseLayout, std: float, seed: int, round_idx: int) -> torch.Tensor:
+    """[G, block] the central draw of one round (std 0 gives zeros)."""
+    if std == 0.0:
+        return torch.zeros(layout.shape)
+    return torch.randn(layout.shape, generator=torch_generator(seed, "dp-central", round_idx)) * std
