@@ -5,14 +5,15 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from gfmfr_secure.config import load_config, resolve_data_path, with_overrides
 from gfmfr_secure.simulation.record import train_and_record
 
-__all__ = ["CompareRow", "run_compare", "summarise", "write_tables", "METRIC_COLUMNS"]
+__all__ = ["METRIC_COLUMNS", "PRIVACY_COLUMNS", "CompareRow", "run_compare", "summarise", "write_tables"]
 
 METRIC_COLUMNS = ("HR@10", "HR@20", "HR@50", "NDCG@10", "NDCG@20", "NDCG@50")
 
@@ -29,6 +30,7 @@ class CompareRow:
     best_rounds: list[int]
     seconds_per_round: list[float]
     run_dirs: list[str]
+    privacy: list[dict[str, Any]]
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -54,7 +56,7 @@ def run_compare(
         base = resolve_data_path(load_config(path, overrides), data)
         test: dict[str, list[float]] = {k: [] for k in METRIC_COLUMNS}
         val: dict[str, list[float]] = {k: [] for k in METRIC_COLUMNS}
-        best, secs, dirs = [], [], []
+        best, secs, dirs, priv = [], [], [], []
         for seed in seeds:
             cfg = with_overrides(base, [f"seed={seed}"])
             metrics, run_dir = train_and_record(cfg, Path(out_dir) / "runs", name=f"{label}-seed{seed}", console=False, progress=progress)
@@ -65,7 +67,10 @@ def run_compare(
             timing = metrics.get("timing", {})
             secs.append(float(timing.get("client_s_per_round", timing.get("train_s_per_round", 0.0))) + float(timing.get("server_s_per_round", 0.0)))
             dirs.append(str(run_dir))
-        rows.append(CompareRow(label, base.method, tuple(seeds), test, val, best, secs, dirs))
+            report = dict(metrics.get("privacy") or {"mechanism": "none"})
+            report.pop("ledger", None)
+            priv.append(report)
+        rows.append(CompareRow(label, base.method, tuple(seeds), test, val, best, secs, dirs, priv))
     return rows
 
 
@@ -79,8 +84,42 @@ def summarise(rows: Sequence[CompareRow]) -> list[dict[str, Any]]:
         rec["val NDCG@10 mean"] = _mean_std(r.val["NDCG@10"])[0]
         rec["best round mean"] = _mean_std([float(b) for b in r.best_rounds])[0]
         rec["s/round"] = _mean_std(r.seconds_per_round)[0]
+        rec.update(_privacy_columns(r.privacy))
         out.append(rec)
     return out
+
+
+PRIVACY_COLUMNS = ("epsilon", "sigma", "C", "q", "rounds", "delta", "accountant", "mechanism")
+
+
+def _privacy_columns(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The DP settings of a row (identical over seeds except epsilon, whose largest value is shown).
+
+    ``epsilon`` is ``inf`` without DP, and ``withheld`` when any seed's report
+    withheld it (some release was not covered).
+    """
+    first = reports[0] if reports else {"mechanism": "none"}
+    mech = first.get("mechanism", "none")
+    if mech == "none":
+        return {"epsilon": "inf", "sigma": 0.0, "C": "-", "q": "-", "rounds": "-", "delta": "-", "accountant": "-", "mechanism": "none"}
+    eps = [r.get("epsilon") for r in reports]
+    shown: Any = "withheld" if any(e is None for e in eps) else max(float(e) for e in eps)
+    return {
+        "epsilon": shown,
+        "sigma": first.get("noise_multiplier"),
+        "C": first.get("clip"),
+        "q": first.get("sample_rate"),
+        "rounds": max(int(r.get("rounds", 0)) for r in reports),
+        "delta": first.get("delta"),
+        "accountant": first.get("accountant"),
+        "mechanism": mech,
+    }
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
 
 
 def write_tables(rows: Sequence[CompareRow], out_dir: str | Path, command: str = "") -> tuple[Path, Path]:
@@ -91,10 +130,12 @@ def write_tables(rows: Sequence[CompareRow], out_dir: str | Path, command: str =
     lines = []
     if command:
         lines += [f"Produced by: `{command}`", ""]
-    lines.append("| config | method | seeds | " + " | ".join(METRIC_COLUMNS) + " | best round | s/round |")
-    lines.append("|" + "---|" * (len(METRIC_COLUMNS) + 5))
+    dp = any(rec["mechanism"] != "none" for rec in summary)
+    extra = PRIVACY_COLUMNS if dp else ()
+    lines.append("| config | method | seeds | " + " | ".join(METRIC_COLUMNS + extra) + " | best round | s/round |")
+    lines.append("|" + "---|" * (len(METRIC_COLUMNS) + len(extra) + 5))
     for rec in summary:
-        cells = [f"{rec[f'{k} mean']:.4f} ± {rec[f'{k} std']:.4f}" for k in METRIC_COLUMNS]
+        cells = [f"{rec[f'{k} mean']:.4f} ± {rec[f'{k} std']:.4f}" for k in METRIC_COLUMNS] + [_cell(rec[k]) for k in extra]
         lines.append(f"| {rec['config']} | {rec['method']} | {rec['seeds']} | " + " | ".join(cells) + f" | {rec['best round mean']:.1f} | {rec['s/round']:.2f} |")
     md = out / "results.md"
     tmp = md.with_suffix(".md.tmp")

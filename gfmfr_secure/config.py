@@ -409,6 +409,11 @@ class PrivacyConfig:
         on the unclipped count (0 = expected cohort / 20, as in the paper).
     dpsgd_noise_multiplier, dpsgd_max_grad_norm, dpsgd_batch_size : float, float, int
         ``dpsgd`` only: Opacus's sigma, per-example clip and expected batch size.
+    dpsgd_all_rows : bool
+        ``dpsgd`` only: each client uploads every item-table row (noised) instead of
+        the rows it trained on, whose identity would reveal its interactions. Slow
+        (a dense per-example gradient over the whole table); without it the
+        record-level epsilon is withheld.
     """
 
     mechanism: Literal["none", "central", "distributed", "local", "dpsgd"] = "none"
@@ -427,6 +432,7 @@ class PrivacyConfig:
     dpsgd_noise_multiplier: float = 1.0
     dpsgd_max_grad_norm: float = 1.0
     dpsgd_batch_size: int = 64
+    dpsgd_all_rows: bool = False
 
     def __post_init__(self) -> None:
         _require(self.epsilon > 0, "privacy.epsilon", "> 0 (.inf allowed)", self.epsilon)

@@ -238,3 +238,16 @@ def test_dp_config_errors(tiny_synthetic, split) -> None:
 def test_impossible_budget_is_a_clear_error(tiny_synthetic, split) -> None:
     with pytest.raises(ConfigError, match="cannot be reached|budget"):
         run_federated(cfg("privacy.mechanism=central", "privacy.epsilon=1e-6", "privacy.delta=1e-10"), tiny_synthetic, split, progress=False)
+
+
+def test_record_level_dpsgd_in_the_loop(tiny_synthetic, split) -> None:
+    base = ["train.rounds=2", "grouping.method=oblivious", "train.selection=last", "privacy.mechanism=dpsgd",
+            "privacy.dpsgd_noise_multiplier=1.0", "privacy.dpsgd_batch_size=8", "privacy.delta=1e-3"]
+    run = run_federated(cfg(*base), tiny_synthetic, split, progress=False)
+    p = run.metrics["privacy"]
+    assert p["mechanism"] == "dpsgd" and "record" in p["unit"]
+    assert p["epsilon"] is None and "rows" in p["epsilon_withheld_because"]  # touched rows reveal items
+    assert p["epsilon_if_covered"] > 0 and p["rounds"] == 2
+    run = run_federated(cfg(*base, "privacy.dpsgd_all_rows=true"), tiny_synthetic, split, progress=False)
+    p = run.metrics["privacy"]
+    assert p["epsilon"] == pytest.approx(p["epsilon_if_covered"]) and math.isfinite(p["epsilon"])

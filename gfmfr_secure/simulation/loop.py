@@ -152,6 +152,9 @@ def run_federated(
     eligible = np.flatnonzero(split.train_counts() > 0).astype(np.int64)
     ks = tuple(cfg.eval.ks)
     dp = _plan_privacy(cfg, eligible.size)
+    record_dp = RecordLevelDP(cfg.privacy, seed, n_items) if cfg.privacy.mechanism == "dpsgd" else None
+    if record_dp is not None and tc.weighting != "uniform":
+        raise ConfigError("privacy.mechanism=dpsgd: clients do not upload their sample counts; set train.weighting=uniform")
     head_size = 0 if backbone.private_head else shared.head_flat().numel()
     init_groups = numpy_rng(seed, "oblivious-init").integers(0, max(n_groups, 1), size=n_users) if grouping == "oblivious" else None
     centroids: np.ndarray | None = None  # oblivious grouping: [G, H] mean head update of each group
@@ -199,18 +202,21 @@ def run_federated(
             epochs=tc.local_epochs,
             shuffle_seed=derive_seed(seed, "shuffle", t),
         )
-        update = train_cohort(
-            server.shared,
-            store,
-            backbone,
-            cohort,
-            samples.indptr,
-            samples.items,
-            samples.labels,
-            hyper,
-            teacher=server.teacher if distill_on else None,
-            groups=store.group[cohort] if distill_on else None,
-        )
+        if record_dp is None:
+            update = train_cohort(
+                server.shared,
+                store,
+                backbone,
+                cohort,
+                samples.indptr,
+                samples.items,
+                samples.labels,
+                hyper,
+                teacher=server.teacher if distill_on else None,
+                groups=store.group[cohort] if distill_on else None,
+            )
+        else:
+            update = record_dp.train(server.shared, store, backbone, cohort, samples, hyper, t, teacher=server.teacher if distill_on else None, groups=store.group[cohort] if distill_on else None)
         t1 = time.perf_counter()
 
         # ---- client side: clip, pick a group (oblivious), add own noise share
@@ -318,7 +324,7 @@ def run_federated(
     sel_shared, sel_store = selector.snapshot
     test = evaluate_ranking(scorer(sel_shared, sel_store), split, "test", ks=ks, chunk_size=cfg.eval.chunk_users)
     metrics = {
-        "privacy": _privacy_report(cfg, dp, grouping, n_groups, len(history)),
+        "privacy": record_dp.report(cfg, grouping, n_groups) if record_dp is not None else _privacy_report(cfg, dp, grouping, n_groups, len(history)),
         "val": selector.best_val,
         "test": test,
         "best_round": selector.best_round,
@@ -332,10 +338,80 @@ def run_federated(
     return FederatedRun(shared=sel_shared, store=sel_store, server=server, metrics=metrics, history=history)
 
 
+class RecordLevelDP:
+    """``privacy.mechanism=dpsgd``: Opacus DP-SGD inside every client, and its per-client accounting."""
+
+    def __init__(self, pc: Any, seed: int, n_items: int) -> None:
+        self.pc, self.seed, self.n_items = pc, seed, n_items
+        self.events: dict[int, list[tuple[float, float, int]]] = {}
+
+    def train(self, shared: Any, store: Any, backbone: Any, cohort: np.ndarray, samples: Any, hyper: LocalHyper, t: int, *, teacher: Any, groups: Any) -> Any:
+        from gfmfr_secure.client.dpsgd import (
+            train_cohort_dpsgd,  # Opacus is imported only when used
+        )
+
+        update, reports = train_cohort_dpsgd(
+            shared, store, backbone, cohort, samples.indptr, samples.items, samples.labels, hyper,
+            noise_multiplier=self.pc.dpsgd_noise_multiplier, max_grad_norm=self.pc.dpsgd_max_grad_norm,
+            seed=derive_seed(self.seed, "dpsgd", t), expected_batch_size=self.pc.dpsgd_batch_size,
+            delta=self.pc.delta, accountant=self.pc.accountant, teacher=teacher, groups=groups,
+            rows=np.arange(self.n_items) if self.pc.dpsgd_all_rows else None,
+        )
+        for rep in reports:
+            self.events.setdefault(int(rep.client), []).append((rep.noise_multiplier, rep.sample_rate, rep.steps))
+        # the client keeps its sample count to itself (uniform FedAvg weights)
+        return dataclasses.replace(update, n_samples=np.zeros_like(update.n_samples))
+
+    def epsilons(self) -> dict[int, float]:
+        """Each client's record-level epsilon over all its rounds (identical histories computed once)."""
+        from gfmfr_secure.client.dpsgd import compose_client_epsilon
+
+        cache: dict[tuple[tuple[float, float, int], ...], float] = {}
+        out = {}
+        for client, hist in self.events.items():
+            key = tuple(hist)
+            if key not in cache:
+                cache[key] = compose_client_epsilon(hist, self.pc.delta, self.pc.accountant)
+            out[client] = cache[key]
+        return out
+
+    def report(self, cfg: Any, grouping: str, n_groups: int) -> dict[str, Any]:
+        eps = self.epsilons()
+        worst = max(eps.values()) if eps else 0.0
+        not_covered = []
+        if not self.pc.dpsgd_all_rows:
+            not_covered.append("which item rows each client uploads (the items it trained on); set privacy.dpsgd_all_rows=true")
+        if n_groups and grouping in SERVER_GROUPING:
+            not_covered.append(f"{grouping} grouping reads each client's head (covered per record only through DP-SGD's post-processing)")
+        if cfg.train.selection == "best-val":
+            not_covered.append("model selection and early stopping on validation metrics computed from users' held-out items")
+        not_covered.append("user-level privacy: the unit is one interaction; a user's whole history is not protected")
+        covered_units = not_covered[:-1]
+        report = {
+            "mechanism": "dpsgd",
+            "epsilon": None if covered_units or self.pc.dpsgd_noise_multiplier == 0 else worst,
+            "epsilon_if_covered": worst,
+            "epsilon_median_client": float(np.median(list(eps.values()))) if eps else 0.0,
+            "delta": self.pc.delta,
+            "accountant": self.pc.accountant,
+            "unit": "record (one interaction of one client), per client; not user-level",
+            "relation": "add or remove one training example of one client",
+            "noise_multiplier": self.pc.dpsgd_noise_multiplier,
+            "clip": self.pc.dpsgd_max_grad_norm,
+            "sample_rate": "per client: 1 / ceil(n_samples / batch)",
+            "rounds": max((len(h) for h in self.events.values()), default=0),
+            "covers": ["each client's uploaded update (Opacus DP-SGD on its own examples) and everything computed from uploads"],
+            "not_covered": not_covered,
+        }
+        if covered_units:
+            report["epsilon_withheld_because"] = "; ".join(covered_units)
+        return report
+
+
 def _plan_privacy(cfg: Any, n_eligible: int) -> UserLevelDP | None:
     """The run's user-level DP plan, or None when no user-level mechanism is configured."""
     pc = cfg.privacy
-    if pc.mechanism == "none":
+    if pc.mechanism in ("none", "dpsgd"):
         return None
     if pc.mechanism not in USER_MECHANISMS:
         raise ConfigError(f"privacy.mechanism={pc.mechanism!r} is not available in the federated loop; known: none, {', '.join(USER_MECHANISMS)}")
