@@ -51,6 +51,7 @@ __all__ = [
     "GroupingConfig",
     "ModelConfig",
     "PrivacyConfig",
+    "RecordConfig",
     "TrainConfig",
     "config_from_dict",
     "config_to_dict",
@@ -462,6 +463,25 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True)
+class RecordConfig:
+    """What a run keeps for later analysis.
+
+    Attributes
+    ----------
+    views_rounds : tuple of int
+        Rounds whose adversary views (what the server and an outsider received)
+        are written to ``views/`` in the run folder, so attacks run without
+        retraining. Empty: none. Under ``plain`` a round's server view holds every
+        client's upload (about 100 MB per round on ML-100K).
+    """
+
+    views_rounds: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        _require(all(r >= 0 for r in self.views_rounds), "record.views_rounds", "rounds >= 0", list(self.views_rounds))
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     """Full-ranking evaluation.
 
@@ -505,6 +525,7 @@ class ExperimentConfig:
     fusion: FusionConfig = field(default_factory=FusionConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    record: RecordConfig = field(default_factory=RecordConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:

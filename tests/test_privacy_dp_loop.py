@@ -251,3 +251,19 @@ def test_record_level_dpsgd_in_the_loop(tiny_synthetic, split) -> None:
     run = run_federated(cfg(*base, "privacy.dpsgd_all_rows=true"), tiny_synthetic, split, progress=False)
     p = run.metrics["privacy"]
     assert p["epsilon"] == pytest.approx(p["epsilon_if_covered"]) and math.isfinite(p["epsilon"])
+
+
+def test_views_are_recorded_and_read_back(tiny_synthetic, split, tmp_path) -> None:
+    from gfmfr_secure.simulation.views import ViewRecorder, load_view
+
+    rec = ViewRecorder(tmp_path / "views", [1])
+    c = cfg("grouping.method=oblivious", "privacy.mechanism=distributed", "privacy.noise_multiplier=1.0", "train.selection=last")
+    run_federated(c, tiny_synthetic, split, progress=False, callbacks=[rec])
+    assert sorted(p.name for p in rec.written) == ["round1-outsider.pt", "round1-server.pt"]
+    server = load_view(tmp_path / "views", 1, "server")
+    assert server["exposure"] == "per-client" and server["received"]["noise_shares"]["std"] > 0
+    assert server["received"]["per_client"]["item_delta"].shape[1] == 8
+    outsider = load_view(tmp_path / "views", 1, "outsider")
+    assert outsider["received"] == {} and "teacher" in outsider["released"]
+    with pytest.raises(FileNotFoundError, match="recorded: round1"):
+        load_view(tmp_path / "views", 0, "server")

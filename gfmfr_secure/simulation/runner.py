@@ -98,7 +98,10 @@ def run_training(cfg: Any, run: Any, *, progress: bool = True) -> dict[str, Any]
     else:
         from gfmfr_secure.simulation.loop import run_federated
 
-        result = run_federated(cfg, data, split, logger=log, progress=progress)
+        from gfmfr_secure.simulation.views import ViewRecorder
+
+        callbacks = [ViewRecorder(run.path("views"), cfg.record.views_rounds)] if cfg.record.views_rounds else []
+        result = run_federated(cfg, data, split, logger=log, progress=progress, callbacks=callbacks)
     save_model(run.path("model.pt"), result.shared, result.store)
     run.write_json("history.json", result.history)
     return result.metrics
