@@ -358,13 +358,37 @@ class AggregationConfig:
     Attributes
     ----------
     backend : str
-        Name in the aggregation-backend registry (checked there, not here).
+        Name in the aggregation-backend registry (checked there, not here):
+        ``plain``, ``masking`` or ``ckks``.
+    value_bound : float
+        Largest absolute value of an uploaded coordinate (secure backends range-check
+        every upload against it; masking sizes its fixed-point encoding from it).
+    neighbours : int
+        ``masking``: SecAgg+ neighbourhood degree k (even); 0 = the complete graph.
+    threshold_fraction : float
+        ``masking``: Shamir threshold t as a fraction of each closed neighbourhood
+        (t > 1/2 of it resists a server that lies about dropouts).
+    dropout : float
+        ``masking``: fraction of each cohort that drops after masking (recovered
+        from the survivors' shares), to exercise and cost the recovery.
+    custody : str
+        ``ckks``: who holds the secret key: ``authority`` (a key authority that
+        decrypts aggregates, apart from the aggregator) or ``shared-clients``.
     """
 
     backend: str = "plain"
+    value_bound: float = 8.0
+    neighbours: int = 20
+    threshold_fraction: float = 0.6
+    dropout: float = 0.0
+    custody: Literal["authority", "shared-clients"] = "authority"
 
     def __post_init__(self) -> None:
         _require(bool(self.backend), "aggregation.backend", "a non-empty name", self.backend)
+        _require(0 < self.value_bound < math.inf, "aggregation.value_bound", "> 0 and finite", self.value_bound)
+        _require(self.neighbours >= 0 and self.neighbours % 2 == 0, "aggregation.neighbours", "an even integer >= 0", self.neighbours)
+        _require(0.5 <= self.threshold_fraction <= 1, "aggregation.threshold_fraction", "in [0.5, 1]", self.threshold_fraction)
+        _require(0 <= self.dropout < 0.5, "aggregation.dropout", "in [0, 0.5)", self.dropout)
 
 
 @dataclass(frozen=True)

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
+from gfmfr_secure.privacy.release import ReleaseNoise
 from gfmfr_secure.types import AggregateResult, CohortUpdate
 
-__all__ = ["Aggregator", "AGGREGATORS", "register_aggregator", "get_aggregator", "weighted_sums", "group_sums"]
+__all__ = ["AGGREGATORS", "Aggregator", "get_aggregator", "group_sums", "register_aggregator", "weighted_sums"]
 
 
 class Aggregator(ABC):
@@ -25,6 +27,14 @@ class Aggregator(ABC):
     name: ClassVar[str]
     exposure: ClassVar[str]
 
+    def __init__(self, settings: Any = None, seed: int = 0) -> None:
+        """``settings``: the ``aggregation`` config section (None = defaults); ``seed``: the run's root seed."""
+        self.settings = settings
+        self.seed = int(seed)
+        self.rounds_done = 0
+        #: cost of the last round: bytes per client up and down, client and server seconds
+        self.last_cost: dict[str, float] = {}
+
     @abstractmethod
     def aggregate(
         self,
@@ -34,6 +44,7 @@ class Aggregator(ABC):
         weights: np.ndarray,
         groups: np.ndarray | None = None,
         n_groups: int = 0,
+        noise: ReleaseNoise | None = None,
     ) -> AggregateResult:
         """Aggregate one round.
 
@@ -45,6 +56,9 @@ class Aggregator(ABC):
         groups : int64 [n] group each client placed itself in (client-side, oblivious
             grouping) or None when no group-wise sums are wanted from the backend.
         n_groups : G.
+        noise : the round's DP noise (layout, central draw, clients' shares), or None.
+            The backend must release only noised sums: shares go into the clients'
+            uploads, the central draw is added by whoever releases the sum.
         """
 
 
@@ -64,7 +78,7 @@ def register_aggregator(name: str) -> Callable[[type[Aggregator]], type[Aggregat
     return wrap
 
 
-def get_aggregator(name: str, **kwargs: object) -> Aggregator:
+def get_aggregator(name: str, **kwargs: Any) -> Aggregator:
     """Instantiate a registered backend; unknown names raise listing the known ones."""
     if name not in AGGREGATORS:
         raise ValueError(f"unknown aggregation backend {name!r}; known: {', '.join(sorted(AGGREGATORS))}")

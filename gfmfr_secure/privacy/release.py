@@ -29,7 +29,7 @@ import torch
 from gfmfr_secure.rng import torch_generator
 from gfmfr_secure.types import AggregateResult
 
-__all__ = ["NoiseShares", "ReleaseLayout", "central_noise", "noise_release"]
+__all__ = ["NoiseShares", "ReleaseLayout", "ReleaseNoise", "central_noise", "noise_release"]
 
 
 @dataclass(frozen=True)
@@ -163,3 +163,31 @@ def central_noise(layout: ReleaseLayout, std: float, seed: int, round_idx: int) 
     if std == 0.0:
         return torch.zeros(layout.shape)
     return torch.randn(layout.shape, generator=torch_generator(seed, "dp-central", round_idx)) * std
+
+
+@dataclass(frozen=True)
+class ReleaseNoise:
+    """All the DP noise of one round's release, handed to the aggregation backend.
+
+    Attributes
+    ----------
+    layout : the released vector's layout.
+    central : [G, block] the releasing party's draw (zeros when the clients carry all the noise).
+    shares : the clients' own shares (distributed or local DP), or None.
+    """
+
+    layout: ReleaseLayout
+    central: torch.Tensor
+    shares: NoiseShares | None
+
+    @property
+    def has_central(self) -> bool:
+        """Whether the releasing party must add noise itself."""
+        return bool(self.central.abs().sum() > 0)
+
+    def total(self) -> torch.Tensor:
+        """[G, block] central draw plus the sum of every client's share."""
+        out = self.central.clone()
+        if self.shares is not None:
+            out += self.shares.sum_by_group()
+        return out

@@ -31,7 +31,13 @@ from gfmfr_secure.metrics import evaluate_ranking
 from gfmfr_secure.models import get_backbone, init_shared_params
 from gfmfr_secure.privacy.mechanisms import clip_sparse_updates
 from gfmfr_secure.privacy.plan import USER_MECHANISMS, UserLevelDP, coverage
-from gfmfr_secure.privacy.release import NoiseShares, ReleaseLayout, central_noise, noise_release
+from gfmfr_secure.privacy.release import (
+    NoiseShares,
+    ReleaseLayout,
+    ReleaseNoise,
+    central_noise,
+    noise_release,
+)
 from gfmfr_secure.rng import derive_seed, numpy_rng, torch_generator
 from gfmfr_secure.server.fusion import GroupFusion
 from gfmfr_secure.server.grouping import group_clients, nearest_centroid
@@ -134,7 +140,7 @@ def run_federated(
     )
     n_groups = _n_groups(cfg)
     server = ServerState(shared=shared, fusion=_make_fusion(cfg, data, n_groups, seed), teacher=None, assignment=np.full(n_users, -1, dtype=np.int64), n_groups=n_groups)
-    aggregator = get_aggregator(cfg.aggregation.backend)
+    aggregator = get_aggregator(cfg.aggregation.backend, settings=cfg.aggregation, seed=seed)
     grouping = cfg.grouping.method
     if n_groups and grouping in SERVER_GROUPING and aggregator.exposure != Exposure.PER_CLIENT:
         raise ConfigError(
@@ -237,7 +243,15 @@ def run_federated(
 
         # ---- aggregation backend, then (paper mode) grouping by the server
         weights = update.n_samples.astype(np.float64) if tc.weighting == "samples" else np.ones(len(update))
-        agg = aggregator.aggregate(upload, n_items=n_items, weights=weights, groups=client_groups, n_groups=max(n_groups, 1))
+        server_grouped = bool(n_groups) and grouping in SERVER_GROUPING
+        release_noise = shares = None
+        if dp is not None and not server_grouped:  # groups are the clients' own: noise goes into the backend
+            layout = ReleaseLayout(max(n_groups, 1), n_items, d, head_size, dp.count_value)
+            share_std = dp.share_std(len(update))
+            shares = NoiseShares(seed, t, cohort, share_std, layout) if share_std > 0 else None
+            release_noise = ReleaseNoise(layout, central_noise(layout, dp.central_std(), seed, t), shares)
+        agg = aggregator.aggregate(upload, n_items=n_items, weights=weights, groups=client_groups, n_groups=max(n_groups, 1), noise=release_noise)
+        rec["cost"] = dict(aggregator.last_cost)
         regroup = bool(n_groups) and not (grouping in SERVER_GROUPING and len(update) < n_groups)
         if n_groups and not regroup:
             log.info("round %d: cohort of %d clients is smaller than G=%d; grouping and teacher kept", t, len(update), n_groups)
@@ -258,19 +272,17 @@ def run_federated(
             agg = dataclasses.replace(agg, group_counts=counts, group_item_sum=g_item, group_head_sum=g_head)
             server.assignment[cohort] = labels
 
-        # ---- differential privacy: noise on every released sum
-        shares = None
-        if dp is not None:
-            blocks = n_groups if (agg.group_counts is not None and n_groups) else 1
+        # ---- differential privacy: the paper's server-side grouping noises the sums it formed itself
+        if dp is not None and server_grouped:
+            blocks = n_groups if agg.group_counts is not None else 1
             layout = ReleaseLayout(blocks, n_items, d, head_size, dp.count_value)
             noise = central_noise(layout, dp.central_std(), seed, t)
             share_std = dp.share_std(len(update))
-            if share_std > 0:
-                server_grouped = grouping in SERVER_GROUPING and blocks > 1
-                share_layout = dataclasses.replace(layout, n_groups=1) if server_grouped else layout
-                shares = NoiseShares(seed, t, cohort, share_std, share_layout)
-                noise = noise + shares.sum_by_group(labels if server_grouped else None).view(layout.shape)
+            if share_std > 0:  # each client's single-block share lands in the group the server chose
+                shares = NoiseShares(seed, t, cohort, share_std, dataclasses.replace(layout, n_groups=1))
+                noise = noise + shares.sum_by_group(labels if blocks > 1 else None).view(layout.shape)
             agg = noise_release(agg, noise, layout)
+        if dp is not None:
             dp.record(t)
             rec["dp"] = {"clip": dp.clip, "epsilon": dp.epsilon(), "median_norm": float(norms.median())}
             if dp.adaptive:
@@ -329,6 +341,7 @@ def run_federated(
         "test": test,
         "best_round": selector.best_round,
         "rounds_run": len(history),
+        "cost": _mean_cost(history),
         "timing": {
             "client_s_per_round": float(np.mean(timing["client"])) if timing["client"] else 0.0,
             "server_s_per_round": float(np.mean(timing["server"])) if timing["server"] else 0.0,
@@ -406,6 +419,13 @@ class RecordLevelDP:
         if covered_units:
             report["epsilon_withheld_because"] = "; ".join(covered_units)
         return report
+
+
+def _mean_cost(history: list[dict[str, Any]]) -> dict[str, float]:
+    """Per-round aggregation cost averaged over rounds (bytes per client, seconds)."""
+    costs = [h["cost"] for h in history if h.get("cost")]
+    keys = sorted({k for c in costs for k in c})
+    return {k: float(np.mean([c[k] for c in costs if k in c])) for k in keys}
 
 
 def _plan_privacy(cfg: Any, n_eligible: int) -> UserLevelDP | None:

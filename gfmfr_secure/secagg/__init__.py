@@ -1,0 +1,1 @@
+"""Cryptographic building blocks of secure aggregation (masking, CKKS), independent of the training loop."""
