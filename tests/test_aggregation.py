@@ -53,16 +53,17 @@ def test_backend_contract(name: str) -> None:
     w = np.ones(6) if secure else np.arange(1, 7, dtype=np.float64)
     groups = np.array([0, 1, 0, 2, 1, 0 if secure else -1])
     res = agg.aggregate(up, n_items=I, weights=w, groups=groups, n_groups=3)
+    tol = 1e-3 if name == "ckks" else 1e-5  # CKKS is approximate (secagg/ckks.py documents its error)
     expected = (dense(up) * torch.tensor(w, dtype=torch.float32).view(-1, 1, 1)).sum(0)
-    torch.testing.assert_close(res.item_sum, expected, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(res.head_sum, (up.head_delta * torch.tensor(w, dtype=torch.float32)[:, None]).sum(0), atol=1e-5, rtol=1e-5)
-    assert res.weight_total == pytest.approx(w.sum())
+    torch.testing.assert_close(res.item_sum, expected, atol=tol, rtol=1e-5)
+    torch.testing.assert_close(res.head_sum, (up.head_delta * torch.tensor(w, dtype=torch.float32)[:, None]).sum(0), atol=tol, rtol=1e-5)
+    assert res.weight_total == pytest.approx(w.sum(), abs=tol * 10)
     expected_counts = torch.tensor([3.0, 2.0, 1.0]) if secure else torch.tensor([2.0, 2.0, 1.0])
     torch.testing.assert_close(res.group_counts, expected_counts, atol=1e-4, rtol=0)
     for g in range(3):
         sel = torch.from_numpy(groups == g)
-        torch.testing.assert_close(res.group_item_sum[g], dense(up)[sel].sum(0), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(res.group_head_sum[g], up.head_delta[sel].sum(0), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(res.group_item_sum[g], dense(up)[sel].sum(0), atol=tol, rtol=1e-5)
+        torch.testing.assert_close(res.group_head_sum[g], up.head_delta[sel].sum(0), atol=tol, rtol=1e-5)
     if agg.exposure != Exposure.PER_CLIENT:
         assert res.per_client is None
 

@@ -31,7 +31,7 @@ def _weights(run):
     return torch.cat([run.shared.item_table.flatten(), run.shared.head_flat()])
 
 
-@pytest.mark.parametrize("backend", ["masking"])
+@pytest.mark.parametrize("backend", ["masking", "ckks"])
 def test_secure_backend_matches_plain(backend, tiny_synthetic, split) -> None:
     views = []
     plain = run_federated(cfg(), tiny_synthetic, split, progress=False)
@@ -67,3 +67,13 @@ def test_masking_with_distributed_noise(tiny_synthetic, split) -> None:
 def test_server_grouping_needs_per_client_exposure(tiny_synthetic, split) -> None:
     with pytest.raises(ConfigError, match="oblivious"):
         run_federated(cfg("aggregation.backend=masking", "grouping.method=spectral"), tiny_synthetic, split, progress=False)
+
+
+def test_ckks_decryptor_adds_central_noise(tiny_synthetic, split) -> None:
+    run = run_federated(
+        cfg("aggregation.backend=ckks", "privacy.mechanism=central", "privacy.noise_multiplier=1", "train.selection=last",
+            "privacy.clip=0.5", "aggregation.value_bound=4"),
+        tiny_synthetic, split, progress=False,
+    )
+    p = run.metrics["privacy"]
+    assert p["epsilon"] is not None and run.metrics["cost"]["decrypt_s"] > 0

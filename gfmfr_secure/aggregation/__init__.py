@@ -7,7 +7,8 @@ from gfmfr_secure.aggregation.base import (
     group_sums,
     register_aggregator,
 )
+from gfmfr_secure.aggregation.ckks import CKKSAggregatorBackend
 from gfmfr_secure.aggregation.masking import MaskingAggregator
 from gfmfr_secure.aggregation.plain import PlainAggregator
 
-__all__ = ["AGGREGATORS", "Aggregator", "MaskingAggregator", "PlainAggregator", "get_aggregator", "group_sums", "register_aggregator"]
+__all__ = ["AGGREGATORS", "Aggregator", "CKKSAggregatorBackend", "MaskingAggregator", "PlainAggregator", "get_aggregator", "group_sums", "register_aggregator"]

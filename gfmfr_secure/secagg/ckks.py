@@ -1,0 +1,1225 @@
+"""CKKS homomorphic aggregation of float vectors, with explicit key custody.
+
+Every client encrypts its update vector ``x_i`` [D] under one CKKS key; the
+aggregator adds the ciphertexts without being able to decrypt them; the key
+holder decrypts only the sum (optionally adding Gaussian noise before it
+releases it). Only additions are performed: no multiplication, rescaling,
+relinearisation or rotation, which is what makes a very short modulus chain
+possible.
+
+Roles and data flow
+-------------------
+``KeyHolder``
+    Creates the TenSEAL context (secret key included). Hands out
+    :meth:`KeyHolder.public_context_bytes` (no secret key) to the aggregator and
+    :meth:`KeyHolder.client_context_bytes` to clients, and builds the
+    :class:`Decryptor`.
+``Encryptor`` (client)
+    Packs ``x`` [D] into ``ceil(D / slots)`` ciphertexts and returns them as a
+    list of bytes, one element per ciphertext.
+``CKKSAggregator`` (server)
+    Built from public context bytes only (it refuses a context that holds a
+    secret key). Deserialises and validates every upload, adds it to a running
+    encrypted sum and returns the encrypted sum as a list of bytes.
+``Decryptor`` (key holder)
+    Decrypts the encrypted sum to float64 [D] and, through a passed-in callable,
+    adds noise before release (the hook central DP uses, so that nobody but the
+    decryptor ever sees a noiseless sum).
+
+Key custody and what collusion reveals
+--------------------------------------
+``custody="authority"`` (asymmetric encryption)
+    A key authority, separate from the aggregator, holds the secret key and
+    decrypts. Clients and the aggregator only get the public key.
+
+    * The aggregator alone sees IND-CPA ciphertexts: nothing but their sizes.
+    * The authority alone sees only what it is asked to decrypt. If the aggregator
+      is honest that is the sum over the cohort.
+    * **Authority + aggregator collusion decrypts individual uploads**: the
+      aggregator forwards any single client's ciphertexts. A *malicious*
+      aggregator can achieve the same without the authority's knowledge by
+      submitting one client's upload as "the sum": nothing here proves that the
+      encrypted sum contains every upload. The setting is semi-honest.
+    * The authority can decrypt any upload it gets hold of, so uploads must
+      reach the aggregator over channels the authority cannot read.
+    * Clients colluding with the aggregator learn nothing beyond the released
+      aggregate (minus their own inputs), as with any sum.
+    * The authority sees the noiseless sum; everyone else gets what it releases.
+``custody="shared-clients"`` (symmetric encryption)
+    A secret key generated once (by a designated client or a set-up ceremony) is
+    shared by all clients; any client can decrypt the sum. There is no separate
+    authority to trust, but:
+
+    * **Any single client colluding with the aggregator decrypts every client's
+      upload** (and so does any client that can observe uploads on the network
+      without transport encryption). With n = 943 clients, one compromised
+      client suffices.
+    * The aggregator alone still learns nothing.
+    * The client that decrypts sees the noiseless sum; the others get what it
+      releases and must trust it to add the noise.
+
+Threshold decryption (no single party holding the whole key) would remove the
+single decryptor from both modes; TenSEAL does not offer it, so it is not
+implemented here.
+
+Parameters and security
+-----------------------
+:class:`CKKSParams` rejects any ring degree N / total modulus ``log2(q)`` pair
+above the HomomorphicEncryption.org standard's 128-bit classical-security
+limits for ternary secrets (``HE_STANDARD_MAX_LOG_Q``: 1024:27, 2048:54,
+4096:109, 8192:218, 16384:438, 32768:881); SEAL enforces the same table.
+
+Default: ``N = 4096`` (2048 slots), ``coeff_mod_bit_sizes = (42, 42)``
+(84 of the 109 bits allowed), scale ``Delta = 2**31``, values ``|x| <= 1``, at
+most 1000 summands. Why:
+
+* **Bytes** depend only on the modulus of the level fresh ciphertexts are sent
+  at, which is the chain *without* its last (special) prime: here one 42-bit
+  prime ``q0``. A ciphertext is two polynomials of N residues mod ``q0``,
+  serialised as 64-bit words and compressed by SEAL's zstd, so bytes per value
+  are about ``0.6 * log2(q0)`` whatever N (ideal: ``0.5 * log2(q0)``; measured
+  24.1 / 25.6 / 27.4 B/value for 40 / 42 / 48 bits). The special prime is never
+  sent with a ciphertext, only inside the public key. TenSEAL needs it (its
+  context creation makes relinearisation keys, which need key switching);
+  42 bits keeps the public key small and makes the fresh public-key error,
+  which it divides, negligible.
+* **Capacity**: a sum of n vectors with ``|x| <= B`` encodes to integer
+  coefficients of absolute value up to ``Delta * n * B`` (reached by a constant
+  vector), which must stay below ``q0 / 2`` or the sum wraps around:
+  ``q0 ~ 2**42``, ``Delta = 2**31`` allow ``n * B < 1024``
+  (:attr:`CKKSParams.capacity`, checked on construction; :class:`CKKSAggregator`
+  refuses more than ``max_summands`` uploads).
+* **Precision**: the error of one fresh ciphertext is, per value, Gaussian-like
+  with standard deviation ``~N / (6 Delta)`` for public-key encryption (the
+  rounding when the ciphertext drops the special prime) and
+  ``~3.2 * sqrt(N / 2) / Delta`` for symmetric encryption (the fresh error);
+  independent ciphertexts add in variance (:meth:`CKKSParams.error_std`). The
+  public-key error of slot k is proportional to ``|s(zeta_k)|`` (the secret key
+  at that slot's root of unity), so a few slots are ~3x noisier than average in
+  every ciphertext. For n = 943 the per-value standard deviation of the sum is
+  9.8e-6 (public key) or 2.1e-6 (symmetric); the largest error over
+  D = 280,000 values is ~1e-4 and ~1e-5 (simulation of the model; see the
+  benchmark for measurements).
+* Smallest chain for that precision: the error scales as ``N / Delta`` and the
+  capacity as ``q0 / Delta``. N = 2048 allows at most ``(40, 14)`` (54 bits; no
+  13-bit prime is ``1 mod 4096``, so ``q0`` cannot grow), hence
+  ``Delta <= 2**29`` and a ~2e-4 public-key error: ``PRESETS["compact"]``, 4 %
+  fewer bytes, good enough under ``shared-clients`` (~3e-5). At N = 4096 each
+  bit of ``q0`` buys a bit of scale; 42 bits is the first to reach ~1e-4.
+  ``PRESETS["precise"]`` (N = 4096, ``(48, 48)``, ``Delta = 2**36``) costs 7 %
+  more bytes for ~30x less error.
+
+Wire formats
+------------
+``"tenseal"``
+    Each ciphertext is a serialised one-ciphertext ``tenseal.CKKSVector``. Under
+    ``authority`` custody the clients encrypt with the public key; under
+    ``shared-clients`` TenSEAL's symmetric mode is used (same size, about half the
+    encryption time and a fifth of the error at N = 4096).
+``"seeded"`` (``shared-clients`` only; its default)
+    Raw SEAL ciphertexts from ``Encryptor.encrypt_symmetric``, whose second
+    polynomial is replaced by the seed of the PRNG that generated it: half the
+    bytes. TenSEAL's own symmetric mode does not produce seeded ciphertexts, so
+    this goes through ``tenseal.sealapi``, whose ``save`` / ``load`` only take
+    file paths: the ciphertext bytes (never keys) pass through a private
+    temporary directory. Loading expands the seed, which makes the server's
+    deserialisation slower than for ``"tenseal"``.
+
+Measured costs, full round n = 943, D = 280,000 (137 ciphertexts per client),
+default parameters, TenSEAL 0.3.18, one process on 2 CPU cores shared with
+other work (load average ~4.5, so times are pessimistic); see
+``benchmarks/bench_ckks.py``:
+
+* ``authority`` / ``"tenseal"``: 25.7 bytes/value (6.4x float32), encryption
+  0.34 s per client, server 0.025 s per added client (24 s in all),
+  decryption 0.09 s, largest error of the sum 8.5e-5 (std 9.9e-6).
+* ``shared-clients`` / ``"seeded"``: 12.9 bytes/value (3.2x float32),
+  encryption 0.11 s per client, server 0.035 s per added client (33 s in all),
+  decryption 0.07 s, largest error 1.0e-5 (std 2.1e-6).
+
+Other settings (n = 20, same machine): shared / tenseal 25.7 B/value, 0.16 s
+per client; ``compact`` 24.1 B/value (authority) or 12.2 (seeded);
+``precise`` 27.5 B/value with a 3e-7 error std at n = 943. Each client also
+downloads its context once: 100 kB (public key) or 53 kB (shared secret key);
+the encrypted sum is 7.2 MB.
+
+Options looked at and not used: one large ``CKKSVector`` holding all chunks
+(same bytes; prints a warning and makes a malformed chunk impossible to name);
+``ckks_tensor`` batching (same bytes; its encryption is spread over the
+context's ``n_threads``, yet with 2 threads on shared cores it was at most 1.2x
+faster than per-chunk vectors, and its decryption was 2-3x slower); ``n_threads`` of the context (per-chunk ``CKKSVector``
+operations run on the calling thread, and the bindings hold the GIL, so Python
+threads do not help either; parallelism comes from clients encrypting
+concurrently on their own machines).
+
+Randomness
+----------
+Encryption randomness comes from SEAL's system PRNG and cannot be seeded:
+ciphertexts differ between runs, decrypted sums agree within
+:meth:`CKKSParams.sum_tolerance`. A ``seed`` only drives the release noise.
+
+Limitations
+-----------
+No integrity: a ciphertext made under a different key with the *same*
+parameters is indistinguishable from a valid one (it decrypts to garbage), and
+nothing stops a client from encrypting values above ``max_abs_value`` with its
+own code (the bound is checked by :class:`Encryptor` only); parameter, level,
+scale, size and format mismatches are detected.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from types import ModuleType
+from typing import Any, Literal
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+from gfmfr_secure.errors import GfmfrError
+
+__all__ = [
+    "HE_STANDARD_MAX_LOG_Q",
+    "PRESETS",
+    "CKKSAggregator",
+    "CKKSCost",
+    "CKKSError",
+    "CKKSParams",
+    "Custody",
+    "Decryptor",
+    "Encryptor",
+    "KeyHolder",
+    "WireFormat",
+    "default_wire",
+    "encrypted_sum",
+    "gaussian_noise",
+]
+
+Custody = Literal["authority", "shared-clients"]
+WireFormat = Literal["tenseal", "seeded"]
+
+CUSTODIES: tuple[str, ...] = ("authority", "shared-clients")
+WIRE_FORMATS: tuple[str, ...] = ("tenseal", "seeded")
+
+#: Largest total ``log2(q)`` per ring degree for 128-bit classical security with
+#: ternary secrets (HomomorphicEncryption.org security standard, Table 1).
+HE_STANDARD_MAX_LOG_Q: dict[int, int] = {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881}
+
+#: Standard deviation of SEAL's fresh error distribution.
+_ERROR_STD = 3.2
+#: Fraction of secret keys for which :meth:`CKKSParams.sum_tolerance` may be exceeded.
+_KEY_TAIL = 1e-6
+#: SEAL's smallest and largest prime sizes in a coefficient modulus.
+_MIN_PRIME_BITS, _MAX_PRIME_BITS = 2, 60
+#: First bytes of a SEAL-serialised object (magic 0xA15E, little endian).
+_SEAL_MAGIC = b"\x5e\xa1"
+#: First byte of a serialised TenSEAL CKKSVector (protobuf field 1, length-delimited).
+_TENSEAL_VECTOR_TAG = 0x0A
+
+
+class CKKSError(GfmfrError, ValueError):
+    """Invalid CKKS parameters, context, plaintext or ciphertext."""
+
+
+def _tenseal() -> ModuleType:
+    """Import TenSEAL (and its SEAL bindings, which register the SEAL types), or say how to get it."""
+    try:
+        import tenseal  # type: ignore[import-untyped]
+        from tenseal import sealapi  # noqa: F401  (registers seal::Modulus & co. with pybind11)
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "the CKKS secure-aggregation backend needs TenSEAL: install it with "
+            "`pip install tenseal==0.3.18` (wheels for CPython on x86-64 Linux, macOS and Windows), "
+            "or choose another secure-aggregation backend"
+        ) from exc
+    return tenseal
+
+
+def _sealapi() -> ModuleType:
+    """TenSEAL's SEAL bindings (``tenseal.sealapi``)."""
+    _tenseal()
+    from tenseal import sealapi
+
+    return sealapi
+
+
+def _is_prime(n: int) -> bool:
+    """Deterministic Miller-Rabin for n < 2**64."""
+    if n < 2:
+        return False
+    small = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37)
+    for p in small:
+        if n % p == 0:
+            return n == p
+    d, r = n - 1, 0
+    while d % 2 == 0:
+        d, r = d // 2, r + 1
+    for a in small:
+        x = pow(a, d, n)
+        if x in (1, n - 1):
+            continue
+        for _ in range(r - 1):
+            x = x * x % n
+            if x == n - 1:
+                break
+        else:
+            return False
+    return True
+
+
+@lru_cache(maxsize=64)
+def _primes(poly_modulus_degree: int, bit_sizes: tuple[int, ...]) -> tuple[int, ...]:
+    """The primes SEAL's ``CoeffModulus.Create`` picks for ``bit_sizes`` at ring degree N.
+
+    SEAL takes, for each bit size b, the largest primes below ``2**b`` that are
+    ``1 mod 2N``, and hands them out smallest first in the order of
+    ``bit_sizes``; reproduced here so parameters validate without TenSEAL
+    (a test checks the two agree).
+    """
+    factor = 2 * poly_modulus_degree
+    found: dict[int, list[int]] = {}
+    for b in sorted(set(bit_sizes)):
+        want, value, lower = bit_sizes.count(b), ((1 << b) - 1) // factor * factor + 1, 1 << (b - 1)
+        primes: list[int] = []
+        while len(primes) < want and value > lower:
+            if _is_prime(value):
+                primes.append(value)
+            value -= factor
+        if len(primes) < want:
+            raise CKKSError(
+                f"failed to find enough qualifying primes: there are only {len(primes)} primes of {b} bits that are "
+                f"1 mod {factor}, the chain {list(bit_sizes)} needs {want} (at ring degree {poly_modulus_degree} a "
+                f"prime needs more than {factor.bit_length() - 1} bits)"
+            )
+        found[b] = primes
+    return tuple(found[b].pop() for b in bit_sizes)
+
+
+@dataclass(frozen=True)
+class CKKSParams:
+    """CKKS parameters for additive aggregation, validated on construction.
+
+    Parameters
+    ----------
+    poly_modulus_degree : ring degree N, a power of two in ``HE_STANDARD_MAX_LOG_Q``;
+        a ciphertext holds ``N / 2`` values (slots).
+    coeff_mod_bit_sizes : bit sizes of the primes of the coefficient modulus, at
+        least two: data primes, then the special prime. Fresh ciphertexts live at
+        the level of the data primes only; their total is ``data_modulus_bits``.
+    global_scale_bits : ``log2`` of the CKKS scale Delta.
+    max_abs_value : B, the largest ``|x|`` an :class:`Encryptor` accepts.
+    max_summands : n_max, the most ciphertexts that may be added; together with B
+        it must fit the data modulus (see :attr:`capacity`).
+
+    Raises
+    ------
+    CKKSError
+        On a ring degree / modulus pair above the 128-bit security limit, a chain
+        SEAL cannot build, or a sum that could overflow the data modulus.
+    """
+
+    poly_modulus_degree: int = 4096
+    coeff_mod_bit_sizes: tuple[int, ...] = (42, 42)
+    global_scale_bits: int = 31
+    max_abs_value: float = 1.0
+    max_summands: int = 1000
+
+    def __post_init__(self) -> None:
+        n = self.poly_modulus_degree
+        if isinstance(n, bool) or not isinstance(n, int) or n not in HE_STANDARD_MAX_LOG_Q:
+            raise CKKSError(f"poly_modulus_degree must be one of {sorted(HE_STANDARD_MAX_LOG_Q)}, got {n!r}")
+        bits = self.coeff_mod_bit_sizes
+        if isinstance(bits, list):
+            bits = tuple(bits)
+            object.__setattr__(self, "coeff_mod_bit_sizes", bits)
+        if not isinstance(bits, tuple) or any(isinstance(b, bool) or not isinstance(b, int) for b in bits):
+            raise CKKSError(f"coeff_mod_bit_sizes must be a tuple of ints, got {bits!r}")
+        if len(bits) < 2:
+            raise CKKSError(
+                f"coeff_mod_bit_sizes needs at least two primes (data primes, then the special prime that "
+                f"TenSEAL's key generation requires), got {bits!r}"
+            )
+        if any(not _MIN_PRIME_BITS <= b <= _MAX_PRIME_BITS for b in bits):
+            raise CKKSError(f"each prime must have {_MIN_PRIME_BITS}..{_MAX_PRIME_BITS} bits, got {bits!r}")
+        total, limit = sum(bits), HE_STANDARD_MAX_LOG_Q[n]
+        if total > limit:
+            raise CKKSError(
+                f"insecure CKKS parameters: total log2(q) = {total} bits exceeds the 128-bit classical-security "
+                f"limit of {limit} bits for ring degree {n} (HomomorphicEncryption.org standard); "
+                f"use fewer or smaller primes, or a larger ring degree"
+            )
+        sb = self.global_scale_bits
+        if isinstance(sb, bool) or not isinstance(sb, int) or not 1 <= sb < self.data_modulus_bits:
+            raise CKKSError(
+                f"global_scale_bits must be an int in [1, {self.data_modulus_bits}) "
+                f"(the data modulus has {self.data_modulus_bits} bits), got {sb!r}"
+            )
+        b = self.max_abs_value
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b) or b <= 0:
+            raise CKKSError(f"max_abs_value must be a finite number > 0, got {b!r}")
+        m = self.max_summands
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+            raise CKKSError(f"max_summands must be an int >= 1, got {m!r}")
+        if m * b > self.capacity:
+            raise CKKSError(
+                f"a sum of {m} vectors with |x| <= {b} can overflow: it needs max_summands * max_abs_value <= "
+                f"{self.capacity:.1f} (half the data modulus / scale, less a noise margin); lower "
+                f"global_scale_bits, max_summands or max_abs_value, or use a larger first prime"
+            )
+
+    @property
+    def slots(self) -> int:
+        """Values per ciphertext, ``N / 2``."""
+        return self.poly_modulus_degree // 2
+
+    @property
+    def scale(self) -> float:
+        """The CKKS scale Delta, ``2 ** global_scale_bits``."""
+        return float(2**self.global_scale_bits)
+
+    @property
+    def data_modulus_bits(self) -> int:
+        """Bits of the modulus fresh ciphertexts are sent at (the chain minus the special prime)."""
+        return sum(self.coeff_mod_bit_sizes[:-1])
+
+    @property
+    def primes(self) -> tuple[int, ...]:
+        """The primes SEAL uses for ``coeff_mod_bit_sizes``, special prime last."""
+        return _primes(self.poly_modulus_degree, self.coeff_mod_bit_sizes)
+
+    @property
+    def capacity(self) -> float:
+        """Largest ``sum_i max|x_i|`` that decodes without wrap-around.
+
+        ``(q_data / 2 - margin) / Delta``, with ``q_data`` the product of the data
+        primes and a margin of the error tolerance of a 65536-term sum (negligible).
+        """
+        q_data = math.prod(self.primes[:-1])
+        margin = self.scale * self.sum_tolerance(65536, symmetric=False)
+        return (q_data / 2 - margin) / self.scale
+
+    def n_ciphertexts(self, dim: int) -> int:
+        """Ciphertexts per vector of ``dim`` values, ``ceil(dim / slots)``."""
+        return -(-_check_dim(dim) // self.slots)
+
+    def _variances(self, symmetric: bool) -> tuple[float, float]:
+        """Per-ciphertext error variance of one value, in units of the scale squared.
+
+        Returns ``(mean, worst)``: averaged over slots and keys, and for the worst
+        slot under a key that is unlucky with probability at most ``_KEY_TAIL``.
+        """
+        n = self.poly_modulus_degree
+        encode = n / 24.0  # rounding the encoded coefficients to integers
+        if symmetric:
+            fresh = _ERROR_STD**2 * n / 2.0  # the fresh error, independent of the key
+            return encode + fresh, encode + fresh
+        # Dropping the special prime p leaves r0 + r1 * s (r0, r1 uniform in [-1/2, 1/2]),
+        # plus the fresh error u * e_pk + e0 + e1 * s divided by p. In slot k the r1 * s
+        # term has variance (N / 24) |s(zeta_k)|^2: |s(zeta_k)|^2 has mean 2N/3 over slots
+        # and keys, and is roughly exponential, so its largest value over N/2 slots stays
+        # below (2N/3) (ln(N/2) + ln(1/tail)) except for a fraction `tail` of keys.
+        special = self.primes[-1]
+        s2_mean = 2.0 * n / 3.0
+        s2_worst = s2_mean * (math.log(n / 2.0) + math.log(1.0 / _KEY_TAIL))
+        fresh = (n / 2.0) * _ERROR_STD**2 * (1.0 + 4.0 * n / 3.0) / special**2
+        mean = encode + n / 24.0 + (n / 24.0) * s2_mean + fresh
+        worst = encode + n / 24.0 + (n / 24.0) * s2_worst + fresh * s2_worst / s2_mean
+        return mean, worst
+
+    def error_std(self, n_summands: int, *, symmetric: bool = False) -> float:
+        """Per-value standard deviation of the error of a decrypted sum, averaged over values.
+
+        Model (units of the scale, real part of one slot, N the ring degree, one
+        ciphertext): encoding rounding ``N / 24``, plus for symmetric encryption the
+        fresh error ``3.2**2 * N / 2``; for public-key encryption the rounding when
+        the ciphertext drops the special prime, ``N / 24 + (N / 24) |s(zeta_k)|^2``
+        with ``|s(zeta_k)|^2`` of mean ``2N / 3`` (so ``~N^2 / 36``), plus the fresh
+        error divided by the special prime. Independent ciphertexts add their
+        variances. Matches the measured error to within 2 %.
+
+        Parameters
+        ----------
+        n_summands : ciphertexts in the sum, >= 1.
+        symmetric : secret-key encryption (``shared-clients``) instead of public-key.
+
+        Returns
+        -------
+        float
+            The standard deviation, in the units of the plaintext values.
+        """
+        if isinstance(n_summands, bool) or not isinstance(n_summands, int) or n_summands < 1:
+            raise CKKSError(f"n_summands must be an int >= 1, got {n_summands!r}")
+        return math.sqrt(n_summands * self._variances(symmetric)[0]) / self.scale
+
+    def sum_tolerance(self, n_summands: int, *, symmetric: bool = False, z: float = 7.0) -> float:
+        """Absolute tolerance for every value of a decrypted sum of ``n_summands`` fresh ciphertexts.
+
+        ``z`` standard deviations of the error of the *worst* slot: with public-key
+        encryption a slot's error scales with ``|s(zeta_k)|`` (the secret key
+        evaluated at that slot's root of unity), the same for every ciphertext, so
+        a few slots are up to ~4.5x noisier than :meth:`error_std` (bounded for all
+        but a fraction 1e-6 of keys). With ``z = 7`` a Gaussian error exceeds the
+        tolerance with probability ~2.6e-12 per value.
+
+        Returns
+        -------
+        float
+            ``z * sqrt(n_summands * worst_variance) / Delta``.
+        """
+        if isinstance(n_summands, bool) or not isinstance(n_summands, int) or n_summands < 1:
+            raise CKKSError(f"n_summands must be an int >= 1, got {n_summands!r}")
+        return z * math.sqrt(n_summands * self._variances(symmetric)[1]) / self.scale
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready view of the parameters."""
+        out = asdict(self)
+        out["coeff_mod_bit_sizes"] = list(self.coeff_mod_bit_sizes)
+        return out
+
+
+#: Named parameter sets (the benchmark's ``--params`` choices).
+PRESETS: dict[str, CKKSParams] = {
+    # N = 4096, q0 = 42 bits, Delta = 2**31: max error ~1e-4 (public key) for n = 943, D = 280,000.
+    "default": CKKSParams(),
+    # N = 2048 at its 54-bit limit: 4 % fewer bytes, twice the public-key error (~2e-4).
+    "compact": CKKSParams(2048, (40, 14), 29),
+    # ~7 % more bytes than the default, ~30x smaller error, room for 2047 summands of |x| <= 1.
+    "precise": CKKSParams(4096, (48, 48), 36, max_summands=2000),
+}
+
+
+def _check_dim(dim: int) -> int:
+    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
+        raise CKKSError(f"dim must be an int >= 1, got {dim!r}")
+    return int(dim)
+
+
+def _check_custody(custody: str) -> Custody:
+    if custody not in CUSTODIES:
+        raise CKKSError(f"custody must be one of {CUSTODIES}, got {custody!r}")
+    return custody  # type: ignore[return-value]
+
+
+def _check_wire(wire: str) -> WireFormat:
+    if wire not in WIRE_FORMATS:
+        raise CKKSError(f"wire format must be one of {WIRE_FORMATS}, got {wire!r}")
+    return wire  # type: ignore[return-value]
+
+
+def default_wire(custody: Custody) -> WireFormat:
+    """``"tenseal"`` under ``authority``, ``"seeded"`` (half the bytes) under ``shared-clients``."""
+    return "seeded" if _check_custody(custody) == "shared-clients" else "tenseal"
+
+
+def _chunk_bounds(params: CKKSParams, dim: int) -> list[tuple[int, int]]:
+    """``[(start, stop)]`` of each ciphertext's values in a vector of ``dim`` values."""
+    s = params.slots
+    return [(i * s, min(dim, (i + 1) * s)) for i in range(params.n_ciphertexts(dim))]
+
+
+def _load_context(data: bytes, n_threads: int, what: str) -> Any:
+    """Deserialise a TenSEAL context, turning TenSEAL's errors into :class:`CKKSError`."""
+    ts = _tenseal()
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise CKKSError(f"{what} must be bytes, got {type(data).__name__}")
+    try:
+        ctx = ts.context_from(bytes(data), n_threads=n_threads)
+    except (ValueError, RuntimeError) as exc:
+        raise CKKSError(f"{what} cannot be loaded as a TenSEAL context: {exc}") from exc
+    return ctx
+
+
+def _check_context(ctx: Any, params: CKKSParams, what: str) -> None:
+    """Check that a TenSEAL context uses exactly ``params``."""
+    parms = ctx.seal_context().data.key_context_data().parms()
+    degree = int(parms.poly_modulus_degree())
+    primes = tuple(int(m.value()) for m in parms.coeff_modulus())
+    if degree != params.poly_modulus_degree or primes != params.primes:
+        bits = [int(m.bit_count()) for m in parms.coeff_modulus()]
+        raise CKKSError(
+            f"{what} has ring degree {degree} and primes of {bits} bits, but the parameters say "
+            f"{params.poly_modulus_degree} and {list(params.coeff_mod_bit_sizes)}"
+        )
+    if ctx.global_scale != params.scale:
+        raise CKKSError(f"{what} has scale {ctx.global_scale!r}, the parameters say 2**{params.global_scale_bits}")
+
+
+def _check_n_threads(n_threads: int) -> int:
+    if isinstance(n_threads, bool) or not isinstance(n_threads, int) or n_threads < 1:
+        raise CKKSError(f"n_threads must be an int >= 1, got {n_threads!r}")
+    return n_threads
+
+
+def _as_blob(blob: object, where: str) -> bytes:
+    if not isinstance(blob, (bytes, bytearray, memoryview)):
+        raise CKKSError(f"{where}: expected bytes, got {type(blob).__name__}")
+    data = bytes(blob)
+    if not data:
+        raise CKKSError(f"{where}: empty ciphertext")
+    return data
+
+
+def _check_format(data: bytes, wire: WireFormat, where: str) -> None:
+    """Cheap check of the first bytes, to name a wire-format mix-up."""
+    looks_seal = data[:2] == _SEAL_MAGIC
+    looks_tenseal = data[0] == _TENSEAL_VECTOR_TAG
+    if wire == "tenseal" and not looks_tenseal:
+        hint = " (it looks like a raw SEAL ciphertext: the 'seeded' wire format)" if looks_seal else ""
+        raise CKKSError(f"{where}: malformed ciphertext, not a serialised TenSEAL CKKSVector{hint}")
+    if wire == "seeded" and not looks_seal:
+        hint = " (it looks like a TenSEAL CKKSVector: the 'tenseal' wire format)" if looks_tenseal else ""
+        raise CKKSError(f"{where}: malformed ciphertext, no SEAL header{hint}")
+
+
+def _check_seal_ciphertext(ct: Any, params: CKKSParams, where: str) -> None:
+    """A fresh or summed ciphertext: 2 polynomials at the data level, NTT form, scale Delta."""
+    levels = len(params.coeff_mod_bit_sizes) - 1
+    if ct.size() != 2:
+        raise CKKSError(f"{where}: ciphertext has {ct.size()} polynomials, expected 2")
+    if ct.coeff_modulus_size() != levels:
+        raise CKKSError(f"{where}: ciphertext is at a level with {ct.coeff_modulus_size()} primes, expected {levels}")
+    if not ct.is_ntt_form():
+        raise CKKSError(f"{where}: ciphertext is not in NTT form, not a CKKS ciphertext")
+    if ct.scale != params.scale:
+        raise CKKSError(f"{where}: ciphertext scale is {ct.scale!r}, expected 2**{params.global_scale_bits}")
+
+
+def _load_error(where: str, exc: Exception) -> CKKSError:
+    """Name the likely cause of a TenSEAL / SEAL load failure."""
+    text = str(exc)
+    if "invalid" in text:
+        return CKKSError(
+            f"{where}: ciphertext is not valid for this context: made under different encryption "
+            f"parameters, or corrupted (TenSEAL: {text})"
+        )
+    return CKKSError(f"{where}: malformed or truncated ciphertext (TenSEAL: {text})")
+
+
+class _Scratch:
+    """Private temporary files for ``tenseal.sealapi``, whose save/load take paths only.
+
+    Only ciphertexts go through them, never keys. The folder lives in
+    ``/dev/shm`` (memory) when it is writable, else in the default temporary
+    folder; every transfer uses a fresh file that is removed at once (rewriting a
+    file in place can make the file system flush it to disk first).
+    """
+
+    def __init__(self) -> None:
+        shm = "/dev/shm"
+        where = shm if os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK) else None
+        self._dir = tempfile.TemporaryDirectory(prefix="gfmfr-ckks-", dir=where)
+        self._count = 0
+
+    def _path(self) -> str:
+        self._count += 1
+        return os.path.join(self._dir.name, f"{self._count}.bin")
+
+    def save(self, obj: Any) -> bytes:
+        """Serialise a SEAL object (or ``Serializable``) to bytes."""
+        path = self._path()
+        try:
+            obj.save(path)
+            with open(path, "rb") as f:
+                return f.read()
+        finally:
+            if os.path.exists(path):
+                os.unlink(path)
+
+    def load_ciphertext(self, sealapi: ModuleType, seal_context: Any, data: bytes) -> Any:
+        """Deserialise a SEAL ciphertext; TenSEAL's ValueError / RuntimeError pass through."""
+        path = self._path()
+        try:
+            with open(path, "wb") as f:
+                f.write(data)
+            ct = sealapi.Ciphertext()
+            ct.load(seal_context, path)
+            return ct
+        finally:
+            os.unlink(path)
+
+
+class KeyHolder:
+    """Creates the CKKS keys and decides who gets which part of them.
+
+    Parameters
+    ----------
+    params : the CKKS parameters (default :class:`CKKSParams`).
+    custody : ``"authority"`` (public-key encryption; this object is a key
+        authority separate from the aggregator) or ``"shared-clients"``
+        (symmetric encryption; the secret key is handed to every client). See the
+        module docstring for what collusion reveals in each.
+    n_threads : threads of the TenSEAL context (used by TenSEAL's batched tensor
+        operations only; the vector operations used here run on the caller's thread).
+    """
+
+    def __init__(self, params: CKKSParams | None = None, *, custody: Custody = "authority", n_threads: int = 1) -> None:
+        ts = _tenseal()
+        self._params = params if params is not None else CKKSParams()
+        if not isinstance(self._params, CKKSParams):
+            raise CKKSError(f"params must be a CKKSParams, got {type(self._params).__name__}")
+        self._custody = _check_custody(custody)
+        self._n_threads = _check_n_threads(n_threads)
+        kind = ts.ENCRYPTION_TYPE.SYMMETRIC if custody == "shared-clients" else ts.ENCRYPTION_TYPE.ASYMMETRIC
+        p = self._params
+        try:
+            ctx = ts.context(
+                ts.SCHEME_TYPE.CKKS,
+                p.poly_modulus_degree,
+                coeff_mod_bit_sizes=list(p.coeff_mod_bit_sizes),
+                encryption_type=kind,
+                n_threads=n_threads,
+            )
+        except (ValueError, RuntimeError) as exc:
+            raise CKKSError(f"TenSEAL cannot create a CKKS context for {p}: {exc}") from exc
+        ctx.global_scale = p.scale
+        self._context = ctx
+
+    @property
+    def params(self) -> CKKSParams:
+        """The CKKS parameters."""
+        return self._params
+
+    @property
+    def custody(self) -> Custody:
+        """``"authority"`` or ``"shared-clients"``."""
+        return self._custody
+
+    @property
+    def symmetric(self) -> bool:
+        """Whether clients encrypt with the secret key (``shared-clients``)."""
+        return self._custody == "shared-clients"
+
+    @property
+    def default_wire(self) -> WireFormat:
+        """The smallest wire format this custody allows."""
+        return default_wire(self._custody)
+
+    def public_context_bytes(self) -> bytes:
+        """The context without its secret key: for the aggregator.
+
+        Relinearisation and Galois keys are left out (only additions are done);
+        the public key is included under ``authority`` custody, and under
+        ``shared-clients`` there is none (the context then holds the parameters only).
+
+        Raises
+        ------
+        CKKSError
+            If the serialised context would still hold a secret key (a safety check).
+        """
+        data = self._context.serialize(
+            save_public_key=not self.symmetric, save_secret_key=False, save_galois_keys=False, save_relin_keys=False
+        )
+        check = _load_context(data, 1, "public context")
+        if check.is_private():
+            raise CKKSError("the public context still holds a secret key; refusing to release it")
+        return data
+
+    def client_context_bytes(self) -> bytes:
+        """What every client receives.
+
+        Under ``authority``: :meth:`public_context_bytes`. Under
+        ``shared-clients``: the context *with* the secret key (every client can
+        decrypt everything it sees).
+        """
+        if not self.symmetric:
+            return self.public_context_bytes()
+        return self._context.serialize(save_secret_key=True, save_galois_keys=False, save_relin_keys=False)
+
+    def encryptor(self, dim: int, *, wire: WireFormat | None = None) -> Encryptor:
+        """An :class:`Encryptor` built from :meth:`client_context_bytes` (what a client would build)."""
+        w = self.default_wire if wire is None else wire
+        return Encryptor(self.client_context_bytes(), self._params, dim, wire=w, n_threads=self._n_threads)
+
+    def aggregator(self, dim: int, *, wire: WireFormat | None = None) -> CKKSAggregator:
+        """A :class:`CKKSAggregator` built from :meth:`public_context_bytes`."""
+        w = self.default_wire if wire is None else wire
+        return CKKSAggregator(self.public_context_bytes(), self._params, dim, wire=w, n_threads=self._n_threads)
+
+    def decryptor(self, dim: int, *, wire: WireFormat | None = None) -> Decryptor:
+        """A :class:`Decryptor` sharing this key holder's secret context (no serialisation of the key)."""
+        w = self.default_wire if wire is None else wire
+        return Decryptor._from_context(self._context, self._params, dim, wire=w)
+
+
+class Encryptor:
+    """Client side: encrypts a float vector [D] into ``ceil(D / slots)`` ciphertexts.
+
+    Parameters
+    ----------
+    context_bytes : :meth:`KeyHolder.client_context_bytes`: the public context
+        under ``authority``, the secret context under ``shared-clients``.
+    params : the CKKS parameters; must match the context.
+    dim : D, the length of every vector.
+    wire : ``"tenseal"`` or ``"seeded"`` (the latter needs the secret key).
+    n_threads : threads of the deserialised context.
+    """
+
+    def __init__(
+        self, context_bytes: bytes, params: CKKSParams, dim: int, *, wire: WireFormat = "tenseal", n_threads: int = 1
+    ) -> None:
+        self._params = params
+        self._dim = _check_dim(dim)
+        self._wire = _check_wire(wire)
+        self._ctx = _load_context(context_bytes, _check_n_threads(n_threads), "client context")
+        _check_context(self._ctx, params, "client context")
+        self._bounds = _chunk_bounds(params, self._dim)
+        if self._ctx.is_private():
+            can_encrypt = True
+        else:
+            try:
+                can_encrypt = self._ctx.has_public_key()
+            except ValueError:  # a public context of a symmetric-encryption key: parameters only
+                can_encrypt = False
+        if not can_encrypt:
+            raise CKKSError("the client context holds neither a public key nor a secret key: it cannot encrypt")
+        if wire == "seeded":
+            if not self._ctx.is_private():
+                raise CKKSError(
+                    "the 'seeded' wire format uses secret-key encryption: it needs the shared secret context "
+                    "('shared-clients' custody), not a public context"
+                )
+            sealapi = _sealapi()
+            seal_context = self._ctx.seal_context().data
+            self._seal_encryptor = sealapi.Encryptor(seal_context, self._ctx.secret_key().data)
+            self._encoder = sealapi.CKKSEncoder(seal_context)
+            self._scratch = _Scratch()
+
+    @property
+    def dim(self) -> int:
+        """D."""
+        return self._dim
+
+    @property
+    def n_ciphertexts(self) -> int:
+        """Ciphertexts per upload, ``ceil(D / slots)``."""
+        return len(self._bounds)
+
+    def encrypt(self, x: ArrayLike) -> list[bytes]:
+        """Encrypt one vector.
+
+        Parameters
+        ----------
+        x : float [D], finite, ``|x| <= params.max_abs_value``.
+
+        Returns
+        -------
+        list of bytes
+            ``ceil(D / slots)`` serialised ciphertexts; ciphertext ``k`` holds
+            ``x[k * slots:(k + 1) * slots]``.
+        """
+        v = np.asarray(x, dtype=np.float64)
+        if v.shape != (self._dim,):
+            raise CKKSError(f"expected a vector of shape ({self._dim},), got {v.shape}")
+        if not np.all(np.isfinite(v)):
+            raise CKKSError("the vector holds NaN or infinite values")
+        bound = self._params.max_abs_value
+        peak = float(np.max(np.abs(v)))
+        if peak > bound:
+            raise CKKSError(f"|x| reaches {peak:.6g} > max_abs_value {bound}: clip before encrypting")
+        if self._wire == "seeded":
+            return [self._encrypt_seeded(v[a:b]) for a, b in self._bounds]
+        ts = _tenseal()
+        return [ts.ckks_vector(self._ctx, v[a:b]).serialize() for a, b in self._bounds]
+
+    def _encrypt_seeded(self, chunk: NDArray[np.float64]) -> bytes:
+        sealapi = _sealapi()
+        plain = sealapi.Plaintext()
+        self._encoder.encode(chunk.tolist(), self._params.scale, plain)
+        return self._scratch.save(self._seal_encryptor.encrypt_symmetric(plain))
+
+
+class CKKSAggregator:
+    """Server side: validates uploads and adds them under encryption.
+
+    Parameters
+    ----------
+    public_context : :meth:`KeyHolder.public_context_bytes`; a context that holds
+        a secret key is refused.
+    params : the CKKS parameters; must match the context.
+    dim : D, the length of every client's vector.
+    wire : the clients' wire format.
+    n_threads : threads of the deserialised context.
+    """
+
+    def __init__(
+        self, public_context: bytes, params: CKKSParams, dim: int, *, wire: WireFormat = "tenseal", n_threads: int = 1
+    ) -> None:
+        self._params = params
+        self._dim = _check_dim(dim)
+        self._wire = _check_wire(wire)
+        self._ctx = _load_context(public_context, _check_n_threads(n_threads), "public context")
+        if self._ctx.is_private():
+            raise CKKSError("the aggregator must be built from public context bytes only, this context holds a secret key")
+        _check_context(self._ctx, params, "public context")
+        self._bounds = _chunk_bounds(params, self._dim)
+        self._acc: list[Any] | None = None
+        self._n_added = 0
+        if wire == "seeded":
+            self._sealapi = _sealapi()
+            self._seal_context = self._ctx.seal_context().data
+            self._evaluator = self._sealapi.Evaluator(self._seal_context)
+            self._scratch = _Scratch()
+
+    @property
+    def context(self) -> Any:
+        """The aggregator's TenSEAL context (public: ``is_private()`` is False)."""
+        return self._ctx
+
+    @property
+    def n_added(self) -> int:
+        """Uploads added so far."""
+        return self._n_added
+
+    @property
+    def n_ciphertexts(self) -> int:
+        """Ciphertexts per upload, ``ceil(D / slots)``."""
+        return len(self._bounds)
+
+    def load(self, upload: Sequence[bytes]) -> list[Any]:
+        """Deserialise and validate one upload (a list of ``ceil(D / slots)`` ciphertext bytes).
+
+        Returns
+        -------
+        list
+            One TenSEAL ``CKKSVector`` (``"tenseal"``) or SEAL ``Ciphertext``
+            (``"seeded"``) per ciphertext.
+
+        Raises
+        ------
+        CKKSError
+            Wrong count of ciphertexts; bytes that are empty, malformed, truncated,
+            of the other wire format, or made under different parameters; a
+            ciphertext at the wrong level, scale or length.
+        """
+        if isinstance(upload, (bytes, bytearray, memoryview, str)) or not isinstance(upload, Sequence):
+            raise CKKSError(f"an upload must be a list of ciphertext bytes, got {type(upload).__name__}")
+        if len(upload) != len(self._bounds):
+            raise CKKSError(
+                f"wrong count of ciphertexts: expected {len(self._bounds)} for D = {self._dim} "
+                f"({self._params.slots} values each), got {len(upload)}"
+            )
+        return [self._load_one(blob, k) for k, blob in enumerate(upload)]
+
+    def _load_one(self, blob: object, k: int) -> Any:
+        where = f"ciphertext {k}"
+        data = _as_blob(blob, where)
+        _check_format(data, self._wire, where)
+        a, b = self._bounds[k]
+        if self._wire == "seeded":
+            try:
+                ct = self._scratch.load_ciphertext(self._sealapi, self._seal_context, data)
+            except (ValueError, RuntimeError) as exc:
+                raise _load_error(where, exc) from exc
+            _check_seal_ciphertext(ct, self._params, where)
+            return ct
+        ts = _tenseal()
+        try:
+            vec = ts.ckks_vector_from(self._ctx, data)
+            size = vec.size()
+            cts = vec.ciphertext()
+        except (ValueError, RuntimeError) as exc:
+            raise _load_error(where, exc) from exc
+        if size != b - a:
+            raise CKKSError(f"{where}: encodes {size} values, expected {b - a}")
+        if len(cts) != 1:
+            raise CKKSError(f"{where}: holds {len(cts)} SEAL ciphertexts, expected 1")
+        _check_seal_ciphertext(cts[0], self._params, where)
+        return vec
+
+    def add(self, upload: Sequence[bytes]) -> None:
+        """Validate one upload, then add it to the encrypted sum (all or nothing).
+
+        Raises
+        ------
+        CKKSError
+            On an invalid upload (see :meth:`load`), or when the sum already has
+            ``params.max_summands`` terms (more could overflow the modulus).
+        """
+        if self._n_added >= self._params.max_summands:
+            raise CKKSError(
+                f"the sum already has max_summands = {self._params.max_summands} terms; adding more could overflow"
+            )
+        parts = self.load(upload)
+        if self._acc is None:
+            self._acc = parts
+        elif self._wire == "seeded":
+            for acc, ct in zip(self._acc, parts, strict=True):
+                self._evaluator.add_inplace(acc, ct)
+        else:
+            for acc, vec in zip(self._acc, parts, strict=True):
+                acc.add_(vec)
+        self._n_added += 1
+
+    def result(self) -> list[bytes]:
+        """The encrypted sum of the uploads added so far, one bytes object per ciphertext."""
+        if self._acc is None:
+            raise CKKSError("no upload has been added: there is no sum to return")
+        if self._wire == "seeded":
+            return [self._scratch.save(ct) for ct in self._acc]
+        return [vec.serialize() for vec in self._acc]
+
+    def aggregate(self, uploads: Iterable[Sequence[bytes]]) -> list[bytes]:
+        """Add every upload and return the encrypted sum (see :meth:`add`, :meth:`result`)."""
+        for upload in uploads:
+            self.add(upload)
+        return self.result()
+
+
+NoiseFn = Callable[[int], NDArray[np.float64]]
+
+
+def gaussian_noise(std: float, rng: np.random.Generator) -> NoiseFn:
+    """A noise hook for :meth:`Decryptor.decrypt`: ``D -> N(0, std^2)`` float64 [D]."""
+    if isinstance(std, bool) or not isinstance(std, (int, float)) or not math.isfinite(std) or std < 0:
+        raise CKKSError(f"std must be a finite number >= 0, got {std!r}")
+    if not isinstance(rng, np.random.Generator):
+        raise CKKSError(f"rng must be a numpy Generator, got {type(rng).__name__}")
+
+    def draw(dim: int) -> NDArray[np.float64]:
+        return rng.normal(0.0, float(std), size=dim)
+
+    return draw
+
+
+class Decryptor:
+    """Key holder side: decrypts an encrypted sum to float64 [D].
+
+    Parameters
+    ----------
+    secret_context : serialised context *with* the secret key (the key holder's;
+        under ``shared-clients`` any client's :meth:`KeyHolder.client_context_bytes`).
+    params : the CKKS parameters; must match the context.
+    dim : D.
+    wire : the wire format of the ciphertexts.
+    """
+
+    def __init__(self, secret_context: bytes, params: CKKSParams, dim: int, *, wire: WireFormat = "tenseal") -> None:
+        ctx = _load_context(secret_context, 1, "secret context")
+        self._setup(ctx, params, dim, wire)
+
+    @classmethod
+    def _from_context(cls, ctx: Any, params: CKKSParams, dim: int, *, wire: WireFormat) -> Decryptor:
+        obj = cls.__new__(cls)
+        obj._setup(ctx, params, dim, wire)
+        return obj
+
+    def _setup(self, ctx: Any, params: CKKSParams, dim: int, wire: WireFormat) -> None:
+        if not ctx.is_private():
+            raise CKKSError("the decryptor needs the context with the secret key")
+        _check_context(ctx, params, "secret context")
+        self._ctx = ctx
+        self._params = params
+        self._dim = _check_dim(dim)
+        self._wire = _check_wire(wire)
+        self._bounds = _chunk_bounds(params, self._dim)
+        if wire == "seeded":
+            sealapi = _sealapi()
+            self._sealapi = sealapi
+            self._seal_context = ctx.seal_context().data
+            self._seal_decryptor = sealapi.Decryptor(self._seal_context, ctx.secret_key().data)
+            self._encoder = sealapi.CKKSEncoder(self._seal_context)
+            self._scratch = _Scratch()
+
+    def decrypt(self, encrypted_sum: Sequence[bytes], *, noise: NoiseFn | None = None) -> NDArray[np.float64]:
+        """Decrypt a sum, then add release noise if a hook is given.
+
+        Parameters
+        ----------
+        encrypted_sum : :meth:`CKKSAggregator.result`, ``ceil(D / slots)`` bytes objects.
+        noise : ``noise(D)`` -> float [D] added to the decrypted sum before it is
+            returned (e.g. :func:`gaussian_noise`), so only the decryptor ever
+            holds the noiseless sum.
+
+        Returns
+        -------
+        ndarray
+            float64 [D].
+        """
+        if isinstance(encrypted_sum, (bytes, bytearray, memoryview, str)) or not isinstance(encrypted_sum, Sequence):
+            raise CKKSError(f"encrypted_sum must be a list of ciphertext bytes, got {type(encrypted_sum).__name__}")
+        if len(encrypted_sum) != len(self._bounds):
+            raise CKKSError(f"wrong count of ciphertexts: expected {len(self._bounds)}, got {len(encrypted_sum)}")
+        out = np.empty(self._dim, dtype=np.float64)
+        for k, ((a, b), blob) in enumerate(zip(self._bounds, encrypted_sum, strict=True)):
+            out[a:b] = self._decrypt_one(blob, k, b - a)
+        if noise is not None:
+            extra = np.asarray(noise(self._dim), dtype=np.float64)
+            if extra.shape != (self._dim,):
+                raise CKKSError(f"the noise hook returned shape {extra.shape}, expected ({self._dim},)")
+            if not np.all(np.isfinite(extra)):
+                raise CKKSError("the noise hook returned NaN or infinite values")
+            out += extra
+        return out
+
+    def _decrypt_one(self, blob: object, k: int, size: int) -> NDArray[np.float64]:
+        where = f"encrypted sum, ciphertext {k}"
+        data = _as_blob(blob, where)
+        _check_format(data, self._wire, where)
+        if self._wire == "seeded":
+            try:
+                ct = self._scratch.load_ciphertext(self._sealapi, self._seal_context, data)
+            except (ValueError, RuntimeError) as exc:
+                raise _load_error(where, exc) from exc
+            _check_seal_ciphertext(ct, self._params, where)
+            plain = self._sealapi.Plaintext()
+            self._seal_decryptor.decrypt(ct, plain)
+            return np.asarray(self._encoder.decode_double(plain)[:size], dtype=np.float64)
+        ts = _tenseal()
+        try:
+            vec = ts.ckks_vector_from(self._ctx, data)
+            n_values = vec.size()
+            cts = vec.ciphertext()
+        except (ValueError, RuntimeError) as exc:
+            raise _load_error(where, exc) from exc
+        if n_values != size or len(cts) != 1:
+            raise CKKSError(f"{where}: encodes {n_values} values in {len(cts)} ciphertexts, expected {size} in 1")
+        _check_seal_ciphertext(cts[0], self._params, where)
+        return np.asarray(vec.decrypt(), dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class CKKSCost:
+    """Bytes and seconds of one simulated encrypted sum.
+
+    Attributes
+    ----------
+    n_clients, dim, n_ciphertexts : n, D and ``ceil(D / slots)``.
+    custody, wire : the key custody and the ciphertext format.
+    bytes_up_per_client : mean bytes of one upload (all its ciphertexts).
+    bytes_down_per_client : bytes of the context each client downloads once
+        (public key under ``authority``, secret key under ``shared-clients``).
+    bytes_public_context : bytes of the aggregator's context.
+    bytes_encrypted_sum : bytes the aggregator sends to the decryptor.
+    keygen_s : key holder's context creation.
+    encrypt_s_mean : mean seconds one client spends encrypting (serialisation included).
+    aggregate_s : server seconds for all uploads (deserialise, validate, add) plus
+        serialising the sum.
+    decrypt_s : decryption of the sum (noise included).
+    """
+
+    n_clients: int
+    dim: int
+    n_ciphertexts: int
+    custody: str
+    wire: str
+    bytes_up_per_client: float
+    bytes_down_per_client: int
+    bytes_public_context: int
+    bytes_encrypted_sum: int
+    keygen_s: float
+    encrypt_s_mean: float
+    aggregate_s: float
+    decrypt_s: float
+
+    @property
+    def bytes_per_value(self) -> float:
+        """Upload bytes per value of the vector."""
+        return self.bytes_up_per_client / self.dim
+
+    @property
+    def ratio_to_float32(self) -> float:
+        """Upload bytes over the ``4 * D`` bytes of the float32 vector."""
+        return self.bytes_up_per_client / (4.0 * self.dim)
+
+    @property
+    def aggregate_s_per_client(self) -> float:
+        """Server seconds per added client."""
+        return self.aggregate_s / self.n_clients
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready view, derived ratios included."""
+        out = asdict(self)
+        out.update(
+            bytes_per_value=self.bytes_per_value,
+            ratio_to_float32=self.ratio_to_float32,
+            aggregate_s_per_client=self.aggregate_s_per_client,
+        )
+        return out
+
+
+def encrypted_sum(
+    vectors: ArrayLike,
+    *,
+    params: CKKSParams | None = None,
+    custody: Custody = "authority",
+    seed: int = 0,
+    wire: WireFormat | None = None,
+    noise_std: float = 0.0,
+    n_threads: int = 1,
+) -> tuple[NDArray[np.float64], CKKSCost]:
+    """Simulate one round: n clients encrypt, the server sums, the key holder decrypts.
+
+    Parameters
+    ----------
+    vectors : float [n, D], one row per client, ``|x| <= params.max_abs_value``.
+    params : CKKS parameters (default :class:`CKKSParams`).
+    custody : ``"authority"`` or ``"shared-clients"``.
+    seed : root seed of the release noise (``numpy_rng(seed, "ckks", "release-noise")``).
+        Encryption randomness cannot be seeded: ciphertexts differ between runs,
+        decrypted sums agree within ``params.sum_tolerance(n)``.
+    wire : ciphertext format; default :func:`default_wire` of ``custody``.
+    noise_std : std of the Gaussian noise the decryptor adds before release (0: none).
+    n_threads : threads of every TenSEAL context.
+
+    Returns
+    -------
+    total : float64 [D], the decrypted (and noised) sum of the rows.
+    cost : :class:`CKKSCost`.
+    """
+    from gfmfr_secure.rng import numpy_rng
+
+    x = np.asarray(vectors, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] < 1 or x.shape[1] < 1:
+        raise CKKSError(f"vectors must be a non-empty [n, D] array, got shape {x.shape}")
+    n, dim = x.shape
+    t0 = time.perf_counter()
+    holder = KeyHolder(params, custody=custody, n_threads=n_threads)
+    keygen_s = time.perf_counter() - t0
+    w = holder.default_wire if wire is None else _check_wire(wire)
+    client_ctx = holder.client_context_bytes()
+    public_ctx = holder.public_context_bytes()
+    encryptor = Encryptor(client_ctx, holder.params, dim, wire=w, n_threads=n_threads)
+    server = CKKSAggregator(public_ctx, holder.params, dim, wire=w, n_threads=n_threads)
+    decryptor = holder.decryptor(dim, wire=w)
+
+    enc_s = agg_s = 0.0
+    up_bytes = 0
+    for i in range(n):
+        t0 = time.perf_counter()
+        upload = encryptor.encrypt(x[i])
+        enc_s += time.perf_counter() - t0
+        up_bytes += sum(len(b) for b in upload)
+        t0 = time.perf_counter()
+        server.add(upload)
+        agg_s += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    enc_sum = server.result()
+    agg_s += time.perf_counter() - t0
+
+    hook = gaussian_noise(noise_std, numpy_rng(seed, "ckks", "release-noise")) if noise_std > 0 else None
+    t0 = time.perf_counter()
+    total = decryptor.decrypt(enc_sum, noise=hook)
+    dec_s = time.perf_counter() - t0
+
+    cost = CKKSCost(
+        n_clients=n,
+        dim=dim,
+        n_ciphertexts=encryptor.n_ciphertexts,
+        custody=holder.custody,
+        wire=w,
+        bytes_up_per_client=up_bytes / n,
+        bytes_down_per_client=len(client_ctx),
+        bytes_public_context=len(public_ctx),
+        bytes_encrypted_sum=sum(len(b) for b in enc_sum),
+        keygen_s=keygen_s,
+        encrypt_s_mean=enc_s / n,
+        aggregate_s=agg_s,
+        decrypt_s=dec_s,
+    )
+    return total, cost
