@@ -131,6 +131,8 @@ class AdversaryView:
     received : what the observer received (aggregates, or per-client updates under plain).
     released : what the server published after the round (global model, group preferences, ...).
     meta : free-form facts about the round (cohort size, grouping method, ...).
+    truth : ground truth for scoring attacks (e.g. the group each client chose); never
+        an attack's input, and not something the observer saw.
     """
 
     round: int
@@ -140,3 +142,4 @@ class AdversaryView:
     received: dict[str, Any] = field(default_factory=dict)
     released: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    truth: dict[str, Any] = field(default_factory=dict)

@@ -264,6 +264,6 @@ def test_views_are_recorded_and_read_back(tiny_synthetic, split, tmp_path) -> No
     assert server["exposure"] == "per-client" and server["received"]["noise_shares"]["std"] > 0
     assert server["received"]["per_client"]["item_delta"].shape[1] == 8
     outsider = load_view(tmp_path / "views", 1, "outsider")
-    assert outsider["received"] == {} and "teacher" in outsider["released"]
+    assert outsider["received"] == {} and "teacher" in outsider["released"] and "groups" in outsider["truth"]
     with pytest.raises(FileNotFoundError, match="recorded: round1"):
         load_view(tmp_path / "views", 0, "server")

@@ -110,6 +110,7 @@ def run_federated(
     logger: logging.Logger | None = None,
     callbacks: Sequence[RoundCallback] = (),
     progress: bool = True,
+    participants: np.ndarray | None = None,
 ) -> FederatedRun:
     """Train a federated recommender as configured and score it.
 
@@ -119,6 +120,9 @@ def run_federated(
     data : InteractionData (item features are read from it for the fusion module).
     split : the leave-one-out split.
     callbacks : receive one :class:`AdversaryView` per observer per round.
+    participants : int64 user ids allowed to take part in training (default: every user
+        with training data). Others never train or upload (membership experiments, DP
+        audits); all users are still evaluated.
     """
     log = logger or logging.getLogger("gfmfr_secure")
     seed = int(cfg.seed)
@@ -156,6 +160,10 @@ def run_federated(
             "(every other item is eventually drawn as a negative); metrics of this run are not comparable"
         )
     eligible = np.flatnonzero(split.train_counts() > 0).astype(np.int64)
+    if participants is not None:
+        eligible = np.intersect1d(eligible, np.asarray(participants, dtype=np.int64))
+        if eligible.size == 0:
+            raise ConfigError("participants leaves no user with training data")
     ks = tuple(cfg.eval.ks)
     dp = _plan_privacy(cfg, eligible.size)
     record_dp = RecordLevelDP(cfg.privacy, seed, n_items) if cfg.privacy.mechanism == "dpsgd" else None
@@ -312,7 +320,7 @@ def run_federated(
             rec["group_sizes"] = [round(float(c), 3) for c in agg.group_counts.tolist()]
         t2 = time.perf_counter()
         for cb in callbacks:
-            _emit_views(cb, t, aggregator, agg, server, upload, shares, dp)
+            _emit_views(cb, t, aggregator, agg, server, upload, shares, dp, before, client_groups if client_groups is not None else labels, grouping)
         rec.update(loss=float(np.mean(update.loss)), client_s=t1 - t0, server_s=t2 - t1)
         timing["client"].append(t1 - t0)
         timing["server"].append(t2 - t1)
@@ -499,7 +507,10 @@ def _privacy_report(cfg: Any, dp: UserLevelDP | None, grouping: str, n_groups: i
     return report
 
 
-def _emit_views(cb: RoundCallback, t: int, aggregator: Any, agg: Any, server: ServerState, upload: Any, shares: Any, dp: Any) -> None:
+def _emit_views(
+    cb: RoundCallback, t: int, aggregator: Any, agg: Any, server: ServerState, upload: Any, shares: Any, dp: Any, broadcast: Any, groups: Any,
+    grouping: str,
+) -> None:
     """Hand the round's adversary views (server and outsider) to a callback.
 
     Under ``plain`` the server receives each client's upload as sent (clipped when
@@ -507,11 +518,14 @@ def _emit_views(cb: RoundCallback, t: int, aggregator: Any, agg: Any, server: Se
     sums; secure backends give it only the sums.
     """
     if aggregator.exposure == Exposure.PER_CLIENT:
-        received = {"per_client": upload, "noise_shares": shares}
+        # with noise shares a client uploads its dense noisy vector: row_items are then not visible
+        received = {"per_client": upload, "noise_shares": shares, "upload_format": "sparse" if shares is None else "dense"}
     else:
         received = {}
+    received["broadcast"] = broadcast  # the model the server sent at the start of the round
     received.update(item_sum=agg.item_sum, head_sum=agg.head_sum, group_counts=agg.group_counts, group_item_sum=agg.group_item_sum, group_head_sum=agg.group_head_sum, weight_total=agg.weight_total)
     released = {"shared": server.shared.clone(), "teacher": None if server.teacher is None else server.teacher.clone()}
-    meta = {"n_clients": agg.n_clients, "n_groups": server.n_groups, "dp": None if dp is None else {"mechanism": dp.mechanism, "clip": dp.clip, "noise_multiplier": dp.noise_multiplier}}
-    cb(AdversaryView(round=t, backend=aggregator.name, exposure=aggregator.exposure, observer="server", received=received, released=released, meta=meta))
-    cb(AdversaryView(round=t, backend=aggregator.name, exposure=aggregator.exposure, observer="outsider", received={}, released=released, meta=meta))
+    meta = {"n_clients": agg.n_clients, "n_groups": server.n_groups, "grouping": grouping, "dp": None if dp is None else {"mechanism": dp.mechanism, "clip": dp.clip, "noise_multiplier": dp.noise_multiplier}}
+    truth = {"clients": upload.clients, "groups": None if groups is None else np.asarray(groups)}
+    cb(AdversaryView(round=t, backend=aggregator.name, exposure=aggregator.exposure, observer="server", received=received, released=released, meta=meta, truth=truth))
+    cb(AdversaryView(round=t, backend=aggregator.name, exposure=aggregator.exposure, observer="outsider", received={}, released=released, meta=meta, truth=truth))

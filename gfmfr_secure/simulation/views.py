@@ -58,6 +58,7 @@ class ViewRecorder:
             "received": _plain(view.received),
             "released": _plain(view.released),
             "meta": _plain(view.meta),
+            "truth": _plain(view.truth),
         }
         tmp = path.with_suffix(".pt.tmp")
         torch.save(record, tmp)

@@ -1,0 +1,150 @@
+"""``gfmfr-secure attack`` (one recorded run) and ``gfmfr-secure attack-table`` (configs x seeds)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "attack",
+        help="run the attacks on a run's recorded adversary views",
+        description=(
+            "Read RUN_DIR/views/round{R}-{server,outsider}.pt (record.views_rounds when training),\n"
+            "run interaction, attribute and group inference against what each adversary received,\n"
+            "and write RUN_DIR/attacks/round{R}.json, summary.md and a log-scale ROC plot."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--run", required=True, metavar="RUN_DIR", help="run folder written by 'train' with record.views_rounds set")
+    p.add_argument("--round", type=int, default=0, help="recorded round to attack (default 0)")
+    p.add_argument("--data", help="data folder (else $GFMFR_DATA, else the run's data.path)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the attacks' own randomness")
+    p.add_argument("--imia-clients", type=int, default=100, help="clients attacked with IMIA (slow); 0 = skip")
+    p.set_defaults(handler=_cmd_attack)
+
+    t = subparsers.add_parser(
+        "attack-table",
+        help="train configs over seeds, attack each run, write the attack x configuration x adversary table",
+        description=(
+            "For each config and seed: train with the round's views recorded, run every attack,\n"
+            "and write OUT/attacks.md and OUT/attacks.json with mean and std over seeds of AUC and\n"
+            "TPR at 1% and 0.1% FPR (accuracy against the baseline for the classification attacks)."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    t.add_argument("configs", nargs="+", help="YAML configs, one column group each")
+    t.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    t.add_argument("--round", type=int, default=0, help="round whose views are attacked (default 0)")
+    t.add_argument("--data", help="data folder (else $GFMFR_DATA, else each config's data.path)")
+    t.add_argument("--out", required=True, help="output folder")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override applied to every config")
+    t.add_argument("--imia-clients", type=int, default=100)
+    t.set_defaults(handler=_cmd_table)
+
+
+def _write_attack_outputs(out: Path, round_idx: int, results: list[Any], curves: dict[str, Any]) -> Path:
+    from attacks.metrics import plot_roc
+
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    for r in results:
+        rec = r.to_dict()
+        rec["details"] = {k: v for k, v in rec["details"].items() if k != "roc"}
+        records.append(rec)
+    (out / f"round{round_idx}.json").write_text(json.dumps(records, indent=2, default=float), encoding="utf-8")
+    lines = ["| attack | adversary | AUC | TPR@1%FPR | TPR@0.1%FPR | accuracy | baseline | source |", "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        m = r.metrics
+        lines.append(
+            f"| {r.name} | {r.observer} | {_fmt(m.get('auc'))} | {_fmt(m.get('tpr_at_fpr_0.01'))} | {_fmt(m.get('tpr_at_fpr_0.001'))} | "
+            f"{_fmt(m.get('accuracy', m.get('best_accuracy')))} | {_fmt(m.get('baseline_accuracy', m.get('majority_accuracy')))} | {r.details.get('source', '')} |"
+        )
+    (out / "summary.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    if curves:
+        plot_roc(curves, out / f"roc-round{round_idx}.png", title=f"attacks on round {round_idx}")
+    return out / "summary.md"
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float) and math.isnan(v):
+        return "nan"
+    return f"{float(v):.3f}" if isinstance(v, (int, float)) else str(v)
+
+
+def attack_run(run_dir: Path, round_idx: int, data_dir: str | None, seed: int, imia_clients: int) -> list[Any]:
+    from attacks.suite import run_view_attacks
+    from gfmfr_secure.config import load_config, resolve_data_path
+    from gfmfr_secure.simulation.runner import prepare_data
+
+    cfg = resolve_data_path(load_config(run_dir / "config.yaml"), data_dir)
+    data, split = prepare_data(cfg)
+    results = run_view_attacks(run_dir / "views", round_idx, data, split, seed=seed, imia_clients=imia_clients, num_negatives=cfg.train.num_negatives)
+    curves = {f"{r.name} ({r.observer})": r.details["roc"] for r in results if "roc" in r.details}
+    _write_attack_outputs(run_dir / "attacks", round_idx, results, curves)
+    return results
+
+
+def _cmd_attack(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run)
+    if not (run_dir / "config.yaml").is_file():
+        raise SystemExit(f"{run_dir} is not a run folder (no config.yaml)")
+    attack_run(run_dir, args.round, args.data, args.seed, args.imia_clients)
+    print((run_dir / "attacks" / "summary.md").read_text(encoding="utf-8"))
+    return 0
+
+
+TABLE_METRICS = ("auc", "tpr_at_fpr_0.01", "tpr_at_fpr_0.001", "accuracy", "baseline_accuracy")
+
+
+def _cmd_table(args: argparse.Namespace) -> int:
+    from attacks.metrics import aggregate_runs
+    from gfmfr_secure.config import load_config, resolve_data_path, with_overrides
+    from gfmfr_secure.simulation.record import train_and_record
+
+    out = Path(args.out)
+    cells: dict[tuple[str, str, str], list[dict[str, float]]] = {}
+    privacy: dict[str, Any] = {}
+    for path in args.configs:
+        label = Path(path).stem
+        base = resolve_data_path(load_config(path, args.overrides), args.data)
+        for seed in args.seeds:
+            cfg = with_overrides(base, [f"seed={seed}", f"record.views_rounds=[{args.round}]"])
+            metrics, run_dir = train_and_record(cfg, out / "runs", name=f"{label}-seed{seed}", console=False, progress=False)
+            privacy[label] = {k: metrics["privacy"].get(k) for k in ("mechanism", "epsilon", "epsilon_if_covered", "noise_multiplier", "clip")}
+            privacy[label]["backend"] = cfg.aggregation.backend
+            privacy[label]["grouping"] = cfg.grouping.method
+            for r in attack_run(run_dir, args.round, args.data, seed, args.imia_clients):
+                m = {k: float(r.metrics[k]) for k in TABLE_METRICS if isinstance(r.metrics.get(k), (int, float))}
+                if "accuracy" not in m and "best_accuracy" in r.metrics:
+                    m["accuracy"] = float(r.metrics["best_accuracy"])
+                cells.setdefault((r.name, label, r.observer), []).append(m)
+    summary = {f"{a}|{c}|{o}": aggregate_runs(v) for (a, c, o), v in cells.items()}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "attacks.json").write_text(json.dumps({"cells": summary, "configs": privacy}, indent=2, default=float), encoding="utf-8")
+    command = "gfmfr-secure " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    lines = [f"Produced by: `{command}`", "", "| config | backend | grouping | DP | epsilon |", "|---|---|---|---|---|"]
+    for label, p in privacy.items():
+        eps = p["epsilon"] if p["epsilon"] is not None else (f"withheld ({p['epsilon_if_covered']:.3g} if covered)" if p.get("epsilon_if_covered") else "-")
+        lines.append(f"| {label} | {p['backend']} | {p['grouping']} | {p['mechanism']} | {_fmt(eps) if isinstance(eps, float) else eps} |")
+    lines += ["", "| attack | config | adversary | AUC | TPR@1%FPR | TPR@0.1%FPR | accuracy | baseline |", "|---|---|---|---|---|---|---|---|"]
+    for (a, c, o), _ in sorted(cells.items()):
+        agg = summary[f"{a}|{c}|{o}"]
+
+        def cell(key: str, agg: dict[str, Any] = agg) -> str:
+            if key not in agg:
+                return "-"
+            return f"{agg[key]['mean']:.3f} ± {agg[key]['std']:.3f}" if agg[key]["n"] > 1 else f"{agg[key]['mean']:.3f}"
+
+        lines.append(f"| {a} | {c} | {o} | {cell('auc')} | {cell('tpr_at_fpr_0.01')} | {cell('tpr_at_fpr_0.001')} | {cell('accuracy')} | {cell('baseline_accuracy')} |")
+    (out / "attacks.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print("\n".join(lines))
+    return 0

@@ -1,0 +1,229 @@
+"""Attacks on recorded adversary views: what the server (or an outsider) actually received.
+
+Every attack here reads one recorded round (``views/round{t}-{observer}.pt``, see
+:mod:`gfmfr_secure.simulation.views`) plus declared auxiliary knowledge, and is
+scored against ground truth the adversary never saw:
+
+- **interaction inference** (server): for each client of the round, its training
+  items against the same number of *popularity-matched* negatives (items drawn from
+  other users' interactions, so a score that ignores the client, such as item
+  popularity, has AUC about 0.5). Scores: the L2 norm of the client's uploaded
+  item-table row (update-magnitude test) and IMIA (Yuan et al. 2023) under ``plain``;
+  under a secure backend the server has only sums, so its best per-client score is the
+  row norm of the released sum, identical for every client.
+- **attribute inference** (server): gender and age bracket from each client's upload
+  (row norms of its item-table update and its head update) with labels known for a
+  fraction of users; the same classifier on raw interactions is the upper bound, the
+  majority class the baseline. Without per-client data (secure backends) the features
+  are constant.
+- **group inference** (server, outsider): which group each client is in. Under
+  ``plain`` with the paper's grouping the server assigned the groups itself; otherwise
+  the adversary scores groups by the released group preferences on the user's known
+  items.
+
+The auxiliary knowledge granted: the adversary knows each target user's training
+items for group inference (an outsider who knows a user's history), and labels of
+``labelled_fraction`` of users for attribute inference.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from attacks.attribute import age_bracket, attribute_inference
+from attacks.base import AttackResult
+from attacks.grouping import group_inference
+from attacks.interaction import imia_row_scores
+from attacks.metrics import attack_metrics
+from gfmfr_secure.models.params import unflatten_heads
+from gfmfr_secure.privacy.release import NoiseShares, ReleaseLayout
+from gfmfr_secure.simulation.views import load_view
+
+__all__ = ["client_row_norms", "interaction_targets", "run_view_attacks"]
+
+
+def interaction_targets(split: Any, clients: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Evaluation pairs: each client's training items (label 1) and as many popularity-matched negatives (0).
+
+    Negatives are drawn from the pool of all training interactions (so with probability
+    proportional to popularity) and rejected when the client interacted with the item.
+
+    Returns
+    -------
+    pos : int64 [P] cohort position of each pair; items : int64 [P]; labels : int8 [P].
+    """
+    rng = np.random.default_rng(seed)
+    pool = split.train_items
+    pos_list, item_list, lab_list = [], [], []
+    for j, u in enumerate(np.asarray(clients)):
+        own = split.train_of(int(u))
+        if own.size == 0:
+            continue
+        draw = pool[rng.integers(0, pool.size, size=own.size * 4)]
+        draw = draw[~np.isin(draw, own)][: own.size]
+        pos_list += [np.full(own.size + draw.size, j)]
+        item_list += [own, draw]
+        lab_list += [np.ones(own.size, np.int8), np.zeros(draw.size, np.int8)]
+    return np.concatenate(pos_list), np.concatenate(item_list), np.concatenate(lab_list)
+
+
+def _shares(rec: dict[str, Any] | None) -> NoiseShares | None:
+    if not rec:
+        return None
+    layout = ReleaseLayout(**rec["layout"])
+    return NoiseShares(seed=rec["seed"], round=rec["round"], clients=np.asarray(rec["clients"]), std=float(rec["std"]), layout=layout)
+
+
+def client_row_norms(per_client: dict[str, Any], n_items: int, shares: dict[str, Any] | None) -> np.ndarray:
+    """float32 [n, I]: L2 norm of each client's uploaded item-table row, as the server saw it.
+
+    A sparse upload gives zeros on rows it did not send; with noise shares the upload is
+    dense (every row carries the client's noise; its own group's block when laid out).
+    """
+    n = int(np.asarray(per_client["clients"]).size)
+    delta = per_client["item_delta"]
+    d = delta.shape[1]
+    owner = np.repeat(np.arange(n), np.diff(per_client["row_ptr"]))
+    noise = _shares(shares)
+    if noise is None:
+        norms = np.zeros((n, n_items), dtype=np.float32)
+        norms[owner, per_client["row_items"]] = delta.norm(dim=1).numpy()
+        return norms
+    groups = np.asarray(per_client.get("group", np.zeros(n, np.int64)))
+    out = np.empty((n, n_items), dtype=np.float32)
+    for j in range(n):
+        g = max(int(groups[j]), 0) if noise.layout.n_groups > 1 else 0
+        dense = noise.client(j)[g, : n_items * d].reshape(n_items, d).clone()
+        a, b = int(per_client["row_ptr"][j]), int(per_client["row_ptr"][j + 1])
+        dense[torch.from_numpy(np.asarray(per_client["row_items"][a:b]))] += delta[a:b]
+        out[j] = dense.norm(dim=1).numpy()
+    return out
+
+
+def scalar_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """The numeric scalars of a metrics dict (nested dicts flattened with their key as prefix)."""
+    out: dict[str, float] = {}
+    for k, v in metrics.items():
+        if isinstance(v, dict):
+            out.update(scalar_metrics(v, f"{prefix}{k}_"))
+        elif isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool):
+            out[prefix + k] = float(v)
+    return out
+
+
+def _result(name: str, observer: str, y: np.ndarray, s: np.ndarray, details: dict[str, Any]) -> AttackResult:
+    m = scalar_metrics(attack_metrics(y, s))
+    return AttackResult(name=name, observer=observer, metrics=m, n_targets=int(y.size), details={**details, "roc": (y, s)})
+
+
+def _imia(per_client: dict[str, Any], broadcast: dict[str, Any], n_items: int, positions: np.ndarray, seed: int, pos_fraction: float) -> np.ndarray:
+    """IMIA scores [n_sel, I] for the clients at ``positions`` (rows not uploaded: -inf)."""
+    ptr = np.asarray(per_client["row_ptr"])
+    rows = [np.arange(ptr[j], ptr[j + 1]) for j in positions]
+    idx = np.concatenate(rows)
+    sub_ptr = np.concatenate([[0], np.cumsum([r.size for r in rows])])
+    d = int(broadcast["latent_dim"])
+    w1u, w1i, b1, w2, b2 = (t[0] for t in unflatten_heads(broadcast["head"].unsqueeze(0), d))
+    items = np.asarray(per_client["row_items"])[idx]
+    scores = imia_row_scores(
+        sub_ptr, items, per_client["item_delta"][torch.from_numpy(idx)].numpy(), broadcast["item_table"].numpy(),
+        w1u.numpy(), w1i.numpy(), b1.numpy(), w2.numpy(), float(b2), seed=seed, pos_fraction=pos_fraction,
+    )
+    out = np.full((len(positions), n_items), -np.inf)
+    owner = np.repeat(np.arange(len(positions)), np.diff(sub_ptr))
+    out[owner, items] = scores
+    return out
+
+
+def run_view_attacks(
+    views_dir: str | Path,
+    round_idx: int,
+    data: Any,
+    split: Any,
+    *,
+    seed: int = 0,
+    labelled_fraction: float = 0.5,
+    imia_clients: int = 100,
+    num_negatives: int = 4,
+) -> list[AttackResult]:
+    """Run every view-based attack on one recorded round; returns one result per attack and observer."""
+    server = load_view(views_dir, round_idx, "server")
+    outsider = load_view(views_dir, round_idx, "outsider")
+    n_items = split.n_items
+    received = server["received"]
+    truth = server["truth"]
+    clients = np.asarray(truth["clients"])
+    results: list[AttackResult] = []
+    pos, items, y = interaction_targets(split, clients, seed)
+    per_client = received.get("per_client")
+    label_note = {"backend": server["backend"], "exposure": server["exposure"]}
+
+    # ---- interaction inference (server)
+    if per_client is not None:
+        norms = client_row_norms(per_client, n_items, received.get("noise_shares"))
+        results.append(_result("interaction-magnitude", "server", y, norms[pos, items], {**label_note, "source": "each client's upload"}))
+        if received.get("upload_format", "sparse") == "sparse" and imia_clients > 0:
+            rng = np.random.default_rng(seed)
+            chosen = np.sort(rng.choice(clients.size, size=min(imia_clients, clients.size), replace=False))
+            sc = _imia(per_client, received["broadcast"], n_items, chosen, seed, 1.0 / (1 + num_negatives))
+            keep = np.isin(pos, chosen)
+            row_of = np.searchsorted(chosen, pos[keep])
+            s = sc[row_of, items[keep]]
+            s = np.where(np.isfinite(s), s, np.nanmin(s[np.isfinite(s)]) - 1.0 if np.isfinite(s).any() else 0.0)
+            results.append(_result("interaction-imia", "server", y[keep], s, {**label_note, "clients": int(chosen.size)}))
+    else:
+        row = received["item_sum"].norm(dim=1).numpy()
+        results.append(_result("interaction-magnitude", "server", y, row[items], {**label_note, "source": "released sum (no per-client data)"}))
+
+    # ---- attribute inference (server)
+    attrs = getattr(data, "user_attributes", None)
+    if attrs is not None and "gender" in attrs and "age" in attrs:
+        gender = (attrs["gender"].to_numpy()[clients] == "F").astype(np.int64)
+        age = age_bracket(attrs["age"].to_numpy()[clients])
+        if per_client is not None:
+            head = per_client["head_delta"]
+            feats = np.hstack([norms, head.numpy() if head is not None else np.zeros((clients.size, 0))])
+            source = "each client's upload"
+        else:
+            feats = np.zeros((clients.size, 1), dtype=np.float32)
+            source = "none per client (sums only)"
+        raw = np.zeros((clients.size, n_items), dtype=np.float32)
+        for j, u in enumerate(clients):
+            raw[j, split.train_of(int(u))] = 1.0
+        for attr, labels in (("gender", gender), ("age", age)):
+            res = attribute_inference(feats, labels, labelled_fraction=labelled_fraction, seed=seed)
+            upper = attribute_inference(raw, labels, labelled_fraction=labelled_fraction, seed=seed)
+            metrics = {**res, "upper_bound_raw_interactions": {k: upper[k] for k in ("auc", "accuracy") if k in upper}}
+            results.append(
+                AttackResult(name=f"attribute-{attr}", observer="server", metrics=scalar_metrics(metrics), n_targets=int(clients.size), details={**label_note, "source": source})
+            )
+
+    # ---- group inference (server and outsider)
+    true_groups = truth.get("groups")
+    teacher = outsider["released"].get("teacher")
+    if true_groups is not None and teacher is not None:
+        indptr = np.concatenate([[0], np.cumsum([split.train_of(int(u)).size for u in clients])])
+        user_items = np.concatenate([split.train_of(int(u)) for u in clients])
+        # standardise each group's preferences over items: groups differ in overall level
+        # (an empty group keeps 0.5 everywhere), which says nothing about membership
+        t = teacher.double()
+        z = ((t - t.mean(1, keepdim=True)) / t.std(1, keepdim=True).clamp(min=1e-12)).numpy()
+        inferred = group_inference(z, (indptr, user_items), np.asarray(true_groups))
+        inferred = scalar_metrics(inferred)
+        results.append(
+            AttackResult(name="group-membership", observer="outsider", metrics=inferred, n_targets=int(clients.size), details={"source": "released group preferences + the user's items"})
+        )
+        server_knows = per_client is not None and server["meta"].get("grouping") in ("spectral", "kmeans")
+        results.append(
+            AttackResult(
+                name="group-membership", observer="server",
+                metrics=({"accuracy": 1.0, "baseline_accuracy": 1.0 / max(teacher.shape[0], 1)} if server_knows else inferred),
+                n_targets=int(clients.size),
+                details={"source": "the server assigned the groups" if server_knows else "released group preferences + the user's items"},
+            )
+        )
+    return results
