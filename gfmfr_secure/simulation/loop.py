@@ -260,6 +260,7 @@ def run_federated(
             release_noise = ReleaseNoise(layout, central_noise(layout, dp.central_std(), seed, t), shares)
         agg = aggregator.aggregate(upload, n_items=n_items, weights=weights, groups=client_groups, n_groups=max(n_groups, 1), noise=release_noise)
         rec["cost"] = dict(aggregator.last_cost)
+        rec["cost"]["broadcast_bytes_per_client"] = float(4 * (server.shared.item_table.numel() + head_size + (0 if server.teacher is None else server.teacher.numel()) + (0 if centroids is None else centroids.size)))
         regroup = bool(n_groups) and not (grouping in SERVER_GROUPING and len(update) < n_groups)
         if n_groups and not regroup:
             log.info("round %d: cohort of %d clients is smaller than G=%d; grouping and teacher kept", t, len(update), n_groups)
