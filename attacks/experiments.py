@@ -55,9 +55,9 @@ __all__ = [
 #: per-user statistics of :func:`user_statistic`
 MEMBERSHIP_STATISTICS: tuple[str, ...] = ("teacher", "item_norm")
 #: per-canary statistics of :func:`canary_statistic`
-AUDIT_STATISTICS: tuple[str, ...] = ("drift", "norm")
+AUDIT_STATISTICS: tuple[str, ...] = ("drift", "norm", "head_projection")
 
-#: below this many shadows LiRA uses the pooled ("fixed") variances (Carlini et al. 2022, section VI-B)
+#: below this many shadows LiRA uses the pooled ("fixed") variances, as Carlini et al. (2022) advise for few shadows
 _FIXED_VARIANCE_BELOW = 64
 _SEED_MOD = 2**31
 
@@ -120,7 +120,7 @@ def roc_inputs(result: Mapping[str, Any]) -> dict[str, tuple[np.ndarray, np.ndar
     """``label -> (y_true, scores)`` from a driver's ``"curves"``, ready for :func:`attacks.metrics.plot_roc`."""
     curves = result.get("curves")
     if not isinstance(curves, Mapping) or not curves:
-        raise ValueError("result has no 'curves' entry; pass the dict returned by user_membership_experiment")
+        raise ValueError("result has no 'curves' entry; pass the dict returned by user_membership_experiment or dp_audit_experiment")
     return {label: (c["y_true"], c["scores"]) for label, c in curves.items()}
 
 
@@ -396,15 +396,22 @@ def canary_statistic(
     canary_users: np.ndarray,
     item_table: np.ndarray,
     initial_table: np.ndarray | None = None,
+    direction: np.ndarray | None = None,
 ) -> np.ndarray:
     """Per-canary distinguishing statistic from the released item table (higher = IN).
 
-    ``score_k = mean_{i in T_k} ||C_i - C0_i||`` over the canary's training items
-    ``T_k``: an IN canary trains its items as positives and moves their rows; the
-    rows of an OUT canary's rare items move only through DP noise and real users'
-    negatives. ``C0`` is the initial item table (``"drift"``), which depends only on
-    the public run seed; without it (``initial_table=None``, ``"norm"``) the score
-    is the mean released row norm ``||C_i||``.
+    With ``X = C - C0`` (released minus initial item table; ``X = C`` when
+    ``initial_table`` is None) and ``T_k`` the canary's training items:
+
+    - ``direction`` None: ``score_k = mean_{i in T_k} ||X_i||``. An IN canary trains
+      its items as positives and moves their rows; the rows of an OUT canary's rare
+      items move only through DP noise and real users' negatives. This is
+      ``"drift"`` with ``C0`` (which depends only on the public run seed) and
+      ``"norm"`` without it.
+    - ``direction`` given (``"head_projection"``): ``score_k = mean_{i in T_k} <X_i, v>``
+      with ``v = direction / ||direction||``; for ``v = W1_item^T w2`` of the released
+      head, the first-order direction in which training an item as a positive raises
+      its predicted score, so an IN canary's push adds coherently over its items.
 
     Parameters
     ----------
@@ -412,6 +419,7 @@ def canary_statistic(
     canary_users : int64 [K] canary user indices.
     item_table : [I, d] released item table.
     initial_table : [I, d] initial item table, or None.
+    direction : [d] projection direction, or None.
 
     Returns
     -------
@@ -425,12 +433,18 @@ def canary_statistic(
         if init.shape != table.shape:
             raise ValueError(f"initial_table has shape {list(init.shape)}, expected {list(table.shape)}")
         table = table - init
-    norms = np.linalg.norm(table, axis=1)
+    if direction is None:
+        per_item = np.linalg.norm(table, axis=1)
+    else:
+        v = np.asarray(direction, dtype=np.float64)
+        if v.shape != (table.shape[1],) or not np.isfinite(v).all() or not np.linalg.norm(v) > 0:
+            raise ValueError(f"direction must be a finite non-zero vector of length {table.shape[1]}, got shape {list(v.shape)}")
+        per_item = table @ (v / np.linalg.norm(v))
     users = np.asarray(canary_users, dtype=np.int64)
     counts = split.train_counts()[users]
     if (counts == 0).any():
         raise ValueError(f"canaries without training items: {users[counts == 0][:5].tolist()}")
-    return np.array([norms[split.train_of(int(u))].mean() for u in users])
+    return np.array([per_item[split.train_of(int(u))].mean() for u in users])
 
 
 def _claimed_epsilon(report: Mapping[str, Any]) -> tuple[float, str]:
@@ -468,10 +482,11 @@ def dp_audit_experiment(
        is independently IN with probability 1/2; all real users with training items
        and the IN canaries participate.
     3. The outsider scores each canary with :func:`canary_statistic` on the released
-       item table: ``"drift"`` (default) measures row movement from the initial
-       table, which an adversary recomputes from the run's seed (data-independent;
-       Nasr et al. likewise assume a known initialisation); ``"norm"`` uses the
-       released rows alone.
+       model: ``"drift"`` (default) measures row movement from the initial table,
+       which an adversary recomputes from the run's seed (data-independent; Nasr et
+       al. likewise assume a known initialisation); ``"norm"`` uses the released rows
+       alone; ``"head_projection"`` projects the movement on the released head's
+       item direction ``W1_item^T w2``.
     4. IN and OUT scores pooled over runs and canaries go to
        :func:`attacks.audit.empirical_epsilon` at the runs' delta, and the bound is
        checked against the accountant's epsilon with :func:`attacks.audit.check_audit`.
@@ -483,6 +498,12 @@ def dp_audit_experiment(
     so; without DP (or with record-level DP-SGD, which claims nothing for a whole
     user) the claim is ``inf``. The delta is the largest run delta
     (``cfg.privacy.delta`` without DP).
+
+    Power: a canary is an honest client. FedAvg divides its item-row update by the
+    number of participants, while every rare row is also moved by the negatives of
+    all real users, so with tens of clients a canary's push is a few percent of the
+    run-to-run spread of its rows and the bound is often 0 even without DP. The
+    bound is valid but weak; it tests the accounting, not the attack's ceiling.
 
     Caveat: canaries of one run share that run's randomness, so pooled samples are
     not independent and the Clopper-Pearson confidence is approximate (a one-run
@@ -497,7 +518,7 @@ def dp_audit_experiment(
     n_runs : number of training runs ``R >= 1``; ``R K`` scores in all.
     seed : root of every random choice (canary items, memberships, run seeds).
     canary_items : items per canary (``canary_items - 2`` are trained on).
-    statistic : ``"drift"`` or ``"norm"`` (see above).
+    statistic : ``"drift"``, ``"norm"`` or ``"head_projection"`` (see above).
     alpha : confidence parameter of :func:`attacks.audit.empirical_epsilon`.
     raise_on_violation : raise :class:`attacks.audit.AuditViolation` when the bound
         exceeds the claim (default); otherwise report ``passed = False``.
@@ -541,11 +562,14 @@ def dp_audit_experiment(
         run_cfg = with_overrides(cfg, [f"seed={run_seed}"])
         run = run_federated(run_cfg, augmented, split, progress=False, participants=np.concatenate([real, canaries[inside[r]]]))
         table, _ = _released(run)
-        init = None
-        if statistic == "drift":
+        init = direction = None
+        if statistic != "norm":  # the initial table depends only on the run's seed
             init = init_shared_params(split.n_items, table.shape[1], torch_generator(run_seed, "init", "shared")).item_table.numpy()
-        scores[r] = canary_statistic(split, canaries, table, init)
+        if statistic == "head_projection":
+            direction = (run.shared.w1_item.T @ run.shared.w2).detach().cpu().numpy().astype(np.float64)
+        scores[r] = canary_statistic(split, canaries, table, init, direction)
         report = run.metrics["privacy"]
+        del run  # client stores can be large
         claims.append(_claimed_epsilon(report))
         deltas.append(float(report["delta"]) if report.get("delta") is not None else float(cfg.privacy.delta))
         if r == 0:
