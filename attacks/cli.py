@@ -48,6 +48,105 @@ def register(subparsers: Any) -> None:
     t.add_argument("--imia-clients", type=int, default=100)
     t.set_defaults(handler=_cmd_table)
 
+    a = subparsers.add_parser(
+        "audit",
+        help="empirical DP audit with canary updates: lower bound on epsilon vs the accountant",
+        description=(
+            "For each config and seed, train once with canary clients inserted every round (each in\n"
+            "with probability 1/2, uploading a random direction scaled to the clip), score them from\n"
+            "the server's released sums, and compute a Clopper-Pearson lower bound on epsilon. Fails\n"
+            "(exit status 1) if the bound exceeds the accountant's epsilon. Writes OUT/audit.md and .json."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    a.add_argument("configs", nargs="+")
+    a.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    a.add_argument("--canaries", type=int, default=200, help="canary clients per round (default 200)")
+    a.add_argument("--data")
+    a.add_argument("--out", required=True)
+    a.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    a.set_defaults(handler=_cmd_audit)
+
+    m = subparsers.add_parser(
+        "membership",
+        help="user-level membership inference by an outsider (LiRA with shadow runs)",
+        description="Train a target run on a random half of the users and N shadow runs, then run LiRA on the released outputs.",
+    )
+    m.add_argument("configs", nargs="+")
+    m.add_argument("--shadows", type=int, default=8)
+    m.add_argument("--seeds", nargs="+", type=int, default=[0])
+    m.add_argument("--data")
+    m.add_argument("--out", required=True)
+    m.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    m.set_defaults(handler=_cmd_membership)
+
+
+def _load(path: str, overrides: list[str], data_dir: str | None) -> tuple[Any, Any, Any]:
+    from gfmfr_secure.config import load_config, resolve_data_path
+    from gfmfr_secure.simulation.runner import prepare_data
+
+    cfg = resolve_data_path(load_config(path, overrides), data_dir)
+    data, split = prepare_data(cfg)
+    return cfg, data, split
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from attacks.audit import AuditViolation
+    from attacks.canary_audit import gradient_canary_audit
+    from gfmfr_secure.config import with_overrides
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, failed = [], False
+    for path in args.configs:
+        cfg, data, split = _load(path, args.overrides, args.data)
+        for seed in args.seeds:
+            try:
+                res = gradient_canary_audit(with_overrides(cfg, [f"seed={seed}"]), data, split, n_canaries=args.canaries, seed=seed)
+            except AuditViolation as err:
+                failed = True
+                res = {"eps_lower": float("nan"), "eps_claimed": float("nan"), "claimed_source": f"VIOLATION: {err}", "passed": False, "n_in": 0, "n_out": 0}
+            rows.append({"config": Path(path).stem, "seed": seed, **{k: v for k, v in res.items() if not k.startswith("scores")}})
+    (out / "audit.json").write_text(json.dumps(rows, indent=2, default=float), encoding="utf-8")
+    command = "gfmfr-secure " + " ".join(shlex.quote(x) for x in sys.argv[1:])
+    lines = [f"Produced by: `{command}`", "", "| config | seed | claimed epsilon | source | empirical lower bound | in / out | mean score in / out | passed |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['config']} | {r['seed']} | {_fmt(r['eps_claimed'])} | {r['claimed_source']} | {_fmt(r['eps_lower'])} | {r['n_in']} / {r['n_out']} | "
+            f"{_fmt(r.get('mean_in'))} / {_fmt(r.get('mean_out'))} | {r['passed']} |"
+        )
+    (out / "audit.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print("\n".join(lines))
+    return 1 if failed else 0
+
+
+def _cmd_membership(args: argparse.Namespace) -> int:
+    from attacks.experiments import user_membership_experiment
+    from gfmfr_secure.config import with_overrides
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for path in args.configs:
+        cfg, data, split = _load(path, args.overrides, args.data)
+        for seed in args.seeds:
+            res = user_membership_experiment(with_overrides(cfg, [f"seed={seed}"]), data, split, n_shadows=args.shadows, seed=seed)
+            row = {"config": Path(path).stem, "seed": seed}
+            for key in ("lira", "lira_offline", "raw_statistic"):
+                row.update({f"{key}_{k}": float(v) for k, v in res[key].items() if k in ("auc", "tpr_at_fpr_0.01", "tpr_at_fpr_0.001")})
+            row["epsilon"] = (res.get("target_privacy") or {}).get("epsilon")
+            rows.append(row)
+    (out / "membership.json").write_text(json.dumps(rows, indent=2, default=float), encoding="utf-8")
+    lines = ["| config | seed | epsilon | LiRA AUC | TPR@1%FPR | TPR@0.1%FPR | offline AUC | raw-statistic AUC |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['config']} | {r['seed']} | {_fmt(r['epsilon'])} | {_fmt(r.get('lira_auc'))} | {_fmt(r.get('lira_tpr_at_fpr_0.01'))} | "
+            f"{_fmt(r.get('lira_tpr_at_fpr_0.001'))} | {_fmt(r.get('lira_offline_auc'))} | {_fmt(r.get('raw_statistic_auc'))} |"
+        )
+    (out / "membership.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print("\n".join(lines))
+    return 0
+
 
 def _write_attack_outputs(out: Path, round_idx: int, results: list[Any], curves: dict[str, Any]) -> Path:
     from attacks.metrics import plot_roc

@@ -50,3 +50,19 @@ def test_secure_sums_hide_interactions(tmp_path, tiny_synthetic, split) -> None:
     auc = res[("interaction-magnitude", "server")].metrics["auc"]
     assert abs(auc - 0.5) < 0.1
     assert ("interaction-imia", "server") not in res
+
+
+def _audit_cfg(*extra):
+    base = [o for o in SMALL if not o.startswith("train.rounds")] + ["train.rounds=3", "grouping.method=oblivious", "train.selection=last"]
+    return with_overrides(config_from_dict({"method": "gfmfr"}), base + list(extra))
+
+
+def test_canary_audit_detects_without_dp_and_respects_dp(tiny_synthetic, split) -> None:
+    from attacks.canary_audit import gradient_canary_audit
+
+    no_dp = gradient_canary_audit(_audit_cfg(), tiny_synthetic, split, n_canaries=60, seed=1)
+    assert no_dp["eps_lower"] > 1.0  # canary updates stand out in an un-noised sum
+    assert no_dp["mean_in"] > no_dp["mean_out"] + 0.5
+    dp = gradient_canary_audit(_audit_cfg("privacy.mechanism=central", "privacy.epsilon=2", "privacy.delta=1e-3", "privacy.clip=0.5"),
+                               tiny_synthetic, split, n_canaries=60, seed=1)
+    assert dp["eps_lower"] <= dp["eps_claimed"] and dp["claimed_source"] == "accountant"

@@ -111,6 +111,7 @@ def run_federated(
     callbacks: Sequence[RoundCallback] = (),
     progress: bool = True,
     participants: np.ndarray | None = None,
+    upload_hook: Callable[[Any, int], Any] | None = None,
 ) -> FederatedRun:
     """Train a federated recommender as configured and score it.
 
@@ -123,6 +124,9 @@ def run_federated(
     participants : int64 user ids allowed to take part in training (default: every user
         with training data). Others never train or upload (membership experiments, DP
         audits); all users are still evaluated.
+    upload_hook : ``f(upload, round) -> upload`` called on the cohort's clipped uploads just
+        before aggregation; it may append synthetic clients (DP audits insert canary updates
+        this way). Appended clients never train and are not in the client store.
     """
     log = logger or logging.getLogger("gfmfr_secure")
     seed = int(cfg.seed)
@@ -248,15 +252,23 @@ def run_federated(
             upload = dataclasses.replace(upload, head_after=None)  # only server-side grouping needs it
         if client_groups is not None:
             upload = dataclasses.replace(upload, group=client_groups)
+        if upload_hook is not None:
+            upload = upload_hook(upload, t)
+            if client_groups is not None:
+                client_groups = upload.group
+            if n_groups and grouping in SERVER_GROUPING and len(upload) != len(update):
+                raise ConfigError("synthetic clients from upload_hook need client-side grouping (oblivious or none)")
 
         # ---- aggregation backend, then (paper mode) grouping by the server
-        weights = update.n_samples.astype(np.float64) if tc.weighting == "samples" else np.ones(len(update))
+        if tc.weighting == "samples" and len(upload) != len(update):
+            raise ConfigError("synthetic clients from upload_hook need train.weighting=uniform")
+        weights = update.n_samples.astype(np.float64) if tc.weighting == "samples" else np.ones(len(upload))
         server_grouped = bool(n_groups) and grouping in SERVER_GROUPING
         release_noise = shares = None
         if dp is not None and not server_grouped:  # groups are the clients' own: noise goes into the backend
             layout = ReleaseLayout(max(n_groups, 1), n_items, d, head_size, dp.count_value)
-            share_std = dp.share_std(len(update))
-            shares = NoiseShares(seed, t, cohort, share_std, layout) if share_std > 0 else None
+            share_std = dp.share_std(len(upload))
+            shares = NoiseShares(seed, t, upload.clients, share_std, layout) if share_std > 0 else None
             release_noise = ReleaseNoise(layout, central_noise(layout, dp.central_std(), seed, t), shares)
         agg = aggregator.aggregate(upload, n_items=n_items, weights=weights, groups=client_groups, n_groups=max(n_groups, 1), noise=release_noise)
         rec["cost"] = dict(aggregator.last_cost)
@@ -316,7 +328,7 @@ def run_federated(
                 optimizer=cfg.fusion.server_optimizer,
                 generator=torch_generator(seed, "fusion-shuffle", t),
             )
-            store.group[cohort] = labels  # each client knows its own group
+            store.group[cohort] = labels[: cohort.size]  # each client knows its own group
             rec["fusion_loss"] = float(fusion_losses[-1]) if fusion_losses else None
             rec["group_sizes"] = [round(float(c), 3) for c in agg.group_counts.tolist()]
         t2 = time.perf_counter()
