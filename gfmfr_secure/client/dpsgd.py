@@ -77,7 +77,8 @@ from gfmfr_secure.client.state import ClientStateStore
 from gfmfr_secure.errors import ConfigError
 from gfmfr_secure.models.backbones import BackboneSpec
 from gfmfr_secure.models.params import SharedParams, flatten_heads, unflatten_heads
-from gfmfr_secure.privacy.accounting import PrivacyEvent, PrivacyLedger, epsilon_for
+from gfmfr_secure.privacy.accounting import PrivacyEvent, PrivacyLedger, _check_delta, epsilon_for
+from gfmfr_secure.privacy.accounting import _check_noise_multiplier as _check_sigma
 from gfmfr_secure.rng import torch_generator
 from gfmfr_secure.types import CohortUpdate, LocalHyper
 
@@ -143,24 +144,10 @@ class DPSGDReport:
 # --------------------------------------------------------------------------- validation
 
 
-def _check_sigma(noise_multiplier: float) -> float:
-    value = float(noise_multiplier)
-    if not (math.isfinite(value) and value >= 0.0):
-        raise ConfigError(f"noise_multiplier must be finite and >= 0, got {noise_multiplier!r}")
-    return value
-
-
 def _check_clip(max_grad_norm: float) -> float:
     value = float(max_grad_norm)
     if not (math.isfinite(value) and value > 0.0):
         raise ConfigError(f"max_grad_norm must be finite and > 0, got {max_grad_norm!r}")
-    return value
-
-
-def _check_delta(delta: float) -> float:
-    value = float(delta)
-    if not 0.0 < value < 1.0:
-        raise ConfigError(f"delta must be in (0, 1), got {delta!r}")
     return value
 
 
