@@ -46,6 +46,7 @@ def register(subparsers: Any) -> None:
     t.add_argument("--out", required=True, help="output folder")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override applied to every config")
     t.add_argument("--imia-clients", type=int, default=100)
+    t.add_argument("--reuse", action="store_true", help="attack runs already in OUT/runs (with their views) instead of retraining")
     t.set_defaults(handler=_cmd_table)
 
     a = subparsers.add_parser(
@@ -217,7 +218,11 @@ def _cmd_table(args: argparse.Namespace) -> int:
         base = resolve_data_path(load_config(path, args.overrides), args.data)
         for seed in args.seeds:
             cfg = with_overrides(base, [f"seed={seed}", f"record.views_rounds=[{args.round}]"])
-            metrics, run_dir = train_and_record(cfg, out / "runs", name=f"{label}-seed{seed}", console=False, progress=False)
+            run_dir = out / "runs" / f"{label}-seed{seed}"
+            if args.reuse and (run_dir / "views").is_dir() and (run_dir / "metrics.json").is_file():
+                metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+            else:
+                metrics, run_dir = train_and_record(cfg, out / "runs", name=f"{label}-seed{seed}", console=False, progress=False)
             privacy[label] = {k: metrics["privacy"].get(k) for k in ("mechanism", "epsilon", "epsilon_if_covered", "noise_multiplier", "clip")}
             privacy[label]["backend"] = cfg.aggregation.backend
             privacy[label]["grouping"] = cfg.grouping.method
