@@ -5,9 +5,9 @@ Every attack here reads one recorded round (``views/round{t}-{observer}.pt``, se
 scored against ground truth the adversary never saw:
 
 - **interaction inference** (server): for each client of the round, its training
-  items against the same number of *popularity-matched* negatives (items drawn from
-  other users' interactions, so a score that ignores the client, such as item
-  popularity, has AUC about 0.5). Scores: the L2 norm of the client's uploaded
+  items against the same number of *popularity-matched* negatives (drawn from the same
+  popularity bin, so a score that ignores the client, such as item popularity, has AUC
+  about 0.5). Scores: the L2 norm of the client's uploaded
   item-table row (update-magnitude test) and IMIA (Yuan et al. 2023) under ``plain``;
   under a secure backend the server has only sums, so its best per-client score is the
   row norm of the released sum, identical for every client.
@@ -46,29 +46,41 @@ from gfmfr_secure.simulation.views import load_view
 __all__ = ["client_row_norms", "interaction_targets", "run_view_attacks"]
 
 
-def interaction_targets(split: Any, clients: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def interaction_targets(split: Any, clients: np.ndarray, seed: int, n_bins: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Evaluation pairs: each client's training items (label 1) and as many popularity-matched negatives (0).
 
-    Negatives are drawn from the pool of all training interactions (so with probability
-    proportional to popularity) and rejected when the client interacted with the item.
+    Items are put in ``n_bins`` bins of equal interaction mass by training popularity; for
+    every positive in bin ``b`` a negative is drawn uniformly from bin ``b``'s items the
+    client did not interact with. Positives and negatives then have the same popularity
+    profile, so a score that ignores the client (item popularity, or the row norms of a
+    released sum) has AUC close to 0.5: what remains is leakage about the client.
 
     Returns
     -------
     pos : int64 [P] cohort position of each pair; items : int64 [P]; labels : int8 [P].
     """
     rng = np.random.default_rng(seed)
-    pool = split.train_items
+    pop = np.bincount(split.train_items, minlength=split.n_items).astype(np.float64)
+    order = np.argsort(pop, kind="stable")
+    mass = np.cumsum(pop[order]) / max(pop.sum(), 1.0)
+    bin_of = np.empty(split.n_items, dtype=np.int64)
+    bin_of[order] = np.minimum((mass * n_bins).astype(np.int64), n_bins - 1)
+    members = [np.flatnonzero(bin_of == b) for b in range(n_bins)]
     pos_list, item_list, lab_list = [], [], []
     for j, u in enumerate(np.asarray(clients)):
         own = split.train_of(int(u))
         if own.size == 0:
             continue
-        draw = pool[rng.integers(0, pool.size, size=own.size * 4)]
-        draw = draw[~np.isin(draw, own)][: own.size]
-        pos_list += [np.full(own.size + draw.size, j)]
-        item_list += [own, draw]
-        lab_list += [np.ones(own.size, np.int8), np.zeros(draw.size, np.int8)]
-    return np.concatenate(pos_list), np.concatenate(item_list), np.concatenate(lab_list)
+        negs = []
+        for b, count in zip(*np.unique(bin_of[own], return_counts=True)):
+            cand = np.setdiff1d(members[b], own, assume_unique=True)
+            if cand.size:
+                negs.append(rng.choice(cand, size=int(count), replace=cand.size < count))
+        neg = np.concatenate(negs) if negs else np.zeros(0, np.int64)
+        pos_list.append(np.full(own.size + neg.size, j))
+        item_list += [own, neg]
+        lab_list += [np.ones(own.size, np.int8), np.zeros(neg.size, np.int8)]
+    return np.concatenate(pos_list), np.concatenate(item_list).astype(np.int64), np.concatenate(lab_list)
 
 
 def _shares(rec: dict[str, Any] | None) -> NoiseShares | None:

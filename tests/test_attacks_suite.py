@@ -66,3 +66,11 @@ def test_canary_audit_detects_without_dp_and_respects_dp(tiny_synthetic, split) 
     dp = gradient_canary_audit(_audit_cfg("privacy.mechanism=central", "privacy.epsilon=2", "privacy.delta=1e-3", "privacy.clip=0.5"),
                                tiny_synthetic, split, n_canaries=60, seed=1)
     assert dp["eps_lower"] <= dp["eps_claimed"] and dp["claimed_source"] == "accountant"
+
+
+def test_popularity_alone_scores_about_half(split) -> None:
+    pos, items, y = interaction_targets(split, np.arange(split.n_users), seed=3)
+    pop = np.bincount(split.train_items, minlength=split.n_items)
+    from attacks.metrics import attack_metrics
+
+    assert abs(attack_metrics(y, pop[items].astype(float))["auc"] - 0.5) < 0.08
