@@ -187,6 +187,15 @@ def run_view_attacks(
             s = sc[row_of, items[keep]]
             s = np.where(np.isfinite(s), s, np.nanmin(s[np.isfinite(s)]) - 1.0 if np.isfinite(s).any() else 0.0)
             results.append(_result("interaction-imia", "server", y[keep], s, {**label_note, "clients": int(chosen.size)}))
+            # the harder question the IMIA paper asks: among the rows a client uploaded
+            # (its items and its sampled negatives), which are its items?
+            ptr = np.asarray(per_client["row_ptr"])
+            up_pos = np.concatenate([np.full(int(ptr[j + 1] - ptr[j]), k) for k, j in enumerate(chosen)])
+            up_items = np.concatenate([np.asarray(per_client["row_items"][ptr[j] : ptr[j + 1]]) for j in chosen])
+            up_y = np.concatenate([np.isin(per_client["row_items"][ptr[j] : ptr[j + 1]], split.train_of(int(clients[j]))) for j in chosen]).astype(np.int8)
+            note = {**label_note, "clients": int(chosen.size), "source": "uploaded rows only"}
+            results.append(_result("interaction-imia-uploaded", "server", up_y, sc[up_pos, up_items], note))
+            results.append(_result("interaction-magnitude-uploaded", "server", up_y, norms[chosen[up_pos], up_items], note))
     else:
         row = received["item_sum"].norm(dim=1).numpy()
         results.append(_result("interaction-magnitude", "server", y, row[items], {**label_note, "source": "released sum (no per-client data)"}))
