@@ -267,3 +267,14 @@ def test_views_are_recorded_and_read_back(tiny_synthetic, split, tmp_path) -> No
     assert outsider["received"] == {} and "teacher" in outsider["released"] and "groups" in outsider["truth"]
     with pytest.raises(FileNotFoundError, match="recorded: round1"):
         load_view(tmp_path / "views", 0, "server")
+
+
+def test_adaptive_clipping_moves_the_clip(tiny_synthetic, split) -> None:
+    c = cfg("grouping.method=oblivious", "train.selection=last", "privacy.mechanism=central", "privacy.noise_multiplier=1.0",
+            "privacy.clip=1e-4", "privacy.adaptive_clip=true", "privacy.clip_count_stddev=5")
+    run = run_federated(c, tiny_synthetic, split, progress=False)
+    clips = [h["dp"]["clip"] for h in run.history if "dp" in h]
+    assert clips[0] == pytest.approx(1e-4) and clips[-1] > clips[0]  # every update was clipped: C grows
+    p = run.metrics["privacy"]
+    assert p["update_noise_multiplier"] > p["noise_multiplier"]  # part of sigma pays for the count
+    assert p["epsilon"] == pytest.approx(epsilon_for(1.0, 1.0, 3, 1e-4), rel=1e-9)
