@@ -94,7 +94,9 @@ class CKKSAggregatorBackend(Aggregator):
         dec_s = time.perf_counter() - t0
         self.last_cost = {
             "bytes_up_per_client": up_bytes / max(n, 1),
-            "bytes_down_per_client": float(len(keys.client_context_bytes())) / max(self.rounds_done + 1, 1),
+            # the context (public key, or the shared secret key) is downloaded once, in the first round
+            "bytes_down_per_client": float(len(keys.client_context_bytes())) if self.rounds_done == 0 else 0.0,
+            "context_bytes": float(len(keys.client_context_bytes())),
             "plain_dense_bytes_per_client": 4.0 * dim,
             "client_s": enc_s / max(n, 1),
             "server_s": t_server,
