@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from client_setup import make_setup
 
 from gfmfr_secure.client.cohort import train_cohort
 from gfmfr_secure.client.dpsgd import (
@@ -16,9 +17,7 @@ from gfmfr_secure.client.dpsgd import (
     train_cohort_dpsgd,
 )
 from gfmfr_secure.client.local import train_client
-from gfmfr_secure.client.state import ClientStateStore
 from gfmfr_secure.errors import ConfigError
-from gfmfr_secure.models import get_backbone, init_shared_params
 from gfmfr_secure.privacy.accounting import epsilon_for
 from gfmfr_secure.types import LocalHyper
 
@@ -36,16 +35,7 @@ def _hyper(**kw) -> LocalHyper:
 
 
 def _setup(name: str):
-    spec = get_backbone(name)
-    shared = init_shared_params(I, D, torch.Generator().manual_seed(1))
-    store = ClientStateStore.create(
-        U, I, D,
-        user_embedding=spec.user_embedding,
-        personal_items=spec.personal_items,
-        private_head=shared.head_flat() if spec.private_head else None,
-        generator=torch.Generator().manual_seed(2),
-    )
-    return spec, shared, store
+    return make_setup(name, U, I, D)
 
 
 def _client_samples(m: int = 30, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

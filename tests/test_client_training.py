@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from client_setup import make_setup
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gfmfr_secure.client.cohort import train_cohort
 from gfmfr_secure.client.local import train_client
 from gfmfr_secure.client.plan import build_step_plan
-from gfmfr_secure.client.state import ClientStateStore, RowStore
-from gfmfr_secure.models import get_backbone, init_shared_params
+from gfmfr_secure.client.state import RowStore
 from gfmfr_secure.types import LocalHyper
 
 U, I, D = 7, 40, 8
@@ -34,16 +34,7 @@ def _hyper(**kw) -> LocalHyper:
 
 
 def _setup(name: str):
-    spec = get_backbone(name)
-    shared = init_shared_params(I, D, torch.Generator().manual_seed(1))
-    store = ClientStateStore.create(
-        U, I, D,
-        user_embedding=spec.user_embedding,
-        personal_items=spec.personal_items,
-        private_head=shared.head_flat() if spec.private_head else None,
-        generator=torch.Generator().manual_seed(2),
-    )
-    return spec, shared, store
+    return make_setup(name, U, I, D)
 
 
 @pytest.mark.parametrize("backbone", ["fedrap", "fedncf", "pfedrec"])
