@@ -127,6 +127,18 @@ def scalar_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, float
     return out
 
 
+def one_vs_rest_metrics(labels: np.ndarray, scores: np.ndarray, classes: np.ndarray) -> dict[str, float]:
+    """Micro-averaged one-vs-rest ROC metrics of a classifier (AUC, TPR at 1% and 0.1% FPR).
+
+    Every (target, class) pair is one decision "the target has this class", scored by
+    the class score; rows with NaN scores are dropped.
+    """
+    keep = ~np.isnan(scores).any(axis=1)
+    onehot = (np.asarray(labels)[keep, None] == np.asarray(classes)[None, :]).astype(np.int8)
+    m = attack_metrics(onehot.ravel(), scores[keep].ravel())
+    return {"auc_ovr": m["auc"], "tpr_at_fpr_0.01": m["tpr_at_fpr_0.01"], "tpr_at_fpr_0.001": m["tpr_at_fpr_0.001"]}
+
+
 def _result(name: str, observer: str, y: np.ndarray, s: np.ndarray, details: dict[str, Any]) -> AttackResult:
     m = scalar_metrics(attack_metrics(y, s))
     return AttackResult(name=name, observer=observer, metrics=m, n_targets=int(y.size), details={**details, "roc": (y, s)})
@@ -219,7 +231,8 @@ def run_view_attacks(
         for attr, labels in (("gender", gender), ("age", age)):
             res = attribute_inference(feats, labels, labelled_fraction=labelled_fraction, seed=seed)
             upper = attribute_inference(raw, labels, labelled_fraction=labelled_fraction, seed=seed)
-            metrics = {**res, "upper_bound_raw_interactions": {k: upper[k] for k in ("auc", "accuracy") if k in upper}}
+            ovr = one_vs_rest_metrics(labels[res["test_index"]], np.asarray(res["proba"]), np.asarray(res["classes"]))
+            metrics = {**res, **{k: v for k, v in ovr.items() if k != "auc_ovr"}, "upper_bound_raw_interactions": {k: upper[k] for k in ("auc", "accuracy") if k in upper}}
             results.append(
                 AttackResult(name=f"attribute-{attr}", observer="server", metrics=scalar_metrics(metrics), n_targets=int(clients.size), details={**label_note, "source": source})
             )
@@ -234,8 +247,9 @@ def run_view_attacks(
         # (an empty group keeps 0.5 everywhere), which says nothing about membership
         t = teacher.double()
         z = ((t - t.mean(1, keepdim=True)) / t.std(1, keepdim=True).clamp(min=1e-12)).numpy()
-        inferred = group_inference(z, (indptr, user_items), np.asarray(true_groups))
-        inferred = scalar_metrics(inferred)
+        raw_inferred = group_inference(z, (indptr, user_items), np.asarray(true_groups))
+        ovr = one_vs_rest_metrics(np.asarray(true_groups), np.asarray(raw_inferred["scores"], dtype=np.float64), np.arange(z.shape[0]))
+        inferred = {**scalar_metrics(raw_inferred), "auc": ovr["auc_ovr"], "tpr_at_fpr_0.01": ovr["tpr_at_fpr_0.01"], "tpr_at_fpr_0.001": ovr["tpr_at_fpr_0.001"]}
         results.append(
             AttackResult(name="group-membership", observer="outsider", metrics=inferred, n_targets=int(clients.size), details={"source": "released group preferences + the user's items"})
         )
@@ -243,7 +257,11 @@ def run_view_attacks(
         results.append(
             AttackResult(
                 name="group-membership", observer="server",
-                metrics=({"accuracy": 1.0, "baseline_accuracy": 1.0 / max(teacher.shape[0], 1)} if server_knows else inferred),
+                metrics=(
+                    {"accuracy": 1.0, "auc": 1.0, "tpr_at_fpr_0.01": 1.0, "tpr_at_fpr_0.001": 1.0, "baseline_accuracy": 1.0 / max(teacher.shape[0], 1)}
+                    if server_knows
+                    else inferred
+                ),
                 n_targets=int(clients.size),
                 details={"source": "the server assigned the groups" if server_knows else "released group preferences + the user's items"},
             )
