@@ -254,6 +254,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(
         f"test HR@10={_fmt(test.get('HR@10'))} NDCG@10={_fmt(test.get('NDCG@10'))} run: {run_dir}"
     )
+    privacy = metrics.get("privacy") or {}
+    if privacy.get("mechanism", "none") != "none":
+        if privacy.get("epsilon") is not None:
+            print(
+                f"privacy: epsilon={privacy['epsilon']:.4g} delta={privacy.get('delta')} "
+                f"({privacy.get('accountant')}, {privacy.get('mechanism')}, unit: {privacy.get('unit')})"
+            )
+        else:
+            print(f"privacy: no epsilon holds for this run: {privacy.get('epsilon_withheld_because', 'sigma is 0')}")
     return 0
 
 
