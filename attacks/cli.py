@@ -47,6 +47,10 @@ def register(subparsers: Any) -> None:
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override applied to every config")
     t.add_argument("--imia-clients", type=int, default=100)
     t.add_argument("--reuse", action="store_true", help="attack runs already in OUT/runs (with their views) instead of retraining")
+    t.add_argument(
+        "--membership-shadows", type=int, default=0, metavar="N",
+        help="also run the outsider's user-level membership inference (LiRA, N shadow trainings per config and seed); 0 = skip",
+    )
     t.set_defaults(handler=_cmd_table)
 
     a = subparsers.add_parser(
@@ -231,6 +235,17 @@ def _cmd_table(args: argparse.Namespace) -> int:
                 if "accuracy" not in m and "best_accuracy" in r.metrics:
                     m["accuracy"] = float(r.metrics["best_accuracy"])
                 cells.setdefault((r.name, label, r.observer), []).append(m)
+            if args.membership_shadows > 0:
+                from attacks.experiments import user_membership_experiment
+                from gfmfr_secure.simulation.runner import prepare_data
+
+                data, split = prepare_data(cfg)
+                res = user_membership_experiment(with_overrides(cfg, ["record.views_rounds=[]"]), data, split, n_shadows=args.membership_shadows, seed=seed)
+                lira = res["lira"]
+                m = {k: float(lira[k]) for k in ("auc", "tpr_at_fpr_0.01", "tpr_at_fpr_0.001") if k in lira}
+                m["accuracy"] = float(lira.get("best_accuracy", float("nan")))
+                m["baseline_accuracy"] = 0.5
+                cells.setdefault(("user-membership-lira", label, "outsider"), []).append(m)
     summary = {f"{a}|{c}|{o}": aggregate_runs(v) for (a, c, o), v in cells.items()}
     out.mkdir(parents=True, exist_ok=True)
     (out / "attacks.json").write_text(json.dumps({"cells": summary, "configs": privacy}, indent=2, default=float), encoding="utf-8")

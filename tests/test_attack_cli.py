@@ -36,3 +36,12 @@ def test_audit_command_passes_under_dp(ml100k_dir, tmp_path, capsys) -> None:
     rows = json.loads((tmp_path / "audit.json").read_text())
     assert rows[0]["passed"] and rows[0]["eps_lower"] <= rows[0]["eps_claimed"]
     assert "empirical lower bound" in capsys.readouterr().out
+
+
+def test_attack_table_with_outsider_membership(ml100k_dir, tmp_path, capsys) -> None:
+    status = main(["attack-table", "configs/attacks/masking-nodp.yaml", "--seeds", "0", "--data", str(ml100k_dir), "--out", str(tmp_path),
+                   "--imia-clients", "0", "--membership-shadows", "2", *_sets("aggregation.neighbours=8")])
+    assert status == 0
+    table = (tmp_path / "attacks.md").read_text()
+    assert "user-membership-lira | masking-nodp | outsider" in table
+    assert "interaction-magnitude | masking-nodp | server" in table
