@@ -36,6 +36,7 @@ from gfmfr_secure.errors import ConfigError, DataError
 
 __all__ = [
     "GROUPERS",
+    "SERVER_GROUPING",
     "Grouper",
     "KMeansGrouper",
     "SpectralGrouper",
@@ -47,6 +48,9 @@ __all__ = [
     "rbf_gamma_median",
     "register_grouper",
 ]
+
+#: grouping methods the server runs over individual client features (they need per-client exposure)
+SERVER_GROUPING = ("spectral", "kmeans")
 
 
 # --------------------------------------------------------------------------- checks
