@@ -63,12 +63,16 @@ def _append_canaries(upload: CohortUpdate, dirs: torch.Tensor, members: np.ndarr
     )
 
 
-def gradient_canary_audit(cfg: Any, data: Any, split: Any, *, n_canaries: int = 50, seed: int = 0, alpha: float = 0.05) -> dict[str, Any]:
+def gradient_canary_audit(
+    cfg: Any, data: Any, split: Any, *, n_canaries: int = 50, seed: int = 0, alpha: float = 0.05, scale: float = 1.0
+) -> dict[str, Any]:
     """Run ``cfg`` once with canary updates inserted every round and audit its claimed epsilon.
 
     Needs ``grouping.method`` oblivious or none (canaries choose their group at random)
     and uniform weighting. Raises :class:`attacks.audit.AuditViolation` when the empirical
-    lower bound exceeds the accountant's epsilon.
+    lower bound exceeds the accountant's epsilon. ``scale`` multiplies the canary's norm; it
+    must be at most 1 under DP (a canary above the clip C would break the sensitivity the
+    accountant assumes), and may be larger without DP to show the audit's power.
 
     Returns
     -------
@@ -78,7 +82,10 @@ def gradient_canary_audit(cfg: Any, data: Any, split: Any, *, n_canaries: int = 
     if n_canaries < 2:
         raise ValueError(f"n_canaries must be >= 2, got {n_canaries}")
     pc = cfg.privacy
-    clip = float(pc.clip) if (pc.mechanism in ("central", "distributed", "local") and math.isfinite(pc.clip)) else 1.0
+    dp_on = pc.mechanism in ("central", "distributed", "local")
+    if not (0 < scale < math.inf) or (dp_on and scale > 1.0):
+        raise ValueError(f"canary scale must be in (0, 1] under DP (and > 0 and finite otherwise), got {scale!r}")
+    clip = (float(pc.clip) if (dp_on and math.isfinite(pc.clip)) else 1.0) * float(scale)
     n_items, d = split.n_items, cfg.model.latent_dim
     first_id = split.n_users  # canary ids follow the real users
     members: dict[int, np.ndarray] = {}

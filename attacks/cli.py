@@ -67,6 +67,7 @@ def register(subparsers: Any) -> None:
     a.add_argument("configs", nargs="+")
     a.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     a.add_argument("--canaries", type=int, default=200, help="canary clients per round (default 200)")
+    a.add_argument("--canary-scale", type=float, default=1.0, help="canary norm in units of the clip C (at most 1 under DP; default 1)")
     a.add_argument("--data")
     a.add_argument("--out", required=True)
     a.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -107,7 +108,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         cfg, data, split = _load(path, args.overrides, args.data)
         for seed in args.seeds:
             try:
-                res = gradient_canary_audit(with_overrides(cfg, [f"seed={seed}"]), data, split, n_canaries=args.canaries, seed=seed)
+                res = gradient_canary_audit(with_overrides(cfg, [f"seed={seed}"]), data, split, n_canaries=args.canaries, seed=seed, scale=args.canary_scale)
             except AuditViolation as err:
                 failed = True
                 res = {"eps_lower": float("nan"), "eps_claimed": float("nan"), "claimed_source": f"VIOLATION: {err}", "passed": False, "n_in": 0, "n_out": 0}

@@ -74,3 +74,10 @@ def test_popularity_alone_scores_about_half(split) -> None:
     from attacks.metrics import attack_metrics
 
     assert abs(attack_metrics(y, pop[items].astype(float))["auc"] - 0.5) < 0.08
+
+
+def test_canary_scale_above_clip_is_refused_under_dp(tiny_synthetic, split) -> None:
+    from attacks.canary_audit import gradient_canary_audit
+
+    with pytest.raises(ValueError, match="at most 1 under DP|in \\(0, 1\\] under DP"):
+        gradient_canary_audit(_audit_cfg("privacy.mechanism=central", "privacy.noise_multiplier=1"), tiny_synthetic, split, n_canaries=4, scale=2.0)
