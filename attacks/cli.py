@@ -185,13 +185,14 @@ def _fmt(v: Any) -> str:
     return f"{float(v):.3f}" if isinstance(v, (int, float)) else str(v)
 
 
-def attack_run(run_dir: Path, round_idx: int, data_dir: str | None, seed: int, imia_clients: int) -> list[Any]:
+def attack_run(run_dir: Path, round_idx: int, data_dir: str | None, seed: int, imia_clients: int, loaded: tuple[Any, Any] | None = None) -> list[Any]:
+    """Attack one recorded run; ``loaded`` = (data, split) already prepared for its config, else loaded here."""
     from attacks.suite import run_view_attacks
     from gfmfr_secure.config import load_config, resolve_data_path
     from gfmfr_secure.simulation.runner import prepare_data
 
     cfg = resolve_data_path(load_config(run_dir / "config.yaml"), data_dir)
-    data, split = prepare_data(cfg)
+    data, split = loaded if loaded is not None else prepare_data(cfg)
     results = run_view_attacks(run_dir / "views", round_idx, data, split, seed=seed, imia_clients=imia_clients, num_negatives=cfg.train.num_negatives)
     curves = {f"{r.name} ({r.observer})": r.details["roc"] for r in results if "roc" in r.details}
     _write_attack_outputs(run_dir / "attacks", round_idx, results, curves)
@@ -214,6 +215,7 @@ def _cmd_table(args: argparse.Namespace) -> int:
     from attacks.metrics import aggregate_runs
     from gfmfr_secure.config import load_config, resolve_data_path, with_overrides
     from gfmfr_secure.simulation.record import train_and_record
+    from gfmfr_secure.simulation.runner import prepare_data
 
     out = Path(args.out)
     cells: dict[tuple[str, str, str], list[dict[str, float]]] = {}
@@ -221,6 +223,7 @@ def _cmd_table(args: argparse.Namespace) -> int:
     for path in args.configs:
         label = Path(path).stem
         base = resolve_data_path(load_config(path, args.overrides), args.data)
+        loaded = None
         for seed in args.seeds:
             cfg = with_overrides(base, [f"seed={seed}", f"record.views_rounds=[{args.round}]"])
             run_dir = out / "runs" / f"{label}-seed{seed}"
@@ -231,16 +234,17 @@ def _cmd_table(args: argparse.Namespace) -> int:
             privacy[label] = {k: metrics["privacy"].get(k) for k in ("mechanism", "epsilon", "epsilon_if_covered", "noise_multiplier", "clip")}
             privacy[label]["backend"] = cfg.aggregation.backend
             privacy[label]["grouping"] = cfg.grouping.method
-            for r in attack_run(run_dir, args.round, args.data, seed, args.imia_clients):
+            if loaded is None:  # the dataset does not depend on the seed: load it once per config
+                loaded = prepare_data(base)
+            for r in attack_run(run_dir, args.round, args.data, seed, args.imia_clients, loaded):
                 m = {k: float(r.metrics[k]) for k in TABLE_METRICS if isinstance(r.metrics.get(k), (int, float))}
                 if "accuracy" not in m and "best_accuracy" in r.metrics:
                     m["accuracy"] = float(r.metrics["best_accuracy"])
                 cells.setdefault((r.name, label, r.observer), []).append(m)
             if args.membership_shadows > 0:
                 from attacks.experiments import user_membership_experiment
-                from gfmfr_secure.simulation.runner import prepare_data
 
-                data, split = prepare_data(cfg)
+                data, split = loaded
                 res = user_membership_experiment(with_overrides(cfg, ["record.views_rounds=[]"]), data, split, n_shadows=args.membership_shadows, seed=seed)
                 lira = res["lira"]
                 m = {k: float(lira[k]) for k in ("auc", "tpr_at_fpr_0.01", "tpr_at_fpr_0.001") if k in lira}

@@ -18,8 +18,12 @@ from typing import Any
 import numpy as np
 
 from gfmfr_secure.aggregation.base import Aggregator, register_aggregator
-from gfmfr_secure.aggregation.layout import decode_sum
-from gfmfr_secure.aggregation.masking import check_uniform, noisy_dense_uploads, secure_layout
+from gfmfr_secure.aggregation.layout import (
+    check_uniform,
+    decode_sum,
+    noisy_dense_uploads,
+    secure_layout,
+)
 from gfmfr_secure.privacy.release import ReleaseNoise
 from gfmfr_secure.types import AggregateResult, CohortUpdate, Exposure
 

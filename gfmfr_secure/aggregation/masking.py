@@ -17,36 +17,18 @@ import time
 import numpy as np
 
 from gfmfr_secure.aggregation.base import Aggregator, register_aggregator
-from gfmfr_secure.aggregation.layout import decode_sum, dense_uploads
+from gfmfr_secure.aggregation.layout import (
+    check_uniform,
+    decode_sum,
+    noisy_dense_uploads,
+    secure_layout,
+)
 from gfmfr_secure.errors import ConfigError
-from gfmfr_secure.privacy.release import ReleaseLayout, ReleaseNoise
+from gfmfr_secure.privacy.release import ReleaseNoise
 from gfmfr_secure.rng import derive_seed, numpy_rng
 from gfmfr_secure.types import AggregateResult, CohortUpdate, Exposure
 
-__all__ = ["MaskingAggregator", "secure_layout"]
-
-
-def secure_layout(update: CohortUpdate, n_items: int, groups: np.ndarray | None, n_groups: int, noise: ReleaseNoise | None) -> ReleaseLayout:
-    """The layout a secure backend sums: the DP layout when DP is on, else one with count 1."""
-    if noise is not None:
-        return noise.layout
-    head = 0 if update.head_delta is None else int(update.head_delta.shape[1])
-    return ReleaseLayout(n_groups if groups is not None else 1, n_items, int(update.item_delta.shape[1]), head, 1.0)
-
-
-def noisy_dense_uploads(update: CohortUpdate, layout: ReleaseLayout, groups: np.ndarray | None, noise: ReleaseNoise | None) -> np.ndarray:
-    """float32 [n, G * block]: each client's dense upload plus its own noise share."""
-    vectors = dense_uploads(update, layout, groups)
-    if noise is not None and noise.shares is not None:
-        for i in range(len(update)):
-            vectors[i] += noise.shares.client(i).reshape(-1).numpy()
-    return vectors
-
-
-def check_uniform(weights: np.ndarray, backend: str) -> None:
-    """Secure sums are unweighted: FedAvg weights must all be 1."""
-    if not np.all(np.asarray(weights) == 1.0):
-        raise ConfigError(f"aggregation.backend={backend!r} sums uploads without weights: set train.weighting=uniform")
+__all__ = ["MaskingAggregator"]
 
 
 @register_aggregator("masking")

@@ -65,18 +65,18 @@ class RecordLevelDP:
     def report(self, cfg: Any, grouping: str, n_groups: int) -> dict[str, Any]:
         eps = self.epsilons()
         worst = max(eps.values()) if eps else 0.0
-        not_covered = []
+        # releases the record-level epsilon does not cover: any of them withholds it
+        withheld = []
         if not self.pc.dpsgd_all_rows:
-            not_covered.append("which item rows each client uploads (the items it trained on); set privacy.dpsgd_all_rows=true")
+            withheld.append("which item rows each client uploads (the items it trained on); set privacy.dpsgd_all_rows=true")
         if n_groups and grouping in SERVER_GROUPING:
-            not_covered.append(f"{grouping} grouping reads each client's head (covered per record only through DP-SGD's post-processing)")
+            withheld.append(f"{grouping} grouping reads each client's head (covered per record only through DP-SGD's post-processing)")
         if cfg.train.selection == "best-val":
-            not_covered.append("model selection and early stopping on validation metrics computed from users' held-out items")
-        not_covered.append("user-level privacy: the unit is one interaction; a user's whole history is not protected")
-        covered_units = not_covered[:-1]
+            withheld.append("model selection and early stopping on validation metrics computed from users' held-out items")
+        not_covered = [*withheld, "user-level privacy: the unit is one interaction; a user's whole history is not protected"]
         report = {
             "mechanism": "dpsgd",
-            "epsilon": None if covered_units or self.pc.dpsgd_noise_multiplier == 0 else worst,
+            "epsilon": None if withheld or self.pc.dpsgd_noise_multiplier == 0 else worst,
             "epsilon_if_covered": worst,
             "epsilon_median_client": float(np.median(list(eps.values()))) if eps else 0.0,
             "delta": self.pc.delta,
@@ -90,8 +90,8 @@ class RecordLevelDP:
             "covers": ["each client's uploaded update (Opacus DP-SGD on its own examples) and everything computed from uploads"],
             "not_covered": not_covered,
         }
-        if covered_units:
-            report["epsilon_withheld_because"] = "; ".join(covered_units)
+        if withheld:
+            report["epsilon_withheld_because"] = "; ".join(withheld)
         return report
 
 
