@@ -278,3 +278,17 @@ def test_adaptive_clipping_moves_the_clip(tiny_synthetic, split) -> None:
     p = run.metrics["privacy"]
     assert p["update_noise_multiplier"] > p["noise_multiplier"]  # part of sigma pays for the count
     assert p["epsilon"] == pytest.approx(epsilon_for(1.0, 1.0, 3, 1e-4), rel=1e-9)
+
+
+def test_local_dp_in_the_loop(tiny_synthetic, split) -> None:
+    views = []
+    run = run_federated(
+        cfg("grouping.method=oblivious", "train.selection=last", "privacy.mechanism=local", "privacy.noise_multiplier=0.05", "privacy.clip=0.5"),
+        tiny_synthetic, split, progress=False, callbacks=[views.append],
+    )
+    p = run.metrics["privacy"]
+    assert p["sample_rate"] == 1.0 and "replace" in p["relation"]
+    assert p["epsilon"] == pytest.approx(epsilon_for(0.05, 1.0, 3, 1e-4), rel=1e-9)
+    server = [v for v in views if v.observer == "server"][0]
+    shares = server.received["noise_shares"]
+    assert server.received["upload_format"] == "dense" and shares.std == pytest.approx(2 * 0.5 * 0.05)
