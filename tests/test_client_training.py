@@ -66,6 +66,38 @@ def test_cohort_equals_per_client_path(backbone: str, distill: bool) -> None:
         torch.testing.assert_close(store_a.ema_ratio, store_b.ema_ratio, rtol=1e-4, atol=1e-6, equal_nan=True)
 
 
+@pytest.mark.parametrize("chunk", [1, 2, 5])
+def test_client_blocks_do_not_change_the_update(chunk: int) -> None:
+    """Splitting a step into blocks of clients is an execution detail: the same update up to
+    float rounding (batched matrix products may block differently)."""
+    spec, shared, store_a = _setup("fedrap")
+    store_b = store_a.snapshot()
+    indptr, items, labels = _samples(4)
+    hyper = _hyper()
+    teacher = torch.rand(3, I, generator=torch.Generator().manual_seed(8))
+    clients = np.arange(U)
+    groups = clients % 3
+    ref = train_cohort(shared, store_a, spec, clients, indptr, items, labels, hyper, teacher=teacher, groups=groups)
+    got = train_cohort(shared, store_b, spec, clients, indptr, items, labels, hyper, teacher=teacher, groups=groups, chunk_clients=chunk)
+    torch.testing.assert_close(got.item_delta, ref.item_delta, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.head_after, ref.head_after, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(store_b.personal.values, store_a.personal.values, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got.loss, ref.loss, rtol=1e-6)
+
+
+def test_repeated_rows_in_a_batch_get_every_gradient() -> None:
+    """An item drawn twice in one batch is updated with the sum of both gradients (as autograd does)."""
+    spec, shared, store_a = _setup("fedncf")
+    store_b = store_a.snapshot()
+    items = np.array([3, 3, 3, 7, 7, 1])
+    labels = np.array([1, 0, 0, 1, 0, 0], dtype=np.float32)
+    indptr = np.array([0, 6] + [6] * (U - 1))
+    hyper = _hyper(distill=0.0, epochs=1, batch_size=8)
+    up = train_cohort(shared, store_a, spec, np.array([0]), indptr, items, labels, hyper)
+    one = train_client(shared, store_b, spec, 0, items, labels, hyper, teacher_row=None, group=-1)
+    torch.testing.assert_close(up.item_delta, one.item_delta, atol=1e-6, rtol=1e-5)
+
+
 def test_shared_params_not_modified_and_private_rows_sparse() -> None:
     spec, shared, store = _setup("fedrap")
     before = shared.clone()

@@ -32,7 +32,11 @@ from gfmfr_secure.models.backbones import BackboneSpec
 from gfmfr_secure.models.params import SharedParams, flatten_heads, unflatten_heads
 from gfmfr_secure.types import CohortUpdate, LocalHyper
 
-__all__ = ["train_cohort", "cohort_samples"]
+__all__ = ["CHUNK_SAMPLES", "cohort_samples", "train_cohort"]
+
+#: Samples per block of clients in one step (block = CHUNK_SAMPLES // batch_size clients):
+#: about 12k samples keep a block's [nk, B, d] intermediates (about 3 MiB each) in cache.
+CHUNK_SAMPLES = 12288
 
 
 def cohort_samples(indptr: np.ndarray, items: np.ndarray, labels: np.ndarray, clients: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -52,6 +56,51 @@ def _xlogx(q: torch.Tensor) -> torch.Tensor:
     return torch.xlogy(q, q)
 
 
+def _duplicate_slots(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Slots of a batch whose row already occurs earlier in the same batch.
+
+    ``rows`` is int64 [nk, B] (one batch per client; a negative drawn twice, or the
+    shared padding row, repeats). Returns flat slot indices (``dup``, ``first``): each
+    repeated slot and the first slot of its row, or None when every row is unique.
+    """
+    nk, width = rows.shape
+    sorted_rows, perm = torch.sort(rows, dim=1, stable=True)
+    starts = torch.ones_like(sorted_rows, dtype=torch.bool)
+    starts[:, 1:] = sorted_rows[:, 1:] != sorted_rows[:, :-1]
+    if bool(starts.all()):
+        return None
+    pos = torch.arange(width).expand(nk, width)
+    run_start = torch.where(starts, pos, torch.zeros_like(pos)).cummax(dim=1).values  # [nk, B]
+    flat = torch.nonzero(~starts.view(-1)).squeeze(1)  # repeated slots, in sorted order
+    base = flat - flat % width
+    perm = perm.view(-1)
+    return perm.index_select(0, flat) + base, perm.index_select(0, run_start.view(-1).index_select(0, flat) + base) + base
+
+
+def _sgd_rows_(
+    table: torch.Tensor,
+    rows: torch.Tensor,
+    old: torch.Tensor,
+    grad: torch.Tensor,
+    lr: float,
+    dups: tuple[torch.Tensor, torch.Tensor] | None,
+) -> None:
+    """``table[rows] -= lr * grad``, summing the gradients of repeated rows.
+
+    ``old`` [.., d] holds ``table[rows]`` as gathered for this step. The new rows are
+    computed out of place and written back with one ``index_copy_``, which (unlike a
+    scatter-add) runs in parallel; a row that occurs several times gets all its
+    gradients and every occurrence writes the same value.
+    """
+    d = table.shape[1]
+    new = torch.add(old.reshape(-1, d), grad.reshape(-1, d), alpha=-lr)
+    if dups is not None:
+        dup, first = dups
+        new.index_add_(0, first, grad.reshape(-1, d).index_select(0, dup), alpha=-lr)
+        new.index_copy_(0, dup, new.index_select(0, first))
+    table.index_copy_(0, rows, new)
+
+
 @torch.no_grad()
 def train_cohort(
     shared: SharedParams,
@@ -65,6 +114,7 @@ def train_cohort(
     *,
     teacher: torch.Tensor | None = None,
     groups: np.ndarray | None = None,
+    chunk_clients: int | None = None,
 ) -> CohortUpdate:
     """Train every client of ``clients`` locally for one round and return their uploads.
 
@@ -79,6 +129,8 @@ def train_cohort(
     hyper : this round's local hyperparameters.
     teacher : [G, I] group preference scores q, or None (no distillation this round).
     groups : int64 [n] group of each client (-1 = none, no distillation for it).
+    chunk_clients : clients per block within a step (default ``CHUNK_SAMPLES // batch_size``);
+        any value gives the same result, it only trades cache use against call overhead.
 
     Returns
     -------
@@ -131,96 +183,114 @@ def train_cohort(
         q_sample[torch.from_numpy(np.flatnonzero(sel))] = teacher[torch.from_numpy(g[owner[sel]]), torch.from_numpy(items[sel])].float()
     ema = store.ema_ratio[torch.from_numpy(clients)][order_t].clone()
 
-    sample_row = torch.from_numpy(inverse.reshape(-1))
-    labels_t = torch.from_numpy(np.asarray(labels, dtype=np.float32))
+    # Padding slots of the step grid (entry -1) read and write one dummy row appended
+    # to the local tables; their gradient is exactly zero, so the dummy row stays 0.
+    # Sample ids are shifted by one so that -1 selects it.
+    n_rows = int(uniq.size)
+    sample_row = torch.from_numpy(np.concatenate([[n_rows], inverse.reshape(-1)]).astype(np.int64))
+    labels_t = torch.from_numpy(np.concatenate([[0.0], np.asarray(labels, dtype=np.float32)]).astype(np.float32))
+    q_ext = torch.cat([torch.zeros(1), q_sample]) if q_sample is not None else None
+    zero_row = torch.zeros(1, d, dtype=c_loc.dtype)
+    c_loc = torch.cat([c_loc, zero_row])
+    if p_loc is not None:
+        p_loc = torch.cat([p_loc, zero_row])
     grid = torch.from_numpy(plan.grid)
     loss_sum = torch.zeros(n, dtype=torch.float64)
     step_count = torch.zeros(n, dtype=torch.float64)
     lr_n, lr_i, wd = hyper.lr_network, hyper.lr_items, hyper.weight_decay
     alpha, beta = (hyper.alpha, hyper.beta) if backbone.fedrap_regularisers else (0.0, 0.0)
+    chunk = chunk_clients if chunk_clients is not None else max(1, CHUNK_SAMPLES // hyper.batch_size)
+    if chunk < 1:
+        raise ValueError(f"chunk_clients must be >= 1, got {chunk}")
 
     for k in range(plan.n_steps):
-        nk = int(plan.active[k])
-        s = grid[int(plan.offsets[k]) : int(plan.offsets[k + 1])]  # [nk, B]
-        valid = s >= 0
-        s0 = s.clamp(min=0)
-        vm = valid.to(torch.float32)
-        nval = vm.sum(1)  # [nk], >= 1
-        flat_rows = sample_row.index_select(0, s0.reshape(-1))  # [nk * B]
-        y = labels_t[s0]
-        c_b = c_loc.index_select(0, flat_rows).view(nk, -1, d)  # [nk, B, d]
-        p_b = p_loc.index_select(0, flat_rows).view(nk, -1, d) if p_loc is not None else None
-        x = c_b + p_b if p_b is not None else c_b
-        W1u, W1i, B1, W2, B2, E = w1u[:nk], w1i[:nk], b1[:nk], w2[:nk], b2[:nk], emb[:nk]
+        s_step = grid[int(plan.offsets[k]) : int(plan.offsets[k + 1])]  # [active, B]
+        # Clients are independent: the step runs over blocks of clients small enough for
+        # the block's [nk, B, d] intermediates to stay in cache.
+        for lo in range(0, int(plan.active[k]), chunk):
+            hi = min(lo + chunk, int(plan.active[k]))
+            nk = hi - lo
+            s1 = (s_step[lo:hi] + 1).reshape(-1)  # [nk * B], 0 = padding
+            vm = (s1 > 0).to(torch.float32).view(nk, -1)
+            nval = vm.sum(1)  # [nk], >= 1
+            flat_rows = sample_row.index_select(0, s1)  # [nk * B]
+            y = labels_t.index_select(0, s1).view(nk, -1)
+            c_b = c_loc.index_select(0, flat_rows).view(nk, -1, d)  # [nk, B, d]
+            p_b = p_loc.index_select(0, flat_rows).view(nk, -1, d) if p_loc is not None else None
+            x = c_b + p_b if p_b is not None else c_b
+            W1u, W1i, B1, W2, B2, E = w1u[lo:hi], w1i[lo:hi], b1[lo:hi], w2[lo:hi], b2[lo:hi], emb[lo:hi]
 
-        u_term = torch.baddbmm(B1.unsqueeze(2), W1u, E.unsqueeze(2)).squeeze(2)  # [nk, h]
-        a = torch.baddbmm(u_term.unsqueeze(1), x, W1i.transpose(1, 2)).relu_()  # [nk, B, h]
-        logit = torch.baddbmm(B2.view(-1, 1, 1), a, W2.unsqueeze(2)).squeeze(2)  # [nk, B]
-        p = torch.sigmoid(logit)
+            u_term = torch.baddbmm(B1.unsqueeze(2), W1u, E.unsqueeze(2)).squeeze(2)  # [nk, h]
+            a = torch.baddbmm(u_term.unsqueeze(1), x, W1i.transpose(1, 2)).relu_()  # [nk, B, h]
+            logit = torch.baddbmm(B2.view(-1, 1, 1), a, W2.unsqueeze(2)).squeeze(2)  # [nk, B]
+            p = torch.sigmoid(logit)
 
-        bce = ((F.softplus(logit) - y * logit) * vm).sum(1) / nval
-        base = bce
-        diff = None
-        if alpha or beta:
-            denom = nval * d
+            base = ((F.softplus(logit) - y * logit) * vm).sum(1) / nval  # BCE
+            diff = None
             if alpha and p_b is not None:
                 diff = p_b - c_b
-                base = base - alpha * (diff.square().sum(2) * vm).sum(1) / denom
+                base = base - alpha * (torch.linalg.vecdot(diff, diff) * vm).sum(1) / (nval * d)
+            sign_c = None
             if beta:
-                base = base + beta * (c_b.abs().sum(2) * vm).sum(1) / denom
-        gl = (p - y) * vm
-        loss_c = base.double()
-        if q_sample is not None:
-            dist = distilling[:nk]
-            q = q_sample[s0]
-            kl_elem = _xlogx(q) + _xlogx(1 - q) - q * F.logsigmoid(logit) - (1 - q) * F.logsigmoid(-logit)
-            kl = (kl_elem * vm).sum(1) / nval
-            ratio = (base.double() / (kl.double() + 1e-8)).clamp(max=hyper.max_ratio)
-            prev = ema[:nk]
-            new = torch.where(torch.isnan(prev), ratio, hyper.ema_decay * prev + (1 - hyper.ema_decay) * ratio)
-            ema[:nk] = torch.where(dist, new, prev)
-            lam = torch.where(dist, ema[:nk] * hyper.distill, torch.zeros_like(prev))
-            loss_c = loss_c + lam * kl.double()
-            gl = gl + lam.to(torch.float32).unsqueeze(1) * (p - q) * vm
-        gl = gl / nval.unsqueeze(1)
-        loss_sum[:nk] += loss_c
-        step_count[:nk] += 1
+                sign_c = torch.sign(c_b)
+                base = base + beta * (torch.linalg.vecdot(c_b, sign_c) * vm).sum(1) / (nval * d)  # sum |C|
+            gl = (p - y) * vm
+            loss_c = base.double()
+            if q_ext is not None:
+                dist = distilling[lo:hi]
+                q = q_ext.index_select(0, s1).view(nk, -1)
+                kl_elem = _xlogx(q) + _xlogx(1 - q) - q * F.logsigmoid(logit) - (1 - q) * F.logsigmoid(-logit)
+                kl = (kl_elem * vm).sum(1) / nval
+                ratio = (base.double() / (kl.double() + 1e-8)).clamp(max=hyper.max_ratio)
+                prev = ema[lo:hi]
+                new = torch.where(torch.isnan(prev), ratio, hyper.ema_decay * prev + (1 - hyper.ema_decay) * ratio)
+                ema[lo:hi] = torch.where(dist, new, prev)
+                lam = torch.where(dist, ema[lo:hi] * hyper.distill, torch.zeros_like(prev))
+                loss_c = loss_c + lam * kl.double()
+                gl = gl + lam.to(torch.float32).unsqueeze(1) * (p - q) * vm
+            gl = gl / nval.unsqueeze(1)
+            loss_sum[lo:hi] += loss_c
+            step_count[lo:hi] += 1
 
-        g_b2 = gl.sum(1)
-        g_w2 = torch.bmm(gl.unsqueeze(1), a).squeeze(1)  # [nk, h]
-        # dL/dz = gl * w2 * [z > 0]; keep m = gl * [z > 0] (one pass, ReLU's backward kernel)
-        # and fold w2 into the small [nk, h, d] factors instead of the [nk, B, h] tensor.
-        m = torch.ops.aten.threshold_backward(gl.unsqueeze(2).expand_as(a), a, 0.0)  # [nk, B, h]
-        del a
-        g_w1i = torch.bmm(m.transpose(1, 2), x).mul_(W2.unsqueeze(2))  # [nk, h, d]
-        g_b1 = m.sum(1).mul_(W2)  # [nk, h]
-        g_w1u = g_b1.unsqueeze(2) * E.unsqueeze(1)  # [nk, h, d]
-        g_e = torch.bmm(g_b1.unsqueeze(1), W1u).squeeze(1)  # [nk, d]
-        gx = torch.bmm(m, W1i * W2.unsqueeze(2))  # [nk, B, d]
-        del m
+            g_b2 = gl.sum(1)
+            g_w2 = torch.bmm(gl.unsqueeze(1), a).squeeze(1)  # [nk, h]
+            # dL/dz = gl * w2 * [z > 0]; keep m = gl * [z > 0] (one pass, ReLU's backward kernel)
+            # and fold w2 into the small [nk, h, d] factors instead of the [nk, B, h] tensor.
+            m = torch.ops.aten.threshold_backward(gl.unsqueeze(2).expand_as(a), a, 0.0)  # [nk, B, h]
+            del a
+            g_w1i = torch.bmm(m.transpose(1, 2), x).mul_(W2.unsqueeze(2))  # [nk, h, d]
+            g_b1 = m.sum(1).mul_(W2)  # [nk, h]
+            g_w1u = g_b1.unsqueeze(2) * E.unsqueeze(1)  # [nk, h, d]
+            g_e = torch.bmm(g_b1.unsqueeze(1), W1u).squeeze(1)  # [nk, d]
+            gx = torch.bmm(m, W1i * W2.unsqueeze(2))  # [nk, B, d]
+            del m
 
-        g_c = gx
-        g_p = gx if p_b is not None else None
-        if alpha or beta:
-            scale = (vm / (nval * d).unsqueeze(1)).unsqueeze(2)  # [nk, B, 1]
-            if diff is not None:
-                reg = diff.mul_(scale * (2 * alpha))  # diff is not needed any more
-                g_p = g_p - reg
-                g_c = g_c + reg
-            if beta:
-                g_c = torch.addcmul(g_c, torch.sign(c_b), scale, value=beta)
+            # FedRAP's regularisers: d/dP = -2a (P - C) / (n d), d/dC = +2a (P - C) / (n d) + b sign(C) / (n d)
+            g_c = gx
+            g_p = gx if p_b is not None else None
+            if alpha or beta:
+                scale = (vm / (nval * d).unsqueeze(1)).unsqueeze(2)  # [nk, B, 1]
+                if diff is not None:
+                    g_p = torch.addcmul(gx, diff, scale, value=-2 * alpha)
+                    g_c = torch.addcmul(gx, diff, scale, value=2 * alpha)
+                if beta:
+                    g_c = torch.addcmul(g_c, sign_c, scale, value=beta)
 
-        c_loc.index_add_(0, flat_rows, g_c.reshape(-1, d), alpha=-lr_i)
-        if p_loc is not None:
-            p_loc.index_add_(0, flat_rows, g_p.reshape(-1, d), alpha=-lr_i)
-        decay = 1.0 - lr_n * wd
-        W1u.mul_(decay).sub_(g_w1u, alpha=lr_n)
-        W1i.mul_(decay).sub_(g_w1i, alpha=lr_n)
-        B1.mul_(decay).sub_(g_b1, alpha=lr_n)
-        W2.mul_(decay).sub_(g_w2, alpha=lr_n)
-        B2.mul_(decay).sub_(g_b2, alpha=lr_n)
-        if backbone.user_embedding:
-            E.mul_(decay).sub_(g_e, alpha=lr_n)
+            dups = _duplicate_slots(flat_rows.view(nk, -1))
+            _sgd_rows_(c_loc, flat_rows, c_b, g_c, lr_i, dups)
+            if p_loc is not None:
+                _sgd_rows_(p_loc, flat_rows, p_b, g_p, lr_i, dups)
+            decay = 1.0 - lr_n * wd
+            W1u.mul_(decay).sub_(g_w1u, alpha=lr_n)
+            W1i.mul_(decay).sub_(g_w1i, alpha=lr_n)
+            B1.mul_(decay).sub_(g_b1, alpha=lr_n)
+            W2.mul_(decay).sub_(g_w2, alpha=lr_n)
+            B2.mul_(decay).sub_(g_b2, alpha=lr_n)
+            if backbone.user_embedding:
+                E.mul_(decay).sub_(g_e, alpha=lr_n)
+    c_loc = c_loc[:n_rows]
+    if p_loc is not None:
+        p_loc = p_loc[:n_rows]
 
     # Back to cohort order.
     rank = torch.empty(n, dtype=torch.long)
