@@ -103,6 +103,36 @@ def test_forward_all_equals_pairwise_forward(operator, modality):
     torch.testing.assert_close(sub, grid[g_idx][:, i_idx], rtol=1e-5, atol=1e-6)
 
 
+def _raw_rows(module: GroupFusion, items: torch.Tensor) -> list[torch.Tensor]:
+    return [module._item_source(name).index_select(0, items) for name in module.modalities[1:]]
+
+
+@pytest.mark.parametrize("operator, modality", list(itertools.product(["sum", "mlp", "gate", "moe"], MODALITIES)))
+@pytest.mark.parametrize("group_idx", [None, [2, 0]])
+def test_hand_derived_gradients_equal_autograd(operator, modality, group_idx):
+    """The manual backward used for training gives autograd's loss and gradient of every parameter."""
+    module = build(operator, modality)
+    g_idx = None if group_idx is None else torch.tensor(group_idx)
+    items = torch.tensor([5, 1, 1, 6, 0])  # a repeated item too
+    n_groups = G if g_idx is None else len(group_idx)
+    targets = torch.randn(n_groups, items.numel(), D, generator=gen(4))
+    loss, grads = module.grid_mse_grads(g_idx, items, _raw_rows(module, items), targets)
+    ref = torch.nn.functional.mse_loss(module.forward_grid(g_idx, items), targets)
+    ref.backward()
+    torch.testing.assert_close(loss, ref.detach())
+    assert set(grads) == set(module.parameters())
+    for name, param in module.named_parameters():
+        torch.testing.assert_close(grads[param], param.grad, rtol=1e-4, atol=1e-6, msg=f"gradient of {name}")
+
+
+def test_attention_has_no_hand_derived_backward_and_trains_by_autograd():
+    module = build("attention", "text+image")
+    items = torch.tensor([0, 3])
+    assert module.grid_mse_grads(None, items, _raw_rows(module, items), torch.zeros(G, 2, D)) is None
+    losses = train_fusion(module, torch.randn(G, I, D, generator=gen(2)), epochs=3, generator=gen(1))
+    assert losses[-1] < losses[0]
+
+
 @pytest.mark.parametrize("operator", OPERATORS)
 def test_output_depends_on_item_and_group(operator):
     for modality in MODALITIES:
