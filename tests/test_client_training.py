@@ -160,3 +160,19 @@ def test_rowstore_semantics() -> None:
         rs.put(np.array([1, 1]), torch.zeros(2, 3))
     with pytest.raises(ValueError, match="shape"):
         rs.put(np.array([1]), torch.zeros(2, 3))
+
+
+@settings(max_examples=60, deadline=None)
+@given(batches=st.lists(st.lists(st.integers(0, 4 * 9 - 1), max_size=12, unique=True), min_size=1, max_size=5))
+def test_rowstore_put_matches_a_dense_table(batches: list[list[int]]) -> None:
+    """Any sequence of inserts and overwrites reads back like a dense [U * I, d] table."""
+    rs = RowStore(4, 9, 2)
+    dense = torch.zeros(36, 2)
+    for step, batch in enumerate(batches):
+        keys = np.array(batch[::-1], dtype=np.int64)  # unsorted on purpose
+        vals = torch.arange(keys.size * 2, dtype=torch.float32).view(-1, 2) + 100 * step
+        rs.put(keys, vals)
+        if keys.size:
+            dense[torch.from_numpy(keys)] = vals
+        assert np.all(np.diff(rs.keys) > 0)
+    torch.testing.assert_close(rs.gather(np.arange(36)), dense, rtol=0, atol=0)

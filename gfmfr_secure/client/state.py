@@ -74,10 +74,22 @@ class RowStore:
             self.values[torch.from_numpy(pos[found])] = values[torch.from_numpy(np.flatnonzero(found))]
         new = ~found
         if new.any():
-            merged = np.concatenate([self.keys, keys[new]])
-            order = np.argsort(merged, kind="stable")
-            self.keys = merged[order]
-            self.values = torch.cat([self.values, values[torch.from_numpy(np.flatnonzero(new))]])[torch.from_numpy(order)]
+            # Linear-time merge of two sorted key lists (no re-sort): each key's final
+            # position is its own rank plus the number of keys of the other list before it.
+            add = np.flatnonzero(new)
+            add = add[np.argsort(keys[add], kind="stable")]
+            add_keys = keys[add]
+            n_old, n_add = self.keys.size, add_keys.size
+            add_dest = np.searchsorted(self.keys, add_keys) + np.arange(n_add)
+            old_dest = np.arange(n_old) + np.searchsorted(add_keys, self.keys)
+            merged = np.empty(n_old + n_add, dtype=np.int64)
+            merged[old_dest] = self.keys
+            merged[add_dest] = add_keys
+            out = torch.empty(n_old + n_add, self.dim, dtype=self.values.dtype)
+            out[torch.from_numpy(old_dest)] = self.values
+            out[torch.from_numpy(add_dest)] = values[torch.from_numpy(add)]
+            self.keys = merged
+            self.values = out
 
     def user_rows(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
         """All stored rows of ``users`` [B]: (position in ``users`` [n], item [n], values [n, d])."""

@@ -487,34 +487,34 @@ class MoEFusion(FusionOperator):
         if any(p is None for p in parts):
             return None
         outs = [cast(tuple[Tensor, GridBackward], p)[0] for p in parts]
-        w_r1, w_r2 = self.router_fc1.weight, self.router_fc2.weight
-        blocks = [w_r1[:, e * self.dim : (e + 1) * self.dim] for e in range(len(experts))]
-        pre = self.router_fc1.bias + _sum([F.linear(o, blk) for o, blk in zip(outs, blocks)])
-        act = pre.relu_()  # [R, C, h]
-        weights = torch.softmax(F.linear(act, w_r2, self.router_fc2.bias), dim=-1)  # [R, C, n_experts]
-        stacked = torch.stack(outs, dim=-1)  # [R, C, d, n_experts]
-        out = (stacked * weights.unsqueeze(-2)).sum(-1)
+        backs = [cast(tuple[Tensor, GridBackward], p)[1] for p in parts]
+        n_exp, dim = len(outs), self.dim
+        joined = torch.cat(outs, dim=-1)  # [R, C, n_experts * d], the router's input
+        act = F.linear(joined, self.router_fc1.weight, self.router_fc1.bias).relu_()  # [R, C, h]
+        weights = torch.softmax(F.linear(act, self.router_fc2.weight, self.router_fc2.bias), dim=-1)  # [R, C, n_experts]
+        per_expert = joined.view(*joined.shape[:-1], n_exp, dim)  # [R, C, n_experts, d]
+        out = (per_expert * weights.unsqueeze(-1)).sum(-2)
 
         def backward(dout: Tensor) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-            d_w = (dout.unsqueeze(-1) * stacked).sum(-2)  # [R, C, n_experts]
+            d_w = (per_expert * dout.unsqueeze(-2)).sum(-1)  # [R, C, n_experts]
             d_logit = weights * (d_w - (weights * d_w).sum(-1, keepdim=True))
-            n_exp = d_logit.shape[-1]
             g_r2 = d_logit.reshape(-1, n_exp).T @ act.reshape(-1, act.shape[-1])
-            d_pre = torch.ops.aten.threshold_backward(d_logit @ w_r2, act, 0.0)  # [R, C, h]
+            d_pre = torch.ops.aten.threshold_backward(d_logit @ self.router_fc2.weight, act, 0.0)  # [R, C, h]
             flat_pre = d_pre.reshape(-1, d_pre.shape[-1])
+            g_r1 = flat_pre.T @ joined.reshape(-1, n_exp * dim)
+            d_joined = (d_pre @ self.router_fc1.weight).view_as(per_expert)  # [R, C, n_experts, d]
+            d_joined.addcmul_(dout.unsqueeze(-2), weights.unsqueeze(-1))
             grads: list[Tensor] = []
-            g_r1: list[Tensor] = []
             d_rows = [torch.zeros_like(t) for t in rows]
             d_cols = [torch.zeros_like(t) for t in cols]
-            for e, (blk, (o, back)) in enumerate(zip(blocks, cast(list[tuple[Tensor, GridBackward]], parts))):
-                g_r1.append(flat_pre.T @ o.reshape(-1, self.dim))
-                g_params, dr, dc = back(dout * weights[..., e : e + 1] + d_pre @ blk)
+            for e, back in enumerate(backs):
+                g_params, dr, dc = back(d_joined[..., e, :])
                 grads += g_params
                 for acc, g in zip(d_rows, dr):
                     acc += g
                 for acc, g in zip(d_cols, dc):
                     acc += g
-            grads += [torch.cat(g_r1, dim=1), flat_pre.sum(0), g_r2, d_logit.sum((0, 1))]
+            grads += [g_r1, flat_pre.sum(0), g_r2, d_logit.sum((0, 1))]
             return grads, d_rows, d_cols
 
         return out, backward
