@@ -204,13 +204,15 @@ def train_cohort(
         raise ValueError(f"chunk_clients must be >= 1, got {chunk}")
 
     for k in range(plan.n_steps):
-        s_step = grid[int(plan.offsets[k]) : int(plan.offsets[k + 1])]  # [active, B]
+        first_row = int(plan.offsets[k])
+        s_step = grid[first_row : int(plan.offsets[k + 1])]  # [active, B]
         # Clients are independent: the step runs over blocks of clients small enough for
         # the block's [nk, B, d] intermediates to stay in cache.
         for lo in range(0, int(plan.active[k]), chunk):
             hi = min(lo + chunk, int(plan.active[k]))
             nk = hi - lo
-            s1 = (s_step[lo:hi] + 1).reshape(-1)  # [nk * B], 0 = padding
+            width = int(plan.row_valid[first_row + lo : first_row + hi].max())  # widest batch of the block
+            s1 = (s_step[lo:hi, :width] + 1).reshape(-1)  # [nk * width], 0 = padding
             vm = (s1 > 0).to(torch.float32).view(nk, -1)
             nval = vm.sum(1)  # [nk], >= 1
             flat_rows = sample_row.index_select(0, s1)  # [nk * B]

@@ -49,13 +49,16 @@ class StepPlan:
     active : int64 [K] number of active clients per global step.
     offsets : int64 [K + 1] first row of each step in ``grid``.
     grid : int64 [sum(active), B] sample index per (step row, slot); -1 = padding.
-        Row ``offsets[k] + r`` is the batch of client ``order[r]`` at step ``k``.
+        Row ``offsets[k] + r`` is the batch of client ``order[r]`` at step ``k``; its
+        samples fill the first ``row_valid`` slots.
+    row_valid : int64 [sum(active)] number of samples in each grid row.
     """
 
     order: np.ndarray
     active: np.ndarray
     offsets: np.ndarray
     grid: np.ndarray
+    row_valid: np.ndarray
 
     @property
     def n_steps(self) -> int:
@@ -88,7 +91,10 @@ def build_step_plan(
     n = clients.size
     nb = -(-counts // batch_size)
     steps = nb * epochs
-    order = np.argsort(-steps, kind="stable")
+    # Most steps first (active clients form a prefix); among equal step counts, most
+    # samples first, so neighbouring rows have similar batch sizes and a block of rows
+    # can be cut to its widest batch (see ``row_valid``).
+    order = np.lexsort((-counts, -steps))
     rank = np.empty(n, dtype=np.int64)
     rank[order] = np.arange(n)
     n_steps = int(steps.max()) if n else 0
@@ -98,7 +104,7 @@ def build_step_plan(
     grid = np.full((int(offsets[-1]), batch_size), -1, dtype=np.int64)
     m = int(counts.sum())
     if m == 0:
-        return StepPlan(order, active, offsets, grid)
+        return StepPlan(order, active, offsets, grid, np.zeros(grid.shape[0], dtype=np.int64))
 
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     owner = np.repeat(np.arange(n), counts)
@@ -113,7 +119,7 @@ def build_step_plan(
         step = epoch * nb[c] + batch
         row = offsets[step] + rank[c]
         grid[row, slot] = perm
-    return StepPlan(order, active, offsets, grid)
+    return StepPlan(order, active, offsets, grid, (grid >= 0).sum(axis=1).astype(np.int64))
 
 
 def _order_within_clients(owner: np.ndarray, keys: np.ndarray) -> np.ndarray:
