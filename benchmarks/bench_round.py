@@ -15,9 +15,9 @@ import resource
 import sys
 import time
 
-import gfmfr_secure  # noqa: F401  (sets passive OpenMP waiting before torch starts)
 import torch
 
+import gfmfr_secure  # noqa: F401  (sets passive OpenMP waiting before torch starts)
 from gfmfr_secure.config import load_config
 from gfmfr_secure.metrics import evaluate_ranking
 from gfmfr_secure.simulation import loop

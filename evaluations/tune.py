@@ -10,8 +10,8 @@ that figure is not used here).
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from gfmfr_secure.config import config_to_yaml, load_config, resolve_data_path, with_overrides
 from gfmfr_secure.errors import ConfigError

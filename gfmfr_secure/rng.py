@@ -15,7 +15,6 @@ Typical use::
 from __future__ import annotations
 
 import hashlib
-
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -23,7 +22,7 @@ import numpy as np
 if TYPE_CHECKING:  # torch is imported lazily: loaders and caches need not pay for it
     import torch
 
-__all__ = ["purpose_key", "seed_sequence", "numpy_rng", "torch_generator", "derive_seed"]
+__all__ = ["derive_seed", "numpy_rng", "purpose_key", "seed_sequence", "torch_generator"]
 
 
 def purpose_key(part: int | str) -> int:
@@ -62,7 +61,7 @@ def numpy_rng(root_seed: int, *path: int | str) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(seed_sequence(root_seed, *path)))
 
 
-def torch_generator(root_seed: int, *path: int | str, device: "str | torch.device" = "cpu") -> "torch.Generator":
+def torch_generator(root_seed: int, *path: int | str, device: str | torch.device = "cpu") -> torch.Generator:
     """A :class:`torch.Generator` seeded for ``(root_seed, *path)``."""
     import torch
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["network_lr", "item_lr", "fedrap_weight", "distill_weight"]
+__all__ = ["distill_weight", "fedrap_weight", "item_lr", "network_lr"]
 
 
 def network_lr(round_idx: int, base_lr: float, decay: float) -> float:

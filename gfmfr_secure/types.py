@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["LocalHyper", "CohortUpdate", "AggregateResult", "AdversaryView", "Exposure"]
+__all__ = ["AdversaryView", "AggregateResult", "CohortUpdate", "Exposure", "LocalHyper"]
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["RowStore", "ClientStateStore"]
+__all__ = ["ClientStateStore", "RowStore"]
 
 
 class RowStore:
@@ -102,7 +102,7 @@ class RowStore:
         items = self.keys[idx] - users[owner] * self.n_items
         return owner, items, self.values[torch.from_numpy(idx)]
 
-    def copy(self) -> "RowStore":
+    def copy(self) -> RowStore:
         out = RowStore(self.n_users, self.n_items, self.dim)
         out.keys = self.keys.copy()
         out.values = self.values.clone()
@@ -143,7 +143,7 @@ class ClientStateStore:
         private_head: torch.Tensor | None,
         generator: torch.Generator,
         user_std: float = 1.0,
-    ) -> "ClientStateStore":
+    ) -> ClientStateStore:
         """Fresh state: user embeddings ``N(0, user_std^2)`` (as ``nn.Embedding``), empty personal tables."""
         emb = torch.randn(n_users, latent_dim, generator=generator) * user_std if user_embedding else torch.zeros(n_users, latent_dim)
         heads = private_head.reshape(1, -1).repeat(n_users, 1) if private_head is not None else None
@@ -155,7 +155,7 @@ class ClientStateStore:
             group=np.full(n_users, -1, dtype=np.int64),
         )
 
-    def snapshot(self) -> "ClientStateStore":
+    def snapshot(self) -> ClientStateStore:
         return ClientStateStore(
             user_embedding=self.user_embedding.clone(),
             personal=self.personal.copy() if self.personal is not None else None,

@@ -14,7 +14,8 @@ instead of branching on names.
 from __future__ import annotations
 
 from dataclasses import dataclass
-__all__ = ["BackboneSpec", "BACKBONES", "register_backbone", "get_backbone"]
+
+__all__ = ["BACKBONES", "BackboneSpec", "get_backbone", "register_backbone"]
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-__all__ = ["SharedParams", "head_size", "init_shared_params", "flatten_heads", "unflatten_heads", "HEAD_KEYS"]
+__all__ = ["HEAD_KEYS", "SharedParams", "flatten_heads", "head_size", "init_shared_params", "unflatten_heads"]
 
 HEAD_KEYS = ("w1_user", "w1_item", "b1", "w2", "b2")
 
@@ -33,7 +33,7 @@ class SharedParams:
     w2: torch.Tensor
     b2: torch.Tensor
 
-    def clone(self) -> "SharedParams":
+    def clone(self) -> SharedParams:
         return SharedParams(**{f.name: getattr(self, f.name).detach().clone() for f in fields(self)})
 
     def head_flat(self) -> torch.Tensor:

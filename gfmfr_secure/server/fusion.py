@@ -340,7 +340,7 @@ class GateFusion(FusionOperator):
             grads: list[Tensor] = []
             d_tokens: list[Tensor] = []
             for gate, t, s, ds in zip(self.gates, tokens, gated, d_gated):
-                dz = ds * s * (1 - s)
+                dz = torch.ops.aten.sigmoid_backward(ds, s)  # ds * s * (1 - s)
                 grads += [dz.T @ t, dz.sum(0)]
                 d_tokens.append(dz @ gate.weight)
             return grads + [g_fuse, d_r.sum(0)], d_tokens[: len(rows)], d_tokens[len(rows) :]
@@ -505,15 +505,13 @@ class MoEFusion(FusionOperator):
             d_joined = (d_pre @ self.router_fc1.weight).view_as(per_expert)  # [R, C, n_experts, d]
             d_joined.addcmul_(dout.unsqueeze(-2), weights.unsqueeze(-1))
             grads: list[Tensor] = []
-            d_rows = [torch.zeros_like(t) for t in rows]
-            d_cols = [torch.zeros_like(t) for t in cols]
+            d_rows: list[Tensor] = []
+            d_cols: list[Tensor] = []
             for e, back in enumerate(backs):
                 g_params, dr, dc = back(d_joined[..., e, :])
                 grads += g_params
-                for acc, g in zip(d_rows, dr):
-                    acc += g
-                for acc, g in zip(d_cols, dc):
-                    acc += g
+                d_rows = list(dr) if e == 0 else [acc + g for acc, g in zip(d_rows, dr)]
+                d_cols = list(dc) if e == 0 else [acc + g for acc, g in zip(d_cols, dc)]
             grads += [g_r1, flat_pre.sum(0), g_r2, d_logit.sum((0, 1))]
             return grads, d_rows, d_cols
 

@@ -8,21 +8,22 @@ method name is rejected, so a results table can trust its labels.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from gfmfr_secure.client.state import ClientStateStore, RowStore
 from gfmfr_secure.config import load_config
-from gfmfr_secure.data import leave_one_out, load_dataset, to_implicit, kcore
+from gfmfr_secure.data import kcore, leave_one_out, load_dataset, to_implicit
 from gfmfr_secure.errors import ConfigError
 from gfmfr_secure.models import SharedParams, get_backbone
 from gfmfr_secure.simulation.scoring import score_users
 
-__all__ = ["METHODS", "MethodSpec", "register_method", "prepare_data", "run_training", "load_scorer"]
+__all__ = ["METHODS", "MethodSpec", "load_scorer", "prepare_data", "register_method", "run_training"]
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,6 @@ def run_training(cfg: Any, run: Any, *, progress: bool = True) -> dict[str, Any]
         result = run_centralized(cfg, split, logger=log, progress=progress)
     else:
         from gfmfr_secure.simulation.loop import run_federated
-
         from gfmfr_secure.simulation.views import ViewRecorder
 
         callbacks = [ViewRecorder(run.path("views"), cfg.record.views_rounds)] if cfg.record.views_rounds else []
