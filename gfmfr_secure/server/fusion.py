@@ -166,10 +166,30 @@ class FusionOperator(nn.Module):
         training loop uses it to skip autograd's per-operation bookkeeping, which
         dominates a step on these small tensors. A test checks it against autograd.
         """
+        found = self.separable_vjp(rows, cols)
+        if found is None:
+            return None
+        (r, c), back = found
+
+        def backward(dout: Tensor) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+            return back(dout.sum(1), dout.sum(0))
+
+        return r[:, None, :] + c[None, :, :], backward
+
+    def separable_vjp(
+        self, rows: Sequence[Tensor], cols: Sequence[Tensor]
+    ) -> tuple[tuple[Tensor, Tensor], SeparableBackward] | None:
+        """:meth:`separable_grid` with a hand-derived backward, or None.
+
+        Returns ``((r [R, d], c [C, d]), backward)`` with ``out[i, j] = r[i] + c[j]``;
+        ``backward(d_r [R, d], d_c [C, d])`` (the row and column sums of ``dout``) gives
+        ``(param_grads, d_rows, d_cols)`` as in :meth:`grid_vjp`.
+        """
         return None
 
 
 GridBackward = Callable[[Tensor], tuple[list[Tensor], list[Tensor], list[Tensor]]]
+SeparableBackward = Callable[[Tensor, Tensor], tuple[list[Tensor], list[Tensor], list[Tensor]]]
 OperatorFactory = Callable[[int, int, OperatorOptions], FusionOperator]
 _F = TypeVar("_F", bound=OperatorFactory)
 
@@ -235,14 +255,13 @@ class SumFusion(FusionOperator):
         """Row sum ``[R, d]`` and column sum ``[C, d]``."""
         return _sum(rows), _sum(cols)
 
-    def grid_vjp(self, rows: Sequence[Tensor], cols: Sequence[Tensor]) -> tuple[Tensor, GridBackward]:
-        out = _sum(rows)[:, None, :] + _sum(cols)[None, :, :]
+    def separable_vjp(
+        self, rows: Sequence[Tensor], cols: Sequence[Tensor]
+    ) -> tuple[tuple[Tensor, Tensor], SeparableBackward]:
+        def backward(d_r: Tensor, d_c: Tensor) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+            return [], [d_r] * len(rows), [d_c] * len(cols)
 
-        def backward(dout: Tensor) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-            d_row, d_col = dout.sum(1), dout.sum(0)
-            return [], [d_row] * len(rows), [d_col] * len(cols)
-
-        return out, backward
+        return (_sum(rows), _sum(cols)), backward
 
 
 @register_fusion_operator("mlp")
@@ -323,7 +342,9 @@ class GateFusion(FusionOperator):
         c = F.linear(self._gated(cols, len(rows)), weight[:, split:])
         return r, c
 
-    def grid_vjp(self, rows: Sequence[Tensor], cols: Sequence[Tensor]) -> tuple[Tensor, GridBackward]:
+    def separable_vjp(
+        self, rows: Sequence[Tensor], cols: Sequence[Tensor]
+    ) -> tuple[tuple[Tensor, Tensor], SeparableBackward]:
         split = len(rows) * self.dim
         weight = self.fuse.weight
         tokens = list(rows) + list(cols)
@@ -331,10 +352,8 @@ class GateFusion(FusionOperator):
         row_g, col_g = torch.cat(gated[: len(rows)], dim=-1), torch.cat(gated[len(rows) :], dim=-1)
         r = F.linear(row_g, weight[:, :split], self.fuse.bias)
         c = F.linear(col_g, weight[:, split:])
-        out = r[:, None, :] + c[None, :, :]
 
-        def backward(dout: Tensor) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-            d_r, d_c = dout.sum(1), dout.sum(0)
+        def backward(d_r: Tensor, d_c: Tensor) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
             g_fuse = torch.cat([d_r.T @ row_g, d_c.T @ col_g], dim=1)
             d_gated = list((d_r @ weight[:, :split]).split(self.dim, dim=-1)) + list((d_c @ weight[:, split:]).split(self.dim, dim=-1))
             grads: list[Tensor] = []
@@ -345,7 +364,7 @@ class GateFusion(FusionOperator):
                 d_tokens.append(dz @ gate.weight)
             return grads + [g_fuse, d_r.sum(0)], d_tokens[: len(rows)], d_tokens[len(rows) :]
 
-        return out, backward
+        return (r, c), backward
 
 
 @register_fusion_operator("attention")
@@ -482,17 +501,47 @@ class MoEFusion(FusionOperator):
         return self._mix(outs, pre)
 
     def grid_vjp(self, rows: Sequence[Tensor], cols: Sequence[Tensor]) -> tuple[Tensor, GridBackward] | None:
+        # Separable experts (sum, gate) enter the router's first layer as a row term plus a
+        # column term, so its products (forward and backward) run on [R] and [C] rows
+        # instead of the [R, C] grid; only the mlp expert needs the full grid.
         experts = self._expert_list()
-        parts = [expert.grid_vjp(rows, cols) for expert in experts]
-        if any(p is None for p in parts):
-            return None
-        outs = [cast(tuple[Tensor, GridBackward], p)[0] for p in parts]
-        backs = [cast(tuple[Tensor, GridBackward], p)[1] for p in parts]
-        n_exp, dim = len(outs), self.dim
-        joined = torch.cat(outs, dim=-1)  # [R, C, n_experts * d], the router's input
-        act = F.linear(joined, self.router_fc1.weight, self.router_fc1.bias).relu_()  # [R, C, h]
+        n_exp, dim = len(experts), self.dim
+        w_r1 = self.router_fc1.weight
+        blocks = [w_r1[:, e * dim : (e + 1) * dim] for e in range(n_exp)]
+        outs: list[Tensor] = []
+        pieces: list[tuple[Tensor, Tensor] | None] = []
+        backs: list[Callable[..., tuple[list[Tensor], list[Tensor], list[Tensor]]]] = []
+        pre_rows: Tensor | None = None
+        pre_cols: Tensor | None = None
+        pre_grid: Tensor | None = None
+        for expert, blk in zip(experts, blocks):
+            sep = expert.separable_vjp(rows, cols)
+            if sep is not None:
+                (r, c), back_rc = sep
+                pieces.append((r, c))
+                backs.append(back_rc)
+                outs.append(r[:, None, :] + c[None, :, :])
+                t_r, t_c = F.linear(r, blk), F.linear(c, blk)
+                pre_rows = t_r if pre_rows is None else pre_rows + t_r
+                pre_cols = t_c if pre_cols is None else pre_cols + t_c
+                continue
+            found = expert.grid_vjp(rows, cols)
+            if found is None:
+                return None
+            out_e, back = found
+            pieces.append(None)
+            backs.append(back)
+            outs.append(out_e)
+            t = F.linear(out_e, blk)
+            pre_grid = t if pre_grid is None else pre_grid + t
+        pre = self.router_fc1.bias.expand(len(rows[0]), len(cols[0]), -1)
+        if pre_rows is not None and pre_cols is not None:
+            pre = pre + pre_rows[:, None, :] + pre_cols[None, :, :]
+        if pre_grid is not None:
+            pre = pre + pre_grid
+        act = pre.relu()  # [R, C, h]
         weights = torch.softmax(F.linear(act, self.router_fc2.weight, self.router_fc2.bias), dim=-1)  # [R, C, n_experts]
-        per_expert = joined.view(*joined.shape[:-1], n_exp, dim)  # [R, C, n_experts, d]
+        per_expert = torch.stack(outs, dim=-2)  # [R, C, n_experts, d]
         out = (per_expert * weights.unsqueeze(-1)).sum(-2)
 
         def backward(dout: Tensor) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
@@ -500,19 +549,26 @@ class MoEFusion(FusionOperator):
             d_logit = weights * (d_w - (weights * d_w).sum(-1, keepdim=True))
             g_r2 = d_logit.reshape(-1, n_exp).T @ act.reshape(-1, act.shape[-1])
             d_pre = torch.ops.aten.threshold_backward(d_logit @ self.router_fc2.weight, act, 0.0)  # [R, C, h]
-            flat_pre = d_pre.reshape(-1, d_pre.shape[-1])
-            g_r1 = flat_pre.T @ joined.reshape(-1, n_exp * dim)
-            d_joined = (d_pre @ self.router_fc1.weight).view_as(per_expert)  # [R, C, n_experts, d]
-            d_joined.addcmul_(dout.unsqueeze(-2), weights.unsqueeze(-1))
+            d_pre_rows, d_pre_cols = d_pre.sum(1), d_pre.sum(0)
+            weighted = dout.unsqueeze(-2) * weights.unsqueeze(-1)  # [R, C, n_experts, d]
             grads: list[Tensor] = []
+            g_r1: list[Tensor] = []
             d_rows: list[Tensor] = []
             d_cols: list[Tensor] = []
-            for e, back in enumerate(backs):
-                g_params, dr, dc = back(d_joined[..., e, :])
+            for e, (blk, piece, back) in enumerate(zip(blocks, pieces, backs)):
+                if piece is not None:
+                    r, c = piece
+                    g_r1.append(d_pre_rows.T @ r + d_pre_cols.T @ c)
+                    d_r = weighted[:, :, e].sum(1) + d_pre_rows @ blk
+                    d_c = weighted[:, :, e].sum(0) + d_pre_cols @ blk
+                    g_params, dr, dc = back(d_r, d_c)
+                else:
+                    g_r1.append(d_pre.reshape(-1, d_pre.shape[-1]).T @ outs[e].reshape(-1, dim))
+                    g_params, dr, dc = back(weighted[:, :, e] + d_pre @ blk)
                 grads += g_params
                 d_rows = list(dr) if e == 0 else [acc + g for acc, g in zip(d_rows, dr)]
                 d_cols = list(dc) if e == 0 else [acc + g for acc, g in zip(d_cols, dc)]
-            grads += [g_r1, flat_pre.sum(0), g_r2, d_logit.sum((0, 1))]
+            grads += [torch.cat(g_r1, dim=1), d_pre_rows.sum(0), g_r2, d_logit.sum((0, 1))]
             return grads, d_rows, d_cols
 
         return out, backward
