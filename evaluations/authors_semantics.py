@@ -31,6 +31,8 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,6 +43,7 @@ from sklearn.metrics import pairwise_distances
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
+from gfmfr_secure.data.dataset import InteractionData
 from gfmfr_secure.data.load import load_dataset
 from gfmfr_secure.data.negatives import sample_training
 from gfmfr_secure.data.split import leave_one_out
@@ -66,7 +69,7 @@ class MLPFusion(nn.Module):
         return self.mlp(torch.cat(parts, -1))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="../shared/datasets/ml-100k-mm")
     ap.add_argument("--rounds", type=int, default=12)
@@ -75,13 +78,34 @@ def main() -> None:
     ap.add_argument("--no-distill", action="store_true", help="FedRAP only (no grouping, fusion or teacher)")
     ap.add_argument("--original-eval", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    train(
+        load_dataset(args.data),
+        rounds=args.rounds,
+        lr=args.lr,
+        n_groups=args.groups,
+        distill=not args.no_distill,
+        original_eval=args.original_eval,
+        seed=args.seed,
+    )
 
-    torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
-    data = load_dataset(args.data)
+
+def train(
+    data: InteractionData,
+    *,
+    rounds: int,
+    lr: float = 0.002,
+    n_groups: int = 5,
+    distill: bool = True,
+    original_eval: bool = False,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Train with the authors' semantics; one record per round (losses, metrics, ratio, groups)."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
     split = leave_one_out(data)
-    n_users, n_items, d, n_groups = split.n_users, split.n_items, 64, args.groups
+    n_users, n_items, d = split.n_users, split.n_items, 64
     text = data.text_features if data.text_features is not None else np.zeros((n_items, 512), np.float32)
     image = data.image_features if data.image_features is not None else np.zeros((n_items, 512), np.float32)
     text = torch.from_numpy(np.pad(text, ((0, 0), (0, max(0, 512 - text.shape[1]))))[:, :512]).float()
@@ -93,18 +117,19 @@ def main() -> None:
     w1 = nn.init.kaiming_normal_(torch.empty(d, 2 * d), nonlinearity="relu")
     b1, b2 = torch.zeros(d), torch.zeros(1)
     w2 = nn.init.xavier_uniform_(torch.empty(1, d))
-    lr_net, lr_item, wd, alpha = args.lr, args.lr * n_items, 1e-4, 0.1
+    lr_net, lr_item, wd, alpha = lr, lr * n_items, 1e-4, 0.1
     fusion = MLPFusion(n_groups, d)
     ema: float | None = None
     teacher: torch.Tensor | None = None
     group_of = np.zeros(n_users, dtype=np.int64)
     prev_labels: np.ndarray | None = None
+    records: list[dict[str, Any]] = []
 
     def score(users: torch.Tensor) -> torch.Tensor:
         x = torch.cat([user_emb[users].unsqueeze(1).expand(-1, n_items, -1), personal[users] + table], -1)
         return (torch.relu(x @ w1.T + b1) @ w2.T).squeeze(-1) + b2
 
-    for t in range(args.rounds):
+    for t in range(rounds):
         start = time.time()
         samples = sample_training(split, 4, rng)
         kl_weight = math.cos(math.pi * t / (2 * 100))
@@ -147,11 +172,12 @@ def main() -> None:
         lr_item, lr_net, alpha = lr_item * 0.9, lr_net * 0.8, 0.0
 
         note = ""
-        if not args.no_distill:
+        labels = None
+        if distill:
             feats = StandardScaler().fit_transform(np.stack([torch.cat([h.reshape(-1) for h in heads[u]]).numpy() for u in users]))
             dist = pairwise_distances(feats)
             gamma = 1.0 / (2 * np.median(dist[dist != 0]) ** 2)
-            labels = SpectralClustering(n_groups, affinity="rbf", gamma=gamma, random_state=args.seed).fit_predict(feats)
+            labels = SpectralClustering(n_groups, affinity="rbf", gamma=gamma, random_state=seed).fit_predict(feats)
             if prev_labels is not None:
                 overlap = np.array([[np.sum((labels == a) & (prev_labels == b)) for b in range(n_groups)] for a in range(n_groups)])
                 rows, cols = linear_sum_assignment(-overlap)
@@ -162,7 +188,7 @@ def main() -> None:
             targets = {g: torch.stack([tables[u] for u, lab in zip(users, labels) if lab == g]).mean(0) for g in present}
             out_w = {g: torch.stack([heads[u][2] for u, lab in zip(users, labels) if lab == g]).mean(0) for g in present}
             out_b = {g: torch.stack([heads[u][3] for u, lab in zip(users, labels) if lab == g]).mean(0) for g in present}
-            opt = torch.optim.SGD(fusion.parameters(), lr=args.lr, weight_decay=wd)
+            opt = torch.optim.SGD(fusion.parameters(), lr=lr, weight_decay=wd)
             g_ids = torch.tensor(present).repeat_interleave(n_items)
             i_ids = torch.arange(n_items).repeat(len(present))
             target = torch.cat([targets[g] for g in present])
@@ -182,14 +208,19 @@ def main() -> None:
 
         val = evaluate_ranking(score, split, "val", chunk_size=128)
         test = evaluate_ranking(score, split, "test", chunk_size=128)
-        print(
+        log(
             f"round {t}: loss {np.mean(losses):.4f} val HR@10 {val['HR@10']:.4f} NDCG@10 {val['NDCG@10']:.4f} "
-            f"test HR@10 {test['HR@10']:.4f} NDCG@10 {test['NDCG@10']:.4f}{note} ({time.time() - start:.0f} s)",
-            flush=True,
+            f"test HR@10 {test['HR@10']:.4f} NDCG@10 {test['NDCG@10']:.4f}{note} ({time.time() - start:.0f} s)"
         )
-        if args.original_eval:
+        rec: dict[str, Any] = {"round": t, "loss": float(np.mean(losses)), "val": val, "test": test, "ratio": ema}
+        if labels is not None:
+            rec["group_sizes"] = np.bincount(labels, minlength=n_groups).tolist()
+        if original_eval:
             hr, ndcg = _original_eval(split, personal, user_emb, table, w1, b1, w2, b2)
-            print(f"  authors' evaluation procedure: test HR@10 {hr:.4f} NDCG@10 {ndcg:.4f}", flush=True)
+            rec["test_original_eval"] = {"HR@10": hr, "NDCG@10": ndcg}
+            log(f"  authors' evaluation procedure: test HR@10 {hr:.4f} NDCG@10 {ndcg:.4f}")
+        records.append(rec)
+    return records
 
 
 def _original_eval(split, personal, user_emb, table, w1, b1, w2, b2) -> tuple[float, float]:
