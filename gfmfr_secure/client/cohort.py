@@ -18,6 +18,12 @@ Model and loss for one client and a batch ``j = 1..n`` (all means over the batch
     lambda = ema(base / KL) * cos(pi t / 2T)           # the ratio is a running, detached statistic
 
 ``dloss/dl_j = ((p_j - y_j) + lambda (p_j - q_j)) / n``; the rest is the chain rule.
+
+Execution (it changes no result beyond float rounding): a global step runs over
+blocks of about :data:`CHUNK_SAMPLES` samples, so a block's ``[clients, batch, d]``
+intermediates stay in cache, and each block is cut to its widest batch. Updated
+item rows are written back with one ``index_copy_`` (parallel) after summing the
+gradients of an item drawn twice in a batch, rather than with a serial scatter-add.
 """
 
 from __future__ import annotations
