@@ -47,6 +47,7 @@ def main() -> int:
         t = time.perf_counter()
         evaluate_ranking(lambda u: score_users(run.shared, run.store, loop.get_backbone(cfg.model.backbone), u), split, "test", chunk_size=cfg.eval.chunk_users)
         times.append(time.perf_counter() - t)
+    _print_arithmetic(cfg, split, data)
     rounds = run.history[1:] or run.history  # round 0 has no distillation; report steady state
     client = sum(r["client_s"] for r in rounds) / len(rounds)
     server = sum(r["server_s"] for r in rounds) / len(rounds)
@@ -55,6 +56,30 @@ def main() -> int:
     print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
     print(f"private client state: {run.store.nbytes / 2**20:.1f} MiB")
     return 0
+
+
+def _print_arithmetic(cfg, split, data) -> None:
+    """Matrix-product work of one round (2 FLOP per multiply-add), the floor the timings race against.
+
+    Client: every sample-step costs three d x h products (forward, weight gradient,
+    input gradient). Server (when distilling): each fusion epoch projects every item's
+    features once, forward and weight gradient; with ``moe`` every (group, item) pair
+    also runs the mlp expert's output layer (three 2d x d products) and the router's
+    first layer on that expert (three d x h products, h = d).
+    """
+    d = cfg.model.latent_dim
+    samples = float(split.train_counts().sum()) * (1 + cfg.train.num_negatives) * cfg.train.local_epochs * cfg.train.client_fraction
+    client = samples * 3 * d * d * 2
+    line = f"arithmetic per round: client {client / 1e9:.0f} GFLOP ({samples / 1e6:.2f}M sample-steps)"
+    if cfg.distill.enabled:
+        widths = {"text": data.text_features, "image": data.image_features}
+        feat = sum(int(widths[m].shape[1]) for m in cfg.fusion.modalities if widths.get(m) is not None)
+        n_items, epochs, groups = split.n_items, cfg.fusion.server_epochs, cfg.grouping.num_groups
+        proj = epochs * n_items * feat * d * 2 * 2
+        grid = epochs * n_items * groups * (3 * 2 * d * d + 3 * d * d) * 2 if cfg.fusion.operator == "moe" else 0.0
+        line += f", fusion projections {proj / 1e9:.0f} GFLOP"
+        line += f" + moe grid {grid / 1e9:.0f} GFLOP" if grid else " (per-pair operator work not counted)"
+    print(line)
 
 
 if __name__ == "__main__":
