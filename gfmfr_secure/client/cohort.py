@@ -194,7 +194,7 @@ def train_cohort(
     # Sample ids are shifted by one so that -1 selects it.
     n_rows = int(uniq.size)
     sample_row = torch.from_numpy(np.concatenate([[n_rows], inverse.reshape(-1)]).astype(np.int64))
-    labels_t = torch.from_numpy(np.concatenate([[0.0], np.asarray(labels, dtype=np.float32)]).astype(np.float32))
+    labels_t = torch.from_numpy(np.concatenate([[0.0], labels]).astype(np.float32))
     q_ext = torch.cat([torch.zeros(1), q_sample]) if q_sample is not None else None
     zero_row = torch.zeros(1, d, dtype=c_loc.dtype)
     c_loc = torch.cat([c_loc, zero_row])

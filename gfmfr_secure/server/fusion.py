@@ -156,7 +156,6 @@ class FusionOperator(nn.Module):
         flat = [t.reshape(n_rows * n_cols, self.dim) for t in expanded]
         return self.forward(flat).reshape(n_rows, n_cols, self.dim)
 
-
     def grid_vjp(self, rows: Sequence[Tensor], cols: Sequence[Tensor]) -> tuple[Tensor, GridBackward] | None:
         """:meth:`forward_grid` with a hand-derived backward, or None (use autograd).
 
@@ -253,7 +252,7 @@ class SumFusion(FusionOperator):
         self, rows: Sequence[Tensor], cols: Sequence[Tensor]
     ) -> tuple[Tensor, Tensor] | None:
         """Row sum ``[R, d]`` and column sum ``[C, d]``."""
-        return _sum(rows), _sum(cols)
+        return self.separable_vjp(rows, cols)[0]
 
     def separable_vjp(
         self, rows: Sequence[Tensor], cols: Sequence[Tensor]
@@ -284,11 +283,7 @@ class MLPFusion(FusionOperator):
 
     def forward_grid(self, rows: Sequence[Tensor], cols: Sequence[Tensor]) -> Tensor:
         """``[R, d]`` x a, ``[C, d]`` x b -> ``[R, C, d]``."""
-        split = len(rows) * self.dim
-        weight = self.fc1.weight
-        r = F.linear(torch.cat(list(rows), dim=-1), weight[:, :split], self.fc1.bias)
-        c = F.linear(torch.cat(list(cols), dim=-1), weight[:, split:])
-        return self.fc2(F.relu(r[:, None, :] + c[None, :, :]))
+        return self.grid_vjp(rows, cols)[0]
 
     def grid_vjp(self, rows: Sequence[Tensor], cols: Sequence[Tensor]) -> tuple[Tensor, GridBackward]:
         split = len(rows) * self.dim
@@ -336,11 +331,7 @@ class GateFusion(FusionOperator):
         self, rows: Sequence[Tensor], cols: Sequence[Tensor]
     ) -> tuple[Tensor, Tensor] | None:
         """Row term ``[R, d]`` (with the bias) and column term ``[C, d]``."""
-        split = len(rows) * self.dim
-        weight = self.fuse.weight
-        r = F.linear(self._gated(rows, 0), weight[:, :split], self.fuse.bias)
-        c = F.linear(self._gated(cols, len(rows)), weight[:, split:])
-        return r, c
+        return self.separable_vjp(rows, cols)[0]
 
     def separable_vjp(
         self, rows: Sequence[Tensor], cols: Sequence[Tensor]
@@ -921,8 +912,7 @@ class GroupFusion(nn.Module):
         names = self.modalities[1:]
         proj_g = self.projections["group"]
         item_proj = [self.projections[name] for name in names]
-        tokens = [F.linear(x, pr.weight, pr.bias) for pr, x in zip(item_proj, raw_items)]
-        found = self.fusion.grid_vjp([F.linear(emb, proj_g.weight, proj_g.bias)], tokens)
+        found = self.fusion.grid_vjp(self._group_tokens(group_idx), self._project_items(raw_items))
         if found is None:
             return None
         out, backward = found
