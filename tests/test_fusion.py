@@ -1,4 +1,4 @@
-"""Tests for the group fusion module (gfmfr_secure.server.fusion)."""
+"""Tests for the group fusion module, its operators and its training (gfmfr_secure.server)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,13 @@ import pytest
 import torch
 
 from gfmfr_secure.errors import ConfigError, DataError
-from gfmfr_secure.server.fusion import (
+from gfmfr_secure.server.fusion import GroupFusion
+from gfmfr_secure.server.fusion_training import PlainSGD, train_fusion
+from gfmfr_secure.server.operators import (
     FUSION_OPERATORS,
-    GroupFusion,
     OperatorOptions,
-    PlainSGD,
     get_fusion_operator,
     register_fusion_operator,
-    train_fusion,
 )
 
 OPERATORS = ["sum", "mlp", "gate", "attention", "moe"]

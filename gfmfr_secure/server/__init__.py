@@ -6,16 +6,8 @@ updates) and never touches the client state store.
 
 from __future__ import annotations
 
-from gfmfr_secure.server.fusion import (
-    FUSION_OPERATORS,
-    OPTIMIZERS,
-    FusionOperator,
-    GroupFusion,
-    OperatorOptions,
-    get_fusion_operator,
-    register_fusion_operator,
-    train_fusion,
-)
+from gfmfr_secure.server.fusion import GroupFusion
+from gfmfr_secure.server.fusion_training import OPTIMIZERS, train_fusion
 from gfmfr_secure.server.grouping import (
     GROUPERS,
     Grouper,
@@ -26,6 +18,13 @@ from gfmfr_secure.server.grouping import (
     preprocess_features,
     rbf_gamma_median,
     register_grouper,
+)
+from gfmfr_secure.server.operators import (
+    FUSION_OPERATORS,
+    FusionOperator,
+    OperatorOptions,
+    get_fusion_operator,
+    register_fusion_operator,
 )
 from gfmfr_secure.server.teacher import group_preferences
 

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from gfmfr_secure.models.params import SharedParams, unflatten_heads
-from gfmfr_secure.server.fusion import GroupFusion, train_fusion
+from gfmfr_secure.server.fusion import GroupFusion
+from gfmfr_secure.server.fusion_training import train_fusion
 from gfmfr_secure.server.teacher import group_preferences
 from gfmfr_secure.types import AggregateResult
 
