@@ -45,8 +45,8 @@ from torch import nn
 
 from gfmfr_secure.data.dataset import InteractionData
 from gfmfr_secure.data.load import load_dataset
-from gfmfr_secure.data.negatives import sample_training
-from gfmfr_secure.data.split import leave_one_out
+from gfmfr_secure.data.negatives import TrainingSamples, sample_training
+from gfmfr_secure.data.split import Split, leave_one_out
 from gfmfr_secure.metrics import evaluate_ranking
 
 
@@ -78,6 +78,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-distill", action="store_true", help="FedRAP only (no grouping, fusion or teacher)")
     ap.add_argument("--original-eval", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--negatives",
+        choices=("fresh", "authors"),
+        default="fresh",
+        help="fresh: this project's rule; authors: the published code's rule (see lowest_id_negatives)",
+    )
     args = ap.parse_args(argv)
     train(
         load_dataset(args.data),
@@ -87,6 +93,38 @@ def main(argv: list[str] | None = None) -> None:
         distill=not args.no_distill,
         original_eval=args.original_eval,
         seed=args.seed,
+        negatives=args.negatives,
+    )
+
+
+def lowest_id_negatives(split: Split, n_neg: int, rng: np.random.Generator) -> TrainingSamples:
+    """The published code's training negatives: the lowest-numbered items the user never rated.
+
+    The authors' data module takes, for a user with ``n`` training positives, the
+    first ``n_neg * n`` items of ``all items - every item the user rated`` (train,
+    validation and test) in set iteration order, which for small integer ids is
+    ascending order. The same items come back every round; only a user with
+    fewer admissible items than that draws them uniformly with replacement
+    (anew each round). Held-out items are never negatives.
+    """
+    users, items, labels = [], [], []
+    for u in range(split.n_users):
+        pos = split.train_items[split.train_indptr[u] : split.train_indptr[u + 1]]
+        owned = np.zeros(split.n_items, bool)
+        owned[pos] = True
+        owned[[i for i in (split.val_items[u], split.test_items[u]) if i >= 0]] = True
+        avail = np.flatnonzero(~owned)
+        need = n_neg * pos.size
+        neg = avail[:need] if avail.size >= need else rng.choice(avail, need, replace=True)
+        users.append(np.full(pos.size + need, u, np.int64))
+        items.append(np.concatenate([pos, neg]).astype(np.int64))
+        labels.append(np.concatenate([np.ones(pos.size, np.float32), np.zeros(need, np.float32)]))
+    counts = np.array([a.size for a in users], np.int64)
+    return TrainingSamples(
+        users=np.concatenate(users),
+        items=np.concatenate(items),
+        labels=np.concatenate(labels),
+        indptr=np.concatenate([[0], np.cumsum(counts)]),
     )
 
 
@@ -99,6 +137,7 @@ def train(
     distill: bool = True,
     original_eval: bool = False,
     seed: int = 0,
+    negatives: str = "fresh",
     log: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
     """Train with the authors' semantics; one record per round (losses, metrics, ratio, groups)."""
@@ -131,7 +170,7 @@ def train(
 
     for t in range(rounds):
         start = time.time()
-        samples = sample_training(split, 4, rng)
+        samples = lowest_id_negatives(split, 4, rng) if negatives == "authors" else sample_training(split, 4, rng)
         kl_weight = math.cos(math.pi * t / (2 * 100))
         tables, heads, losses = {}, {}, []
         for u in rng.permutation(n_users):
