@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -136,3 +138,33 @@ def test_fixed_negatives_are_reused(tiny_synthetic, split, monkeypatch) -> None:
     run_federated(cfg_for("fedncf", "data.negatives_fixed=true", "train.rounds=2"), tiny_synthetic, split, progress=False)
     run_federated(cfg_for("fedncf", "train.rounds=2"), tiny_synthetic, split, progress=False)
     assert np.array_equal(seen[0], seen[1]) and not np.array_equal(seen[2], seen[3])
+
+
+@pytest.mark.parametrize("method", ["gfmfr", "fedncf"])
+def test_diverging_clients_fail_loudly_before_aggregation(method: str, tiny_synthetic, split) -> None:
+    """An absurd learning rate overflows local training: the round names it, nothing reaches the server."""
+    with pytest.raises(FloatingPointError, match=r"round 0: local training diverged .* lower train.lr"):
+        run_federated(cfg_for(method, "train.lr=1e30"), tiny_synthetic, split, progress=False)
+
+
+def test_finite_check_names_the_clients_of_bad_rows() -> None:
+    from gfmfr_secure.simulation.loop import _check_finite
+    from gfmfr_secure.types import CohortUpdate, LocalHyper
+
+    delta = torch.zeros(5, 2)
+    delta[3, 1] = float("nan")  # row 3 belongs to the second client (rows 2..4)
+    update = CohortUpdate(
+        clients=np.array([7, 9]), n_samples=np.array([4, 4]), row_ptr=np.array([0, 2, 5]),
+        row_items=np.array([0, 1, 0, 1, 2]), item_delta=delta, head_delta=None, head_after=None,
+        group=np.array([-1, -1]), loss=np.array([0.5, 0.5]),
+    )
+    hyper = LocalHyper(lr_network=0.1, lr_items=1.0, weight_decay=0.0, alpha=0.0, beta=0.0, distill=0.0,
+                       ema_decay=0.9, max_ratio=1.0, batch_size=4, epochs=1, shuffle_seed=0)
+    with pytest.raises(FloatingPointError, match=r"1 of 2 clients, e.g. users \[9\]"):
+        _check_finite(update, 0, hyper)
+    _check_finite(dataclasses.replace(update, item_delta=torch.zeros(5, 2)), 0, hyper)  # finite: silent
+
+
+def test_diverging_centralised_training_fails_loudly(split) -> None:
+    with pytest.raises(FloatingPointError, match=r"round 0: centralised training diverged"):
+        run_centralized(cfg_for("centralized", "train.lr=1e30"), split, progress=False)

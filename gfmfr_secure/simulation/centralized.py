@@ -10,6 +10,7 @@ methods.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any
 
@@ -75,8 +76,11 @@ def run_centralized(cfg: Any, split: Split, *, logger: logging.Logger | None = N
                 loss.backward()
                 opt.step()
                 total += loss.item() * idx.numel()
+        mean_loss = total / (users.numel() * tc.local_epochs)
+        if not (math.isfinite(mean_loss) and all(bool(torch.isfinite(p).all()) for p in params.values())):
+            raise FloatingPointError(f"round {t}: centralised training diverged (loss {mean_loss}); lower train.lr (Adam step {tc.lr:g})")
         sync()
-        rec: dict[str, Any] = {"round": t, "loss": total / (users.numel() * tc.local_epochs), "client_s": time.perf_counter() - t0}
+        rec: dict[str, Any] = {"round": t, "loss": mean_loss, "client_s": time.perf_counter() - t0}
         times.append(rec["client_s"])
         if (t + 1) % tc.eval_every == 0 or t == tc.rounds - 1:
             val = evaluate_ranking(lambda us: score_users(shared, store, backbone, us), split, "val", ks=ks, chunk_size=cfg.eval.chunk_users)

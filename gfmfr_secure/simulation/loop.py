@@ -43,7 +43,7 @@ from gfmfr_secure.server.step import ServerState, apply_fedavg_, update_teacher_
 from gfmfr_secure.simulation.dp import RecordLevelDP, clip_upload, plan_privacy, privacy_report
 from gfmfr_secure.simulation.scoring import score_users
 from gfmfr_secure.simulation.selection import ValidationSelector
-from gfmfr_secure.types import AdversaryView, Exposure, LocalHyper
+from gfmfr_secure.types import AdversaryView, CohortUpdate, Exposure, LocalHyper
 
 __all__ = ["SERVER_GROUPING", "FederatedRun", "RoundCallback", "run_federated"]
 
@@ -233,6 +233,7 @@ def run_federated(
         else:
             update = record_dp.train(server.shared, store, backbone, cohort, samples, hyper, t, teacher=server.teacher if distill_on else None, groups=store.group[cohort] if distill_on else None)
         t1 = time.perf_counter()
+        _check_finite(update, t, hyper)
 
         # ---- client side: clip, pick a group (oblivious), add own noise share
         upload, norms = clip_upload(update, dp, cfg)
@@ -367,6 +368,29 @@ def run_federated(
         },
     }
     return FederatedRun(shared=sel_shared, store=sel_store, server=server, metrics=metrics, history=history)
+
+
+def _check_finite(update: CohortUpdate, round_idx: int, hyper: LocalHyper) -> None:
+    """Raise ``FloatingPointError`` naming the clients whose local training diverged.
+
+    A client's update is checked where the client produced it, before clipping,
+    aggregation or the server's fusion see it (there a NaN would surface as an
+    unrelated-looking error, or silently poison every group).
+    """
+    bad = ~np.isfinite(update.loss)
+    rows_bad = ~torch.isfinite(update.item_delta).all(dim=1).numpy()
+    if rows_bad.any():
+        owner = np.searchsorted(update.row_ptr, np.flatnonzero(rows_bad), side="right") - 1
+        bad[np.unique(owner)] = True
+    for tensor in (update.head_delta, update.head_after):
+        if tensor is not None:
+            bad |= ~torch.isfinite(tensor).all(dim=1).numpy()
+    if bad.any():
+        raise FloatingPointError(
+            f"round {round_idx}: local training diverged (non-finite loss or update) for "
+            f"{int(bad.sum())} of {len(update)} clients, e.g. users {update.clients[bad][:5].tolist()}; "
+            f"lower train.lr (network lr this round {hyper.lr_network:g}, item-table lr {hyper.lr_items:g})"
+        )
 
 
 def _mean_cost(history: list[dict[str, Any]]) -> dict[str, float]:
