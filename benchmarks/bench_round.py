@@ -1,7 +1,8 @@
 """Time GFMFR rounds at the default config on ML-100K-mm.
 
 Prints, per round, seconds of client training (all clients, vectorised cohort), of the
-server update (FedAvg, spectral grouping, fusion training, teacher) and of a
+server update (FedAvg, spectral grouping, fusion training, teacher; grouping and
+fusion also on their own) and of a
 full-ranking evaluation of all users, plus peak resident memory.
 
     python benchmarks/bench_round.py --data ../shared/datasets/ml-100k-mm --rounds 3
@@ -40,7 +41,11 @@ def main() -> int:
     print(f"load + split: {time.perf_counter() - t:.2f} s ({data.n_users} users, {data.n_items} items)")
     run = loop.run_federated(cfg, data, split, progress=False)
     for rec in run.history:
-        print(f"round {rec['round']}: client {rec['client_s']:.2f} s, server {rec['server_s']:.2f} s, val NDCG@10 {rec['val']['NDCG@10']:.4f}")
+        parts = f"grouping {rec['grouping_s']:.2f} s, fusion + teacher {rec.get('fusion_s', 0.0):.2f} s"
+        print(
+            f"round {rec['round']}: client {rec['client_s']:.2f} s, server {rec['server_s']:.2f} s ({parts}), "
+            f"val NDCG@10 {rec['val']['NDCG@10']:.4f}"
+        )
     users = torch.arange(split.n_users)
     times = []
     for _ in range(3):
@@ -51,7 +56,10 @@ def main() -> int:
     rounds = run.history[1:] or run.history  # round 0 has no distillation; report steady state
     client = sum(r["client_s"] for r in rounds) / len(rounds)
     server = sum(r["server_s"] for r in rounds) / len(rounds)
+    fusion = sum(r.get("fusion_s", 0.0) for r in rounds) / len(rounds)
+    grouping = sum(r["grouping_s"] for r in rounds) / len(rounds)
     print(f"mean over rounds {rounds[0]['round']}..{rounds[-1]['round']}: client {client:.2f} s + server {server:.2f} s = {client + server:.2f} s per round")
+    print(f"  server: grouping {grouping:.2f} s, fusion training + teacher {fusion:.2f} s, FedAvg and the rest {server - grouping - fusion:.2f} s")
     print(f"full-ranking evaluation of {users.numel()} users: best {min(times):.2f} s")
     print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
     print(f"private client state: {run.store.nbytes / 2**20:.1f} MiB")

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scipy.spatial.distance import pdist
 from sklearn.metrics import adjusted_rand_score
 
 from gfmfr_secure.errors import ConfigError, DataError
@@ -99,6 +100,26 @@ def test_rbf_gamma_median_golden():
 def test_rbf_gamma_median_degenerate():
     assert rbf_gamma_median(np.ones((3, 2))) == 1.0
     assert rbf_gamma_median(np.ones((1, 2))) == 1.0
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(2, 30),
+    f=st.integers(1, 6),
+    scale=st.sampled_from([1e-3, 1.0, 1e3]),
+    duplicates=st.integers(0, 5),
+    seed=st.integers(0, 2**16),
+)
+def test_rbf_gamma_median_matches_direct_pairwise_distances(n, f, scale, duplicates, seed):
+    """The Gram-matrix form gives the direct computation's gamma, duplicate rows (distance 0) included."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(5.0, 1.0, size=(n, f)) * scale  # offset from the origin: the Gram form's hard case
+    for _ in range(duplicates):
+        x[rng.integers(n)] = x[rng.integers(n)]
+    direct = pdist(x)
+    direct = direct[direct > 0]
+    expected = 1.0 if direct.size == 0 else 1.0 / (2.0 * float(np.median(direct)) ** 2)
+    assert rbf_gamma_median(x) == pytest.approx(expected, rel=1e-9)
 
 
 # --------------------------------------------------------------------------- groupers

@@ -275,6 +275,7 @@ def run_federated(
         if n_groups and not regroup:
             log.info("round %d: cohort of %d clients is smaller than G=%d; grouping and teacher kept", t, len(update), n_groups)
         labels = client_groups
+        t_group = time.perf_counter()
         if regroup and grouping in SERVER_GROUPING:
             per_client = agg.per_client
             labels = group_clients(
@@ -291,6 +292,7 @@ def run_federated(
             agg = dataclasses.replace(agg, group_counts=counts, group_item_sum=g_item, group_head_sum=g_head)
             server.assignment[cohort] = labels
 
+        rec["grouping_s"] = time.perf_counter() - t_group
         # ---- differential privacy: the paper's server-side grouping noises the sums it formed itself
         if dp is not None and server_grouped:
             blocks = n_groups if agg.group_counts is not None else 1
@@ -315,6 +317,7 @@ def run_federated(
         if regroup:
             if grouping == "oblivious" and agg.group_head_sum is not None:
                 centroids = _update_centroids(centroids, agg)
+            t_fusion = time.perf_counter()
             fusion_losses = update_teacher_(
                 server,
                 before,
@@ -326,6 +329,7 @@ def run_federated(
                 optimizer=cfg.fusion.server_optimizer,
                 generator=torch_generator(seed, "fusion-shuffle", t),
             )
+            rec["fusion_s"] = time.perf_counter() - t_fusion  # fusion training and teacher
             store.group[cohort] = labels[: cohort.size]  # each client knows its own group
             rec["fusion_loss"] = float(fusion_losses[-1]) if fusion_losses else None
             rec["group_sizes"] = [round(float(c), 3) for c in agg.group_counts.tolist()]
