@@ -30,6 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+import gfmfr_secure  # noqa: F401  (first: sets the OpenMP wait policy before torch loads OpenMP)
+
+# isort: split
 import torch
 
 from gfmfr_secure.data import (

@@ -8,12 +8,11 @@ plain way: shuffled batches of 256 (group, item) pairs through
 ``GroupFusion.forward``, which projects every item once per pair instead of once
 per batch.
 
-Run: ``python benchmarks/bench_fusion.py [--threads 2] [--repeats 3] [--operators sum moe]``
+Run: ``python benchmarks/bench_fusion.py [--threads 1] [--repeats 3] [--operators sum moe]``
 
-On a machine whose cores are shared with other busy processes, set
-``OMP_WAIT_POLICY=PASSIVE`` in the environment: with the default (spinning)
-policy, every small parallel kernel waits for a descheduled worker thread and
-the run can become tens of times slower.
+One thread is the default, as in the training loop: under the passive OpenMP
+waiting the package sets, a second thread makes these small steps slower (moe,
+50 epochs: about 5 s on one thread, about 13 s on two, on the 2-core machine).
 """
 
 from __future__ import annotations
@@ -23,6 +22,9 @@ import math
 import os
 import time
 
+import gfmfr_secure  # noqa: F401  (first: sets the OpenMP wait policy before torch loads OpenMP)
+
+# isort: split
 import torch
 import torch.nn.functional as F
 
@@ -82,7 +84,7 @@ def train_pairwise(module: GroupFusion, targets: torch.Tensor, gen: torch.Genera
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--operators", nargs="*", default=sorted(FUSION_OPERATORS))
     parser.add_argument(

@@ -16,9 +16,11 @@ import resource
 import sys
 import time
 
+import gfmfr_secure  # noqa: F401  (first: sets the OpenMP wait policy before torch loads OpenMP)
+
+# isort: split
 import torch
 
-import gfmfr_secure  # noqa: F401  (sets passive OpenMP waiting before torch starts)
 from gfmfr_secure.config import load_config
 from gfmfr_secure.metrics import evaluate_ranking
 from gfmfr_secure.simulation import loop

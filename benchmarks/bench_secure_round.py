@@ -18,9 +18,11 @@ import os
 import resource
 import sys
 
+import gfmfr_secure  # noqa: F401  (first: sets the OpenMP wait policy before torch loads OpenMP)
+
+# isort: split
 import torch
 
-import gfmfr_secure  # noqa: F401  (sets passive OpenMP waiting before torch starts)
 from gfmfr_secure.config import load_config
 from gfmfr_secure.simulation import loop
 from gfmfr_secure.simulation.runner import prepare_data
