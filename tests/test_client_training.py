@@ -39,8 +39,10 @@ def _setup(name: str):
 
 @pytest.mark.parametrize("backbone", ["fedrap", "fedncf", "pfedrec"])
 @pytest.mark.parametrize("distill", [False, True])
-def test_cohort_equals_per_client_path(backbone: str, distill: bool) -> None:
-    """The vectorised cohort (hand-derived gradients) gives the autograd per-client update."""
+@pytest.mark.parametrize("workers", [1, 3])
+def test_cohort_equals_per_client_path(backbone: str, distill: bool, workers: int) -> None:
+    """The vectorised cohort (hand-derived gradients) gives the autograd per-client update,
+    whether a step's blocks of clients run one after another or on worker threads."""
     spec, shared, store_a = _setup(backbone)
     store_b = store_a.snapshot()
     indptr, items, labels = _samples()
@@ -48,7 +50,7 @@ def test_cohort_equals_per_client_path(backbone: str, distill: bool) -> None:
     teacher = torch.rand(3, I, generator=torch.Generator().manual_seed(3)) if distill else None
     groups = np.array([0, 1, 2, -1, 0, 1, 2])
     clients = np.array([3, 0, 5, 6, 1, 2, 4])
-    up = train_cohort(shared, store_a, spec, clients, indptr, items, labels, hyper, teacher=teacher, groups=groups[clients] if distill else None)
+    up = train_cohort(shared, store_a, spec, clients, indptr, items, labels, hyper, teacher=teacher, groups=groups[clients] if distill else None, workers=workers)
     for j, c in enumerate(clients):
         sl = slice(indptr[c], indptr[c + 1])
         g = int(groups[c]) if distill else -1
@@ -66,22 +68,28 @@ def test_cohort_equals_per_client_path(backbone: str, distill: bool) -> None:
         torch.testing.assert_close(store_a.ema_ratio, store_b.ema_ratio, rtol=1e-4, atol=1e-6, equal_nan=True)
 
 
-@pytest.mark.parametrize("chunk", [1, 2, 5])
-def test_client_blocks_do_not_change_the_update(chunk: int) -> None:
-    """Splitting a step into blocks of clients is an execution detail: the same update up to
-    float rounding (batched matrix products may block differently)."""
+@pytest.mark.parametrize(("workers", "chunk"), [(1, 1), (1, 2), (1, 5), (2, None), (2, 1), (4, 2), (8, 1)])
+def test_blocks_and_worker_threads_do_not_change_the_update(workers: int, chunk: int | None) -> None:
+    """Splitting a step into blocks of clients, and running the blocks on worker threads
+    (each on single-threaded kernels), are execution details: the same update up to float
+    rounding (batched matrix products may block differently). The torch thread setting is
+    restored afterwards."""
     spec, shared, store_a = _setup("fedrap")
     store_b = store_a.snapshot()
-    indptr, items, labels = _samples(4)
+    indptr, items, labels = _samples(6)
     hyper = _hyper()
-    teacher = torch.rand(3, I, generator=torch.Generator().manual_seed(8))
+    teacher = torch.rand(3, I, generator=torch.Generator().manual_seed(9))
     clients = np.arange(U)
     groups = clients % 3
-    ref = train_cohort(shared, store_a, spec, clients, indptr, items, labels, hyper, teacher=teacher, groups=groups)
-    got = train_cohort(shared, store_b, spec, clients, indptr, items, labels, hyper, teacher=teacher, groups=groups, chunk_clients=chunk)
+    ref = train_cohort(shared, store_a, spec, clients, indptr, items, labels, hyper, teacher=teacher, groups=groups, workers=1)
+    threads = torch.get_num_threads()
+    got = train_cohort(shared, store_b, spec, clients, indptr, items, labels, hyper, teacher=teacher, groups=groups, workers=workers, chunk_clients=chunk)
+    assert torch.get_num_threads() == threads
     torch.testing.assert_close(got.item_delta, ref.item_delta, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got.head_after, ref.head_after, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(store_b.personal.values, store_a.personal.values, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(store_b.user_embedding, store_a.user_embedding, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(store_b.ema_ratio, store_a.ema_ratio, rtol=1e-5, atol=1e-6, equal_nan=True)
     np.testing.assert_allclose(got.loss, ref.loss, rtol=1e-6)
 
 

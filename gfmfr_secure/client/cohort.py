@@ -21,12 +21,17 @@ Model and loss for one client and a batch ``j = 1..n`` (all means over the batch
 
 Execution (it changes no result beyond float rounding): a global step runs over
 blocks of about :data:`CHUNK_SAMPLES` samples, so a block's ``[clients, batch, d]``
-intermediates stay in cache, and each block is cut to its widest batch. Updated
-item rows are written back with one ``index_copy_`` (parallel) after summing the
+intermediates stay in cache, and each block is cut to its widest batch. A step's
+blocks touch disjoint clients, so they run on a pool of worker threads, each on
+single-threaded kernels (no OpenMP wake-up per kernel). Updated item rows are
+written back with one ``index_copy_`` (parallel) after summing the
 gradients of an item drawn twice in a batch, rather than with a serial scatter-add.
 """
 
 from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from itertools import repeat
 
 import numpy as np
 import torch
@@ -121,6 +126,7 @@ def train_cohort(
     teacher: torch.Tensor | None = None,
     groups: np.ndarray | None = None,
     chunk_clients: int | None = None,
+    workers: int | None = None,
 ) -> CohortUpdate:
     """Train every client of ``clients`` locally for one round and return their uploads.
 
@@ -137,6 +143,10 @@ def train_cohort(
     groups : int64 [n] group of each client (-1 = none, no distillation for it).
     chunk_clients : clients per block within a step (default ``CHUNK_SAMPLES // batch_size``);
         any value gives the same result, it only trades cache use against call overhead.
+    workers : threads that run a step's blocks of clients in parallel, each block on
+        single-threaded kernels (default ``torch.get_num_threads()``; 1 = blocks one
+        after another on the multi-threaded kernels). Blocks touch disjoint clients,
+        so the result does not depend on it.
 
     Returns
     -------
@@ -209,93 +219,116 @@ def train_cohort(
     if chunk < 1:
         raise ValueError(f"chunk_clients must be >= 1, got {chunk}")
 
-    for k in range(plan.n_steps):
-        first_row = int(plan.offsets[k])
-        s_step = grid[first_row : int(plan.offsets[k + 1])]  # [active, B]
-        # Clients are independent: the step runs over blocks of clients small enough for
-        # the block's [nk, B, d] intermediates to stay in cache.
-        for lo in range(0, int(plan.active[k]), chunk):
-            hi = min(lo + chunk, int(plan.active[k]))
-            nk = hi - lo
-            width = int(plan.row_valid[first_row + lo : first_row + hi].max())  # widest batch of the block
-            s1 = (s_step[lo:hi, :width] + 1).reshape(-1)  # [nk * width], 0 = padding
-            vm = (s1 > 0).to(torch.float32).view(nk, -1)
-            nval = vm.sum(1)  # [nk], >= 1
-            flat_rows = sample_row.index_select(0, s1)  # [nk * B]
-            y = labels_t.index_select(0, s1).view(nk, -1)
-            c_b = c_loc.index_select(0, flat_rows).view(nk, -1, d)  # [nk, B, d]
-            p_b = p_loc.index_select(0, flat_rows).view(nk, -1, d) if p_loc is not None else None
-            x = c_b + p_b if p_b is not None else c_b
-            W1u, W1i, B1, W2, B2, E = w1u[lo:hi], w1i[lo:hi], b1[lo:hi], w2[lo:hi], b2[lo:hi], emb[lo:hi]
+    def run_block(s_step: torch.Tensor, first_row: int, lo: int, hi: int) -> None:
+        """One block of clients ``lo:hi`` (plan order) through one local step, in place."""
+        nk = hi - lo
+        width = int(plan.row_valid[first_row + lo : first_row + hi].max())  # widest batch of the block
+        s1 = (s_step[lo:hi, :width] + 1).reshape(-1)  # [nk * width], 0 = padding
+        vm = (s1 > 0).to(torch.float32).view(nk, -1)
+        nval = vm.sum(1)  # [nk], >= 1
+        flat_rows = sample_row.index_select(0, s1)  # [nk * B]
+        y = labels_t.index_select(0, s1).view(nk, -1)
+        c_b = c_loc.index_select(0, flat_rows).view(nk, -1, d)  # [nk, B, d]
+        p_b = p_loc.index_select(0, flat_rows).view(nk, -1, d) if p_loc is not None else None
+        x = c_b + p_b if p_b is not None else c_b
+        W1u, W1i, B1, W2, B2, E = w1u[lo:hi], w1i[lo:hi], b1[lo:hi], w2[lo:hi], b2[lo:hi], emb[lo:hi]
 
-            u_term = torch.baddbmm(B1.unsqueeze(2), W1u, E.unsqueeze(2)).squeeze(2)  # [nk, h]
-            a = torch.baddbmm(u_term.unsqueeze(1), x, W1i.transpose(1, 2)).relu_()  # [nk, B, h]
-            logit = torch.baddbmm(B2.view(-1, 1, 1), a, W2.unsqueeze(2)).squeeze(2)  # [nk, B]
-            p = torch.sigmoid(logit)
+        u_term = torch.baddbmm(B1.unsqueeze(2), W1u, E.unsqueeze(2)).squeeze(2)  # [nk, h]
+        a = torch.baddbmm(u_term.unsqueeze(1), x, W1i.transpose(1, 2)).relu_()  # [nk, B, h]
+        logit = torch.baddbmm(B2.view(-1, 1, 1), a, W2.unsqueeze(2)).squeeze(2)  # [nk, B]
+        p = torch.sigmoid(logit)
 
-            base = ((F.softplus(logit) - y * logit) * vm).sum(1) / nval  # BCE
-            diff = None
-            if alpha and p_b is not None:
-                diff = p_b - c_b
-                base = base - alpha * (torch.linalg.vecdot(diff, diff) * vm).sum(1) / (nval * d)
-            sign_c = None
+        base = ((F.softplus(logit) - y * logit) * vm).sum(1) / nval  # BCE
+        diff = None
+        if alpha and p_b is not None:
+            diff = p_b - c_b
+            base = base - alpha * (torch.linalg.vecdot(diff, diff) * vm).sum(1) / (nval * d)
+        sign_c = None
+        if beta:
+            sign_c = torch.sign(c_b)
+            base = base + beta * (torch.linalg.vecdot(c_b, sign_c) * vm).sum(1) / (nval * d)  # sum |C|
+        gl = (p - y) * vm
+        loss_c = base.double()
+        if q_ext is not None:
+            dist = distilling[lo:hi]
+            q = q_ext.index_select(0, s1).view(nk, -1)
+            kl_elem = _xlogx(q) + _xlogx(1 - q) - q * F.logsigmoid(logit) - (1 - q) * F.logsigmoid(-logit)
+            kl = (kl_elem * vm).sum(1) / nval
+            ratio = (base.double() / (kl.double() + 1e-8)).clamp(max=hyper.max_ratio)
+            prev = ema[lo:hi]
+            new = torch.where(torch.isnan(prev), ratio, hyper.ema_decay * prev + (1 - hyper.ema_decay) * ratio)
+            ema[lo:hi] = torch.where(dist, new, prev)
+            lam = torch.where(dist, ema[lo:hi] * hyper.distill, torch.zeros_like(prev))
+            loss_c = loss_c + lam * kl.double()
+            gl = gl + lam.to(torch.float32).unsqueeze(1) * (p - q) * vm
+        gl = gl / nval.unsqueeze(1)
+        loss_sum[lo:hi] += loss_c
+        step_count[lo:hi] += 1
+
+        g_b2 = gl.sum(1)
+        g_w2 = torch.bmm(gl.unsqueeze(1), a).squeeze(1)  # [nk, h]
+        # dL/dz = gl * w2 * [z > 0]; keep m = gl * [z > 0] (one pass, ReLU's backward kernel)
+        # and fold w2 into the small [nk, h, d] factors instead of the [nk, B, h] tensor.
+        m = torch.ops.aten.threshold_backward(gl.unsqueeze(2).expand_as(a), a, 0.0)  # [nk, B, h]
+        del a
+        g_w1i = torch.bmm(m.transpose(1, 2), x).mul_(W2.unsqueeze(2))  # [nk, h, d]
+        g_b1 = m.sum(1).mul_(W2)  # [nk, h]
+        g_w1u = g_b1.unsqueeze(2) * E.unsqueeze(1)  # [nk, h, d]
+        g_e = torch.bmm(g_b1.unsqueeze(1), W1u).squeeze(1)  # [nk, d]
+        gx = torch.bmm(m, W1i * W2.unsqueeze(2))  # [nk, B, d]
+        del m
+
+        # FedRAP's regularisers: d/dP = -2a (P - C) / (n d), d/dC = +2a (P - C) / (n d) + b sign(C) / (n d)
+        g_c = gx
+        g_p = gx if p_b is not None else None
+        if alpha or beta:
+            scale = (vm / (nval * d).unsqueeze(1)).unsqueeze(2)  # [nk, B, 1]
+            if diff is not None:
+                g_p = torch.addcmul(gx, diff, scale, value=-2 * alpha)
+                g_c = torch.addcmul(gx, diff, scale, value=2 * alpha)
             if beta:
-                sign_c = torch.sign(c_b)
-                base = base + beta * (torch.linalg.vecdot(c_b, sign_c) * vm).sum(1) / (nval * d)  # sum |C|
-            gl = (p - y) * vm
-            loss_c = base.double()
-            if q_ext is not None:
-                dist = distilling[lo:hi]
-                q = q_ext.index_select(0, s1).view(nk, -1)
-                kl_elem = _xlogx(q) + _xlogx(1 - q) - q * F.logsigmoid(logit) - (1 - q) * F.logsigmoid(-logit)
-                kl = (kl_elem * vm).sum(1) / nval
-                ratio = (base.double() / (kl.double() + 1e-8)).clamp(max=hyper.max_ratio)
-                prev = ema[lo:hi]
-                new = torch.where(torch.isnan(prev), ratio, hyper.ema_decay * prev + (1 - hyper.ema_decay) * ratio)
-                ema[lo:hi] = torch.where(dist, new, prev)
-                lam = torch.where(dist, ema[lo:hi] * hyper.distill, torch.zeros_like(prev))
-                loss_c = loss_c + lam * kl.double()
-                gl = gl + lam.to(torch.float32).unsqueeze(1) * (p - q) * vm
-            gl = gl / nval.unsqueeze(1)
-            loss_sum[lo:hi] += loss_c
-            step_count[lo:hi] += 1
+                g_c = torch.addcmul(g_c, sign_c, scale, value=beta)
 
-            g_b2 = gl.sum(1)
-            g_w2 = torch.bmm(gl.unsqueeze(1), a).squeeze(1)  # [nk, h]
-            # dL/dz = gl * w2 * [z > 0]; keep m = gl * [z > 0] (one pass, ReLU's backward kernel)
-            # and fold w2 into the small [nk, h, d] factors instead of the [nk, B, h] tensor.
-            m = torch.ops.aten.threshold_backward(gl.unsqueeze(2).expand_as(a), a, 0.0)  # [nk, B, h]
-            del a
-            g_w1i = torch.bmm(m.transpose(1, 2), x).mul_(W2.unsqueeze(2))  # [nk, h, d]
-            g_b1 = m.sum(1).mul_(W2)  # [nk, h]
-            g_w1u = g_b1.unsqueeze(2) * E.unsqueeze(1)  # [nk, h, d]
-            g_e = torch.bmm(g_b1.unsqueeze(1), W1u).squeeze(1)  # [nk, d]
-            gx = torch.bmm(m, W1i * W2.unsqueeze(2))  # [nk, B, d]
-            del m
+        dups = _duplicate_slots(flat_rows.view(nk, -1))
+        _sgd_rows_(c_loc, flat_rows, c_b, g_c, lr_i, dups)
+        if p_loc is not None:
+            _sgd_rows_(p_loc, flat_rows, p_b, g_p, lr_i, dups)
+        decay = 1.0 - lr_n * wd
+        W1u.mul_(decay).sub_(g_w1u, alpha=lr_n)
+        W1i.mul_(decay).sub_(g_w1i, alpha=lr_n)
+        B1.mul_(decay).sub_(g_b1, alpha=lr_n)
+        W2.mul_(decay).sub_(g_w2, alpha=lr_n)
+        B2.mul_(decay).sub_(g_b2, alpha=lr_n)
+        if backbone.user_embedding:
+            E.mul_(decay).sub_(g_e, alpha=lr_n)
 
-            # FedRAP's regularisers: d/dP = -2a (P - C) / (n d), d/dC = +2a (P - C) / (n d) + b sign(C) / (n d)
-            g_c = gx
-            g_p = gx if p_b is not None else None
-            if alpha or beta:
-                scale = (vm / (nval * d).unsqueeze(1)).unsqueeze(2)  # [nk, B, 1]
-                if diff is not None:
-                    g_p = torch.addcmul(gx, diff, scale, value=-2 * alpha)
-                    g_c = torch.addcmul(gx, diff, scale, value=2 * alpha)
-                if beta:
-                    g_c = torch.addcmul(g_c, sign_c, scale, value=beta)
-
-            dups = _duplicate_slots(flat_rows.view(nk, -1))
-            _sgd_rows_(c_loc, flat_rows, c_b, g_c, lr_i, dups)
-            if p_loc is not None:
-                _sgd_rows_(p_loc, flat_rows, p_b, g_p, lr_i, dups)
-            decay = 1.0 - lr_n * wd
-            W1u.mul_(decay).sub_(g_w1u, alpha=lr_n)
-            W1i.mul_(decay).sub_(g_w1i, alpha=lr_n)
-            B1.mul_(decay).sub_(g_b1, alpha=lr_n)
-            W2.mul_(decay).sub_(g_w2, alpha=lr_n)
-            B2.mul_(decay).sub_(g_b2, alpha=lr_n)
-            if backbone.user_embedding:
-                E.mul_(decay).sub_(g_e, alpha=lr_n)
+    workers = max(1, torch.get_num_threads() if workers is None else int(workers))
+    pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
+    threads_before = torch.get_num_threads()
+    try:
+        if pool is not None:
+            torch.set_num_threads(1)  # parallel over blocks of clients, not inside each kernel
+        for k in range(plan.n_steps):
+            first_row = int(plan.offsets[k])
+            s_step = grid[first_row : int(plan.offsets[k + 1])]  # [active, B]
+            active = int(plan.active[k])
+            # Clients are independent: the step runs over blocks of clients small enough
+            # for a block's [nk, B, d] intermediates to stay in cache, at least one block
+            # per worker thread.
+            n_blocks = max(-(-active // chunk), min(workers, active))
+            size = -(-active // n_blocks)
+            bounds = [(lo, min(lo + size, active)) for lo in range(0, active, size)]
+            if pool is None or len(bounds) == 1:
+                for lo, hi in bounds:
+                    run_block(s_step, first_row, lo, hi)
+            else:
+                los, his = zip(*bounds)
+                for _ in pool.map(run_block, repeat(s_step), repeat(first_row), los, his):
+                    pass  # consuming the results re-raises a block's exception here
+    finally:
+        if pool is not None:
+            pool.shutdown()
+            torch.set_num_threads(threads_before)
     c_loc = c_loc[:n_rows]
     if p_loc is not None:
         p_loc = p_loc[:n_rows]
