@@ -28,7 +28,10 @@ def _samples(seed: int = 0):
 
 
 def _hyper(**kw) -> LocalHyper:
-    base = dict(lr_network=0.05, lr_items=2.0, weight_decay=1e-3, alpha=0.1, beta=0.1, distill=0.7, ema_decay=0.9, max_ratio=5.0, batch_size=16, epochs=3, shuffle_seed=5)
+    base = {
+        "lr_network": 0.05, "lr_items": 2.0, "weight_decay": 1e-3, "alpha": 0.1, "beta": 0.1, "distill": 0.7,
+        "ema_decay": 0.9, "max_ratio": 5.0, "batch_size": 16, "epochs": 3, "shuffle_seed": 5,
+    }
     base.update(kw)
     return LocalHyper(**base)
 
@@ -91,6 +94,14 @@ def test_blocks_and_worker_threads_do_not_change_the_update(workers: int, chunk:
     torch.testing.assert_close(store_b.user_embedding, store_a.user_embedding, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(store_b.ema_ratio, store_a.ema_ratio, rtol=1e-5, atol=1e-6, equal_nan=True)
     np.testing.assert_allclose(got.loss, ref.loss, rtol=1e-6)
+
+
+@pytest.mark.parametrize("workers", [0, -1, 1.5, True])
+def test_bad_worker_counts_are_rejected(workers) -> None:
+    spec, shared, store = _setup("fedncf")
+    indptr, items, labels = _samples(1)
+    with pytest.raises(ValueError, match="workers must be a positive integer"):
+        train_cohort(shared, store, spec, np.arange(U), indptr, items, labels, _hyper(), workers=workers)
 
 
 def test_repeated_rows_in_a_batch_get_every_gradient() -> None:
@@ -164,6 +175,7 @@ def test_rowstore_semantics() -> None:
     owner, items, values = rs.user_rows(np.array([3, 1, 0]))
     np.testing.assert_array_equal(owner, [0, 1, 2])
     np.testing.assert_array_equal(items, [0, 2, 3])
+    torch.testing.assert_close(values, torch.tensor([[7.0, 7, 7], [1.0, 1, 1], [5.0, 5, 5]]))
     with pytest.raises(ValueError, match="unique"):
         rs.put(np.array([1, 1]), torch.zeros(2, 3))
     with pytest.raises(ValueError, match="shape"):

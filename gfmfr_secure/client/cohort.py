@@ -302,7 +302,9 @@ def train_cohort(
         if backbone.user_embedding:
             E.mul_(decay).sub_(g_e, alpha=lr_n)
 
-    workers = max(1, torch.get_num_threads() if workers is None else int(workers))
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise ValueError(f"workers must be a positive integer or None, got {workers!r}")
+    workers = torch.get_num_threads() if workers is None else workers
     pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
     threads_before = torch.get_num_threads()
     try:
