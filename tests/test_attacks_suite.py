@@ -69,7 +69,7 @@ def test_canary_audit_detects_without_dp_and_respects_dp(tiny_synthetic, split) 
 
 
 def test_popularity_alone_scores_about_half(split) -> None:
-    pos, items, y = interaction_targets(split, np.arange(split.n_users), seed=3)
+    _pos, items, y = interaction_targets(split, np.arange(split.n_users), seed=3)
     pop = np.bincount(split.train_items, minlength=split.n_items)
     from attacks.metrics import attack_metrics
 

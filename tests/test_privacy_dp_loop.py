@@ -14,7 +14,11 @@ from gfmfr_secure.config import config_from_dict, with_overrides
 from gfmfr_secure.data import leave_one_out
 from gfmfr_secure.errors import ConfigError
 from gfmfr_secure.privacy import epsilon_for, rounds_within_budget
-from gfmfr_secure.privacy.mechanisms import adaptive_clip_step, clip_sparse_updates, split_noise_multiplier
+from gfmfr_secure.privacy.mechanisms import (
+    adaptive_clip_step,
+    clip_sparse_updates,
+    split_noise_multiplier,
+)
 from gfmfr_secure.privacy.plan import UserLevelDP, coverage
 from gfmfr_secure.privacy.release import NoiseShares, ReleaseLayout, central_noise, noise_release
 from gfmfr_secure.simulation.loop import run_federated
@@ -289,6 +293,6 @@ def test_local_dp_in_the_loop(tiny_synthetic, split) -> None:
     p = run.metrics["privacy"]
     assert p["sample_rate"] == 1.0 and "replace" in p["relation"]
     assert p["epsilon"] == pytest.approx(epsilon_for(0.05, 1.0, 3, 1e-4), rel=1e-9)
-    server = [v for v in views if v.observer == "server"][0]
+    server = next(v for v in views if v.observer == "server")
     shares = server.received["noise_shares"]
     assert server.received["upload_format"] == "dense" and shares.std == pytest.approx(2 * 0.5 * 0.05)

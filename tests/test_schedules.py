@@ -1,3 +1,4 @@
+import itertools
 import math
 
 import pytest
@@ -20,7 +21,7 @@ def test_golden_values() -> None:
 
 def test_fedrap_weight_increases_and_is_pure() -> None:
     values = [schedules.fedrap_weight(t, 0.1) for t in range(30)]
-    assert all(b > a for a, b in zip(values, values[1:]))
+    assert all(b > a for a, b in itertools.pairwise(values))
     assert values == [schedules.fedrap_weight(t, 0.1) for t in range(30)]  # no state
     assert values[-1] < 0.1
 

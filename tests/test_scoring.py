@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from gfmfr_secure.models.params import unflatten_heads
 from gfmfr_secure.client.state import ClientStateStore
 from gfmfr_secure.models import get_backbone, init_shared_params
+from gfmfr_secure.models.params import unflatten_heads
 from gfmfr_secure.rng import numpy_rng, torch_generator
 from gfmfr_secure.simulation.scoring import score_users
 
