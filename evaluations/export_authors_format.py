@@ -25,6 +25,7 @@ a test item (true on ML-100K, where every user has at least 20 ratings).
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -76,17 +77,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", required=True, help="folder to create (their dataset/<name>/)")
     ap.add_argument("--dim", type=int, default=512, help="feature width their fusion layer expects")
     args = ap.parse_args(argv)
+    out = Path(args.out)
+    if out.exists():
+        raise FileExistsError(f"{out} exists; choose a new folder")
     data = load_dataset(args.data)
     if data.text_features is None or data.image_features is None:
         raise DataError(f"{args.data} lacks text or image features")
     table = interactions_table(leave_one_out(data))
     text, kept_text = to_width(data.text_features, args.dim)
     image, kept_image = to_width(data.image_features, args.dim)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=False)
-    np.savetxt(out / "inter.csv", table, fmt="%d", delimiter=",", header="userId,itemId,rating,timestamp", comments="")
-    np.save(out / "text_features.npy", text)
-    np.save(out / "image_features.npy", image)
+    tmp = out.with_name(out.name + ".partial")  # renamed into place once complete
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    np.savetxt(tmp / "inter.csv", table, fmt="%d", delimiter=",", header="userId,itemId,rating,timestamp", comments="")
+    np.save(tmp / "text_features.npy", text)
+    np.save(tmp / "image_features.npy", image)
+    tmp.rename(out)
     print(
         f"wrote {out}: {table.shape[0]} interactions of {data.n_users} users on {data.n_items} items; "
         f"text {data.text_features.shape[1]} -> {args.dim} (variance kept {kept_text:.4f}), "
