@@ -24,8 +24,8 @@ blocks of about :data:`CHUNK_SAMPLES` samples, so a block's ``[clients, batch, d
 intermediates stay in cache, and each block is cut to its widest batch. A step's
 blocks touch disjoint clients, so they run on a pool of worker threads, each on
 single-threaded kernels (no OpenMP wake-up per kernel). Updated item rows are
-written back with one ``index_copy_`` (parallel) after summing the
-gradients of an item drawn twice in a batch, rather than with a serial scatter-add.
+written back with one ``index_copy_`` per block after summing the gradients of an
+item drawn twice in a batch, rather than with a serial scatter-add.
 """
 
 from __future__ import annotations

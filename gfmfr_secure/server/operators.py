@@ -71,8 +71,9 @@ class FusionOperator(nn.Module):
     """Fuses ``k`` vectors of size ``d`` into one.
 
     Subclasses implement :meth:`forward`; they may override
-    :meth:`separable_grid` (operators that are a sum of a row-only and a
-    column-only term) or :meth:`forward_grid` (to share per-token work across the
+    :meth:`separable_vjp` (operators that are a sum of a row-only and a
+    column-only term: it gives :meth:`separable_grid` and the grid backward) or
+    :meth:`forward_grid` / :meth:`grid_vjp` (to share per-token work across the
     grid).
     """
 
@@ -101,8 +102,12 @@ class FusionOperator(nn.Module):
     def separable_grid(
         self, rows: Sequence[Tensor], cols: Sequence[Tensor]
     ) -> tuple[Tensor, Tensor] | None:
-        """``(r [R, d], c [C, d])`` with ``out[i, j] = r[i] + c[j]``, or None if not separable."""
-        return None
+        """``(r [R, d], c [C, d])`` with ``out[i, j] = r[i] + c[j]``, or None if not separable.
+
+        The forward half of :meth:`separable_vjp`; separable operators implement that one.
+        """
+        found = self.separable_vjp(rows, cols)
+        return None if found is None else found[0]
 
     def forward_grid(self, rows: Sequence[Tensor], cols: Sequence[Tensor]) -> Tensor:
         """Fuse every (row, column) combination.
@@ -222,15 +227,11 @@ class SumFusion(FusionOperator):
         """``[B, d]`` x k -> ``[B, d]``."""
         return _sum(tokens)
 
-    def separable_grid(
-        self, rows: Sequence[Tensor], cols: Sequence[Tensor]
-    ) -> tuple[Tensor, Tensor] | None:
-        """Row sum ``[R, d]`` and column sum ``[C, d]``."""
-        return self.separable_vjp(rows, cols)[0]
-
     def separable_vjp(
         self, rows: Sequence[Tensor], cols: Sequence[Tensor]
     ) -> tuple[tuple[Tensor, Tensor], SeparableBackward]:
+        """Row sum ``[R, d]`` and column sum ``[C, d]``, and their backward."""
+
         def backward(d_r: Tensor, d_c: Tensor) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
             return [], [d_r] * len(rows), [d_c] * len(cols)
 
@@ -301,15 +302,10 @@ class GateFusion(FusionOperator):
         """``[B, d]`` x k -> ``[B, d]``."""
         return self.fuse(self._gated(tokens, 0))
 
-    def separable_grid(
-        self, rows: Sequence[Tensor], cols: Sequence[Tensor]
-    ) -> tuple[Tensor, Tensor] | None:
-        """Row term ``[R, d]`` (with the bias) and column term ``[C, d]``."""
-        return self.separable_vjp(rows, cols)[0]
-
     def separable_vjp(
         self, rows: Sequence[Tensor], cols: Sequence[Tensor]
     ) -> tuple[tuple[Tensor, Tensor], SeparableBackward]:
+        """Row term ``[R, d]`` (with the bias) and column term ``[C, d]``, and their backward."""
         split = len(rows) * self.dim
         weight = self.fuse.weight
         tokens = list(rows) + list(cols)
