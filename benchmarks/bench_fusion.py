@@ -8,7 +8,11 @@ plain way: shuffled batches of 256 (group, item) pairs through
 ``GroupFusion.forward``, which projects every item once per pair instead of once
 per batch.
 
-Run: ``python benchmarks/bench_fusion.py [--threads 1] [--repeats 3] [--operators sum moe]``
+Run: ``python benchmarks/bench_fusion.py [--threads 1] [--repeats 3] [--operators sum moe] [--compiled]``
+
+``--compiled`` adds a row per operator that supports it (``fusion.compile``): each
+step as one ``torch.compile``d graph. Its compilation is timed separately (a
+warm-up call on a throw-away module) and not counted in the training time.
 
 One thread is the default, as in the training loop: under the passive OpenMP
 waiting the package sets, a second thread makes these small steps slower (moe,
@@ -30,6 +34,7 @@ import torch.nn.functional as F
 
 from gfmfr_secure.rng import torch_generator
 from gfmfr_secure.server import FUSION_OPERATORS, GroupFusion, group_preferences, train_fusion
+from gfmfr_secure.server.fusion_training import compiled_supported
 
 G, I, DT, DV, D, E = 5, 1682, 384, 1280, 64, 512
 EPOCHS, BATCH, LR = 50, 256, 0.002
@@ -93,6 +98,7 @@ def main() -> None:
         default=["sum", "moe"],
         help="operators also timed with the pairwise reference loop",
     )
+    parser.add_argument("--compiled", action="store_true", help="also time the compiled step")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     text, image, targets = make_data(0)
@@ -111,16 +117,26 @@ def main() -> None:
         f"{'operator':<10} {'train wall s':>12} {'train cpu s':>12} {'first loss':>11} "
         f"{'last loss':>10} {'all+teacher ms':>15}"
     )
-    for operator in args.operators:
+    runs = [(op, False) for op in args.operators]
+    if args.compiled:
+        runs += [(op, True) for op in args.operators if compiled_supported(op, "sgd")]
+    for operator, compiled in runs:
         best = (math.inf, math.inf)
         losses: list[float] = []
         module = build(operator, text, image, 1)
+        if compiled:
+            warm, _, _ = timed(
+                lambda m=module: train_fusion(
+                    m, targets, epochs=1, batch_size=BATCH, lr=LR, generator=torch_generator(0, "warm"), compiled=True
+                )
+            )
+            print(f"{operator}/compiled: compilation and one epoch {warm:.1f} s")
         for r in range(args.repeats):
             module = build(operator, text, image, 1)
             gen = torch_generator(0, "bench", "shuffle", r)
             wall, cpu, losses = timed(
-                lambda m=module, g=gen: train_fusion(
-                    m, targets, epochs=EPOCHS, batch_size=BATCH, lr=LR, generator=g
+                lambda m=module, g=gen, c=compiled: train_fusion(
+                    m, targets, epochs=EPOCHS, batch_size=BATCH, lr=LR, generator=g, compiled=c
                 )
             )
             best = min(best, (wall, cpu))
@@ -132,8 +148,9 @@ def main() -> None:
                     return group_preferences(m.forward_all(), weight, bias)
 
             infer = min(infer, timed(teacher)[0])
+        label = operator + ("/compiled" if compiled else "")
         print(
-            f"{operator:<10} {best[0]:>12.3f} {best[1]:>12.3f} {losses[0]:>11.5f} "
+            f"{label:<10} {best[0]:>12.3f} {best[1]:>12.3f} {losses[0]:>11.5f} "
             f"{losses[-1]:>10.5f} {1e3 * infer:>15.2f}"
         )
     for operator in args.pairwise:

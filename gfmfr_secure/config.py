@@ -321,6 +321,12 @@ class FusionConfig:
     server_lr : float
     server_optimizer : {"sgd", "adam"}
     batch_size : int
+    compile : bool
+        Run each fusion-training step as one graph compiled by ``torch.compile``
+        (about 1.8x faster fusion, after 15-25 s of compilation per process; needs a
+        C++ compiler). Same arithmetic, float-rounding-level differences. Needs
+        ``server_optimizer="sgd"`` and an operator with a hand-derived backward (not
+        ``attention``).
     """
 
     operator: Literal["sum", "mlp", "gate", "attention", "moe"] = "moe"
@@ -330,6 +336,7 @@ class FusionConfig:
     server_lr: float = 0.002
     server_optimizer: Literal["sgd", "adam"] = "sgd"
     batch_size: int = 256
+    compile: bool = False
 
     def __post_init__(self) -> None:
         _require(self.embedding_dim >= 1, "fusion.embedding_dim", ">= 1", self.embedding_dim)
@@ -349,6 +356,12 @@ class FusionConfig:
             0 < self.server_lr < math.inf, "fusion.server_lr", "> 0 and finite", self.server_lr
         )
         _require(self.batch_size >= 1, "fusion.batch_size", ">= 1", self.batch_size)
+        if self.compile and (self.server_optimizer != "sgd" or self.operator == "attention"):
+            raise ConfigError(
+                "fusion.compile needs fusion.server_optimizer=sgd and an operator with a "
+                "hand-derived backward (sum, mlp, gate, moe); got "
+                f"server_optimizer={self.server_optimizer!r}, operator={self.operator!r}"
+            )
 
 
 @dataclass(frozen=True)

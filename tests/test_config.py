@@ -277,3 +277,10 @@ def test_relative_data_path_becomes_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     resolved = resolve_data_path(ExperimentConfig(), "ds", {}).data.path
     assert resolved == str(tmp_path / "ds")
+
+
+def test_fusion_compile_needs_sgd_and_a_hand_derived_operator():
+    assert with_overrides(ExperimentConfig(), ["fusion.compile=true"]).fusion.compile is True
+    for override in ("fusion.server_optimizer=adam", "fusion.operator=attention"):
+        with pytest.raises(ConfigError, match=r"fusion\.compile needs fusion\.server_optimizer=sgd"):
+            with_overrides(ExperimentConfig(), ["fusion.compile=true", override])

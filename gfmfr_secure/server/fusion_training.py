@@ -4,6 +4,15 @@
 each group's averaged shared item table (MSE over group x item pairs) with a
 fresh optimiser per call (:data:`OPTIMIZERS`: plain SGD or Adam), walking the
 items in shuffled batches that cover every active group at once.
+
+With ``compiled=True`` each SGD step (gather the batch, hand-derived forward and
+backward, parameter update) runs as one graph compiled by ``torch.compile``
+(inductor, C++ wrapper), which removes the per-operation dispatch of some 200 small
+kernels per step: about 1.8x faster on the default GFMFR setting, after a one-off
+compilation of about 15-25 s per process (two graphs: full batches and the last,
+smaller one). The arithmetic is the same; the fused kernels round differently, so
+results agree with the eager path to float tolerance, not bit for bit (and are
+themselves reproducible).
 """
 
 from __future__ import annotations
@@ -19,7 +28,7 @@ from torch import Tensor, nn
 from gfmfr_secure.errors import ConfigError, DataError
 from gfmfr_secure.server.fusion import GroupFusion, _check_dim
 
-__all__ = ["OPTIMIZERS", "PlainSGD", "Stepper", "train_fusion"]
+__all__ = ["OPTIMIZERS", "PlainSGD", "Stepper", "compiled_supported", "train_fusion"]
 
 
 class Stepper(Protocol):
@@ -75,6 +84,53 @@ OPTIMIZERS: dict[str, Callable[[list[nn.Parameter], float, float], Stepper]] = {
 }
 
 
+@torch.no_grad()
+def _sgd_step_(
+    module: GroupFusion,
+    params: list[nn.Parameter],
+    sources: list[Tensor],
+    items: Tensor,
+    targets: Tensor,
+    lr: float,
+    weight_decay: float,
+) -> Tensor:
+    """One plain-SGD step on the batch ``items`` for all groups, in place; returns the loss.
+
+    ``sources`` are the item modalities' input matrices ``[I, D]``, ``targets`` the
+    groups' tables ``[G, I, d]``; the update is :class:`PlainSGD`'s. Written as one
+    function so that ``torch.compile`` can turn the whole step into a single graph.
+    """
+    rows = [src.index_select(0, items) for src in sources]
+    found = module.grid_mse_grads(None, items, rows, targets.index_select(1, items))
+    if found is None:
+        raise ConfigError(f"operator {module.operator!r} has no hand-derived backward to compile")
+    loss, grads = found
+    for p in params:
+        p.mul_(1.0 - lr * weight_decay).sub_(grads[p], alpha=lr)
+    return loss
+
+
+_COMPILED_STEP: Callable[..., Tensor] | None = None
+
+
+def _compiled_step() -> Callable[..., Tensor]:
+    """:func:`_sgd_step_` compiled once per process (parameters are graph inputs, so
+    every module of the same architecture reuses the graph)."""
+    global _COMPILED_STEP
+    if _COMPILED_STEP is None:
+        _COMPILED_STEP = torch.compile(_sgd_step_, dynamic=False, options={"cpp_wrapper": True})
+    return _COMPILED_STEP
+
+
+def compiled_supported(operator: str, optimizer: str) -> bool:
+    """Whether ``train_fusion(..., compiled=True)`` can run this operator and optimiser.
+
+    The compiled step is plain SGD through a hand-derived backward: ``optimizer`` must
+    be ``sgd`` and the operator one of ``sum``, ``mlp``, ``gate``, ``moe``.
+    """
+    return optimizer == "sgd" and operator in {"sum", "mlp", "gate", "moe"}
+
+
 def train_fusion(
     module: GroupFusion,
     targets: Tensor,
@@ -86,6 +142,7 @@ def train_fusion(
     weight_decay: float = 1e-4,
     optimizer: str = "sgd",
     generator: torch.Generator,
+    compiled: bool = False,
 ) -> list[float]:
     """Fit the fusion module to each group's averaged item table (MSE).
 
@@ -117,6 +174,11 @@ def train_fusion(
         carries over between rounds (as in the authors' code).
     generator : torch.Generator
         Shuffles the items.
+    compiled : bool
+        Run each step as a graph compiled by ``torch.compile`` (module docstring).
+        Needs ``optimizer="sgd"`` and an operator with a hand-derived backward
+        (:func:`compiled_supported`), and a C++ compiler. Rounds in which some group
+        has no members run eagerly (their batch shapes would need further graphs).
 
     Returns
     -------
@@ -148,6 +210,11 @@ def train_fusion(
     if optimizer not in OPTIMIZERS:
         raise ConfigError(
             f"unknown optimizer {optimizer!r}; known: {', '.join(sorted(OPTIMIZERS))}"
+        )
+    if compiled and not compiled_supported(module.operator, optimizer):
+        raise ConfigError(
+            "compiled fusion training needs optimizer='sgd' and one of the operators "
+            f"sum, mlp, gate, moe; got optimizer={optimizer!r}, operator={module.operator!r}"
         )
 
     params = list(module.parameters())
@@ -191,6 +258,17 @@ def train_fusion(
     manual = True
     module.train()
     losses: list[float] = []
+    if compiled and group_idx is None:
+        step = _compiled_step()
+        for epoch in range(epochs):
+            perm = torch.randperm(module.n_items, generator=generator).to(device)
+            total = 0.0
+            for start in range(0, module.n_items, items_per_batch):
+                items = perm[start : start + items_per_batch]
+                loss = step(module, params, sources, items, active_targets, lr, weight_decay)
+                total += float(loss) * items.numel()
+            losses.append(_epoch_loss(total / module.n_items, epoch, optimizer, lr))
+        return losses
     for epoch in range(epochs):
         perm = torch.randperm(module.n_items, generator=generator).to(device)
         total = 0.0
@@ -213,11 +291,15 @@ def train_fusion(
                 loss.backward()
             opt.step()
             total += float(loss.detach()) * items.numel()
-        epoch_loss = total / module.n_items
-        if not math.isfinite(epoch_loss):
-            raise FloatingPointError(
-                f"train_fusion: loss became {epoch_loss} in epoch {epoch} "
-                f"(optimizer={optimizer}, lr={lr}); lower the learning rate"
-            )
-        losses.append(epoch_loss)
+        losses.append(_epoch_loss(total / module.n_items, epoch, optimizer, lr))
     return losses
+
+
+def _epoch_loss(value: float, epoch: int, optimizer: str, lr: float) -> float:
+    """``value``, or FloatingPointError when it is NaN or infinite."""
+    if not math.isfinite(value):
+        raise FloatingPointError(
+            f"train_fusion: loss became {value} in epoch {epoch} "
+            f"(optimizer={optimizer}, lr={lr}); lower the learning rate"
+        )
+    return value

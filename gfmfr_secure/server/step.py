@@ -110,6 +110,7 @@ def update_teacher_(
     weight_decay: float,
     optimizer: str,
     generator: torch.Generator,
+    compiled: bool = False,
 ) -> list[float]:
     """Train the fusion module on the group targets and refresh the teacher's preferences.
 
@@ -130,6 +131,7 @@ def update_teacher_(
             weight_decay=weight_decay,
             optimizer=optimizer,
             generator=generator,
+            compiled=compiled,
         )
     with torch.no_grad():
         fused = state.fusion.forward_all()

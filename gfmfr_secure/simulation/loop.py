@@ -327,6 +327,7 @@ def run_federated(
                 lr=cfg.fusion.server_lr,
                 weight_decay=tc.weight_decay,
                 optimizer=cfg.fusion.server_optimizer,
+                compiled=cfg.fusion.compile,
                 generator=torch_generator(seed, "fusion-shuffle", t),
             )
             rec["fusion_s"] = time.perf_counter() - t_fusion  # fusion training and teacher
