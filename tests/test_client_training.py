@@ -182,14 +182,29 @@ def test_rowstore_semantics() -> None:
         rs.put(np.array([1]), torch.zeros(2, 3))
 
 
+def test_rowstore_gather_into_a_buffer() -> None:
+    rs = RowStore(2, 5, 2)
+    rs.put(np.array([1, 7]), torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+    buffer = torch.zeros(4, 2)
+    out = rs.gather(np.array([7, 0, 1]), out=buffer[:3])
+    assert out.data_ptr() == buffer.data_ptr()
+    torch.testing.assert_close(buffer, torch.tensor([[3.0, 4.0], [0, 0], [1.0, 2.0], [0, 0]]))
+    with pytest.raises(ValueError, match=r"out must be a torch.float32 tensor of shape \(3, 2\)"):
+        rs.gather(np.array([7, 0, 1]), out=torch.zeros(2, 2))
+
+
 @settings(max_examples=60, deadline=None)
-@given(batches=st.lists(st.lists(st.integers(0, 4 * 9 - 1), max_size=12, unique=True), min_size=1, max_size=5))
-def test_rowstore_put_matches_a_dense_table(batches: list[list[int]]) -> None:
-    """Any sequence of inserts and overwrites reads back like a dense [U * I, d] table."""
+@given(
+    batches=st.lists(st.lists(st.integers(0, 4 * 9 - 1), max_size=12, unique=True), min_size=1, max_size=5),
+    order=st.sampled_from(["as drawn", "ascending"]),
+)
+def test_rowstore_put_matches_a_dense_table(batches: list[list[int]], order: str) -> None:
+    """Any sequence of inserts and overwrites reads back like a dense [U * I, d] table
+    (keys in any order, or ascending as the trainers pass them: put's fast path)."""
     rs = RowStore(4, 9, 2)
     dense = torch.zeros(36, 2)
     for step, batch in enumerate(batches):
-        keys = np.array(batch[::-1], dtype=np.int64)  # unsorted on purpose
+        keys = np.array(sorted(batch) if order == "ascending" else batch[::-1], dtype=np.int64)
         vals = torch.arange(keys.size * 2, dtype=torch.float32).view(-1, 2) + 100 * step
         rs.put(keys, vals)
         if keys.size:

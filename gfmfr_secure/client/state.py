@@ -50,10 +50,21 @@ class RowStore:
         found[inside] = self.keys[pos[inside]] == keys[inside]
         return pos, found
 
-    def gather(self, keys: np.ndarray) -> torch.Tensor:
-        """Rows for ``keys`` [n] -> [n, d]; zeros where a row was never stored."""
+    def gather(self, keys: np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows for ``keys`` [n] -> [n, d]; zeros where a row was never stored.
+
+        ``out``, if given, is a zero-filled ``[n, d]`` tensor of the store's dtype that
+        receives the rows (and is returned); it saves a copy when the caller needs the
+        rows inside a larger buffer.
+        """
         keys = np.asarray(keys, dtype=np.int64)
-        out = torch.zeros(keys.size, self.dim, dtype=self.values.dtype)
+        if out is None:
+            out = torch.zeros(keys.size, self.dim, dtype=self.values.dtype)
+        elif out.shape != (keys.size, self.dim) or out.dtype != self.values.dtype:
+            raise ValueError(
+                f"out must be a {self.values.dtype} tensor of shape {(keys.size, self.dim)}, "
+                f"got {out.dtype} {tuple(out.shape)}"
+            )
         if self.keys.size == 0 or keys.size == 0:
             return out
         pos, found = self._locate(keys)
@@ -66,7 +77,8 @@ class RowStore:
         keys = np.asarray(keys, dtype=np.int64)
         if values.shape != (keys.size, self.dim):
             raise ValueError(f"values must have shape {(keys.size, self.dim)}, got {tuple(values.shape)}")
-        if keys.size and np.unique(keys).size != keys.size:
+        ascending = bool(np.all(keys[1:] > keys[:-1]))  # sorted and unique: the trainers' case
+        if not ascending and keys.size and np.unique(keys).size != keys.size:
             raise ValueError("RowStore.put needs unique keys")
         values = values.detach().to(self.values.dtype)
         pos, found = self._locate(keys)
@@ -77,7 +89,8 @@ class RowStore:
             # Linear-time merge of two sorted key lists (no re-sort): each key's final
             # position is its own rank plus the number of keys of the other list before it.
             add = np.flatnonzero(new)
-            add = add[np.argsort(keys[add], kind="stable")]
+            if not ascending:
+                add = add[np.argsort(keys[add], kind="stable")]
             add_keys = keys[add]
             n_old, n_add = self.keys.size, add_keys.size
             add_dest = np.searchsorted(self.keys, add_keys) + np.arange(n_add)
