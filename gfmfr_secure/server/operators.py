@@ -443,23 +443,11 @@ class MoEFusion(FusionOperator):
         return self._mix(outs, self.router_fc1(torch.cat(outs, dim=-1)))
 
     def forward_grid(self, rows: Sequence[Tensor], cols: Sequence[Tensor]) -> Tensor:
-        """``[R, d]`` x a, ``[C, d]`` x b -> ``[R, C, d]``."""
-        weight = self.router_fc1.weight
-        outs: list[Tensor] = []
-        pre: Tensor = self.router_fc1.bias  # [h], broadcast over the grid
-        for e, expert in enumerate(self._expert_list()):
-            block = weight[:, e * self.dim : (e + 1) * self.dim]
-            parts = expert.separable_grid(rows, cols)
-            if parts is not None:
-                r, c = parts
-                outs.append(r[:, None, :] + c[None, :, :])
-                term = F.linear(r, block)[:, None, :] + F.linear(c, block)[None, :, :]
-            else:
-                out = expert.forward_grid(rows, cols)
-                outs.append(out)
-                term = F.linear(out, block)
-            pre = pre + term
-        return self._mix(outs, pre)
+        """``[R, d]`` x a, ``[C, d]`` x b -> ``[R, C, d]`` (the forward half of :meth:`grid_vjp`)."""
+        found = self.grid_vjp(rows, cols)
+        if found is None:  # an expert without a grid backward: every pair on its own
+            return super().forward_grid(rows, cols)
+        return found[0]
 
     def grid_vjp(self, rows: Sequence[Tensor], cols: Sequence[Tensor]) -> tuple[Tensor, GridBackward] | None:
         # Separable experts (sum, gate) enter the router's first layer as a row term plus a
