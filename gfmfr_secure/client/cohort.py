@@ -128,6 +128,103 @@ def _sgd_rows_(
     _copy_rows_(table, rows, new)
 
 
+def _local_grads(
+    c_b: torch.Tensor,
+    p_b: torch.Tensor | None,
+    y: torch.Tensor,
+    vm: torch.Tensor,
+    q: torch.Tensor | None,
+    dist: torch.Tensor | None,
+    prev_ema: torch.Tensor | None,
+    W1u: torch.Tensor,
+    W1i: torch.Tensor,
+    B1: torch.Tensor,
+    W2: torch.Tensor,
+    B2: torch.Tensor,
+    E: torch.Tensor,
+    alpha: float,
+    beta: float,
+    distill: float,
+    ema_decay: float,
+    max_ratio: float,
+) -> tuple[torch.Tensor | None, ...]:
+    """Loss and gradients of one local step for a block of ``nk`` clients (pure function).
+
+    Parameters (``B`` = the block's batch width, padding slots have ``vm = 0`` and
+    read the zero row)
+    ----------
+    c_b, p_b : [nk, B, d] shared and personal item rows of the batch (``p_b`` None
+        without personal tables).
+    y, vm : [nk, B] labels and validity mask.
+    q, dist, prev_ema : teacher preferences [nk, B], which clients distil (bool
+        [nk]) and their running loss ratios (float64 [nk]); all None without
+        distillation.
+    W1u, W1i : [nk, h, d]; B1, W2 : [nk, h]; B2 : [nk]; E : [nk, d] the clients' heads
+        and user embeddings.
+    alpha, beta, distill, ema_decay, max_ratio : this round's loss weights.
+
+    Returns
+    -------
+    loss [nk] float64, new running ratios [nk] float64 (or None), and the gradients
+    of C [nk, B, d], P [nk, B, d] (or None), W1u, W1i, b1, w2, b2 and E.
+    """
+    d = c_b.shape[2]
+    nval = vm.sum(1)  # [nk], >= 1
+    x = c_b + p_b if p_b is not None else c_b
+    u_term = torch.baddbmm(B1.unsqueeze(2), W1u, E.unsqueeze(2)).squeeze(2)  # [nk, h]
+    a = torch.baddbmm(u_term.unsqueeze(1), x, W1i.transpose(1, 2)).relu_()  # [nk, B, h]
+    logit = torch.baddbmm(B2.view(-1, 1, 1), a, W2.unsqueeze(2)).squeeze(2)  # [nk, B]
+    p = torch.sigmoid(logit)
+
+    base = ((F.softplus(logit) - y * logit) * vm).sum(1) / nval  # BCE
+    diff = None
+    if alpha and p_b is not None:
+        diff = p_b - c_b
+        base = base - alpha * (torch.linalg.vecdot(diff, diff) * vm).sum(1) / (nval * d)
+    sign_c = None
+    if beta:
+        sign_c = torch.sign(c_b)
+        base = base + beta * (torch.linalg.vecdot(c_b, sign_c) * vm).sum(1) / (nval * d)  # sum |C|
+    gl = (p - y) * vm
+    loss_c = base.double()
+    ema_new = None
+    if q is not None and dist is not None and prev_ema is not None:
+        kl_elem = _xlogx(q) + _xlogx(1 - q) - q * F.logsigmoid(logit) - (1 - q) * F.logsigmoid(-logit)
+        kl = (kl_elem * vm).sum(1) / nval
+        ratio = (base.double() / (kl.double() + 1e-8)).clamp(max=max_ratio)
+        new = torch.where(torch.isnan(prev_ema), ratio, ema_decay * prev_ema + (1 - ema_decay) * ratio)
+        ema_new = torch.where(dist, new, prev_ema)
+        lam = torch.where(dist, ema_new * distill, torch.zeros_like(prev_ema))
+        loss_c = loss_c + lam * kl.double()
+        gl = gl + lam.to(torch.float32).unsqueeze(1) * (p - q) * vm
+    gl = gl / nval.unsqueeze(1)
+
+    g_b2 = gl.sum(1)
+    g_w2 = torch.bmm(gl.unsqueeze(1), a).squeeze(1)  # [nk, h]
+    # dL/dz = gl * w2 * [z > 0]; keep m = gl * [z > 0] (one pass, ReLU's backward kernel)
+    # and fold w2 into the small [nk, h, d] factors instead of the [nk, B, h] tensor.
+    m = torch.ops.aten.threshold_backward(gl.unsqueeze(2).expand_as(a), a, 0.0)  # [nk, B, h]
+    del a
+    g_w1i = torch.bmm(m.transpose(1, 2), x).mul_(W2.unsqueeze(2))  # [nk, h, d]
+    g_b1 = m.sum(1).mul_(W2)  # [nk, h]
+    g_w1u = g_b1.unsqueeze(2) * E.unsqueeze(1)  # [nk, h, d]
+    g_e = torch.bmm(g_b1.unsqueeze(1), W1u).squeeze(1)  # [nk, d]
+    gx = torch.bmm(m, W1i * W2.unsqueeze(2))  # [nk, B, d]
+    del m
+
+    # FedRAP's regularisers: d/dP = -2a (P - C) / (n d), d/dC = +2a (P - C) / (n d) + b sign(C) / (n d)
+    g_c = gx
+    g_p = gx if p_b is not None else None
+    if alpha or beta:
+        scale = (vm / (nval * d).unsqueeze(1)).unsqueeze(2)  # [nk, B, 1]
+        if diff is not None:
+            g_p = torch.addcmul(gx, diff, scale, value=-2 * alpha)
+            g_c = torch.addcmul(gx, diff, scale, value=2 * alpha)
+        if sign_c is not None:
+            g_c = torch.addcmul(g_c, sign_c, scale, value=beta)
+    return loss_c, ema_new, g_c, g_p, g_w1u, g_w1i, g_b1, g_w2, g_b2, g_e
+
+
 @torch.no_grad()
 def train_cohort(
     shared: SharedParams,
@@ -245,69 +342,23 @@ def train_cohort(
         width = int(plan.row_valid[first_row + lo : first_row + hi].max())  # widest batch of the block
         s1 = (s_step[lo:hi, :width] + 1).reshape(-1)  # [nk * width], 0 = padding
         vm = (s1 > 0).to(torch.float32).view(nk, -1)
-        nval = vm.sum(1)  # [nk], >= 1
         flat_rows = sample_row.index_select(0, s1)  # [nk * B]
         y = labels_t.index_select(0, s1).view(nk, -1)
         c_b = c_loc.index_select(0, flat_rows).view(nk, -1, d)  # [nk, B, d]
         p_b = p_loc.index_select(0, flat_rows).view(nk, -1, d) if p_loc is not None else None
-        x = c_b + p_b if p_b is not None else c_b
         W1u, W1i, B1, W2, B2, E = w1u[lo:hi], w1i[lo:hi], b1[lo:hi], w2[lo:hi], b2[lo:hi], emb[lo:hi]
-
-        u_term = torch.baddbmm(B1.unsqueeze(2), W1u, E.unsqueeze(2)).squeeze(2)  # [nk, h]
-        a = torch.baddbmm(u_term.unsqueeze(1), x, W1i.transpose(1, 2)).relu_()  # [nk, B, h]
-        logit = torch.baddbmm(B2.view(-1, 1, 1), a, W2.unsqueeze(2)).squeeze(2)  # [nk, B]
-        p = torch.sigmoid(logit)
-
-        base = ((F.softplus(logit) - y * logit) * vm).sum(1) / nval  # BCE
-        diff = None
-        if alpha and p_b is not None:
-            diff = p_b - c_b
-            base = base - alpha * (torch.linalg.vecdot(diff, diff) * vm).sum(1) / (nval * d)
-        sign_c = None
-        if beta:
-            sign_c = torch.sign(c_b)
-            base = base + beta * (torch.linalg.vecdot(c_b, sign_c) * vm).sum(1) / (nval * d)  # sum |C|
-        gl = (p - y) * vm
-        loss_c = base.double()
+        q = dist = prev = None
         if q_ext is not None:
-            dist = distilling[lo:hi]
             q = q_ext.index_select(0, s1).view(nk, -1)
-            kl_elem = _xlogx(q) + _xlogx(1 - q) - q * F.logsigmoid(logit) - (1 - q) * F.logsigmoid(-logit)
-            kl = (kl_elem * vm).sum(1) / nval
-            ratio = (base.double() / (kl.double() + 1e-8)).clamp(max=hyper.max_ratio)
-            prev = ema[lo:hi]
-            new = torch.where(torch.isnan(prev), ratio, hyper.ema_decay * prev + (1 - hyper.ema_decay) * ratio)
-            ema[lo:hi] = torch.where(dist, new, prev)
-            lam = torch.where(dist, ema[lo:hi] * hyper.distill, torch.zeros_like(prev))
-            loss_c = loss_c + lam * kl.double()
-            gl = gl + lam.to(torch.float32).unsqueeze(1) * (p - q) * vm
-        gl = gl / nval.unsqueeze(1)
+            dist, prev = distilling[lo:hi], ema[lo:hi]
+        loss_c, ema_new, g_c, g_p, g_w1u, g_w1i, g_b1, g_w2, g_b2, g_e = _local_grads(
+            c_b, p_b, y, vm, q, dist, prev, W1u, W1i, B1, W2, B2, E,
+            alpha, beta, hyper.distill, hyper.ema_decay, hyper.max_ratio,
+        )
+        if ema_new is not None:
+            ema[lo:hi] = ema_new
         loss_sum[lo:hi] += loss_c
         step_count[lo:hi] += 1
-
-        g_b2 = gl.sum(1)
-        g_w2 = torch.bmm(gl.unsqueeze(1), a).squeeze(1)  # [nk, h]
-        # dL/dz = gl * w2 * [z > 0]; keep m = gl * [z > 0] (one pass, ReLU's backward kernel)
-        # and fold w2 into the small [nk, h, d] factors instead of the [nk, B, h] tensor.
-        m = torch.ops.aten.threshold_backward(gl.unsqueeze(2).expand_as(a), a, 0.0)  # [nk, B, h]
-        del a
-        g_w1i = torch.bmm(m.transpose(1, 2), x).mul_(W2.unsqueeze(2))  # [nk, h, d]
-        g_b1 = m.sum(1).mul_(W2)  # [nk, h]
-        g_w1u = g_b1.unsqueeze(2) * E.unsqueeze(1)  # [nk, h, d]
-        g_e = torch.bmm(g_b1.unsqueeze(1), W1u).squeeze(1)  # [nk, d]
-        gx = torch.bmm(m, W1i * W2.unsqueeze(2))  # [nk, B, d]
-        del m
-
-        # FedRAP's regularisers: d/dP = -2a (P - C) / (n d), d/dC = +2a (P - C) / (n d) + b sign(C) / (n d)
-        g_c = gx
-        g_p = gx if p_b is not None else None
-        if alpha or beta:
-            scale = (vm / (nval * d).unsqueeze(1)).unsqueeze(2)  # [nk, B, 1]
-            if diff is not None:
-                g_p = torch.addcmul(gx, diff, scale, value=-2 * alpha)
-                g_c = torch.addcmul(gx, diff, scale, value=2 * alpha)
-            if beta:
-                g_c = torch.addcmul(g_c, sign_c, scale, value=beta)
 
         dups = _duplicate_slots(flat_rows.view(nk, -1))
         _sgd_rows_(c_loc, flat_rows, c_b, g_c, lr_i, dups)
