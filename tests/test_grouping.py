@@ -21,6 +21,7 @@ from gfmfr_secure.server.grouping import (
     preprocess_features,
     rbf_gamma_median,
     register_grouper,
+    standardise,
 )
 
 
@@ -298,3 +299,26 @@ def test_gram_pca_matches_scikit_learn_distances() -> None:
         k = min(ours.shape[1], ref.shape[1])
         np.testing.assert_allclose(np.abs(ours[:, :k]), np.abs(ref[:, :k]), atol=1e-6)
         np.testing.assert_allclose(pairwise_distances(ours), pairwise_distances(ref[:, : ours.shape[1]]), atol=1e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 30),
+    f=st.integers(1, 12),
+    seed=st.integers(0, 2**16),
+    constant=st.sampled_from([None, 0.0, 3.5, -1e6]),
+    offset=st.sampled_from([0.0, 1e4]),
+)
+def test_standardise_matches_scikit_learn(n, f, seed, constant, offset) -> None:
+    """Same values as StandardScaler, constant columns (any level) included."""
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, f)) * rng.uniform(0.01, 100, size=f) + offset
+    if constant is not None:
+        x[:, 0] = constant
+    ref = StandardScaler().fit_transform(x)
+    ours = standardise(x)
+    np.testing.assert_allclose(ours, ref, rtol=1e-9, atol=1e-9)
+    if constant is not None:
+        assert np.all(ours[:, 0] == 0.0)

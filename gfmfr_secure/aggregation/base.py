@@ -114,8 +114,11 @@ def group_sums(
     item = torch.zeros(n_groups * n_items, d)
     row_group = groups[update.row_owner]
     keep = row_group >= 0
-    flat = row_group[keep] * n_items + update.row_items[keep]
-    item.index_add_(0, torch.from_numpy(flat), update.item_delta[torch.from_numpy(np.flatnonzero(keep))])
+    if keep.all():  # every client in a group (the usual case): no copy of the deltas
+        item.index_add_(0, torch.from_numpy(row_group * n_items + update.row_items), update.item_delta)
+    else:
+        flat = row_group[keep] * n_items + update.row_items[keep]
+        item.index_add_(0, torch.from_numpy(flat), update.item_delta[torch.from_numpy(np.flatnonzero(keep))])
     head = None
     if update.head_delta is not None:
         head = torch.zeros(n_groups, update.head_delta.shape[1])

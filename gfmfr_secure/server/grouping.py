@@ -29,7 +29,6 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans, SpectralClustering
 from sklearn.decomposition import PCA
-from sklearn.preprocessing import StandardScaler
 
 from gfmfr_secure.errors import ConfigError, DataError
 
@@ -127,7 +126,7 @@ def preprocess_features(
     x = _finite_matrix(features, "features")
     if not (isinstance(pca_variance, (int, float)) and 0.0 < float(pca_variance) <= 1.0):
         raise ConfigError(f"pca_variance must lie in (0, 1], got {pca_variance!r}")
-    scaled = StandardScaler().fit_transform(x)
+    scaled = standardise(x)
     if not use_pca or x.shape[1] == 1:
         return scaled
     if not np.any(scaled):
@@ -137,6 +136,29 @@ def preprocess_features(
     n_components: float | int | None = None if float(pca_variance) >= 1.0 else float(pca_variance)
     pca = PCA(n_components=n_components, svd_solver="full", random_state=seed)
     return pca.fit_transform(scaled)
+
+
+def standardise(x: np.ndarray) -> np.ndarray:
+    """Zero mean and unit variance per column, as scikit-learn's ``StandardScaler``.
+
+    ``(x - mean) / std`` with the population standard deviation; a constant column
+    (variance within rounding of zero, scikit-learn's test) is only centred. Written
+    out because the scaler's incremental, NaN-aware statistics take about 4x longer
+    on a round's [943, 8321] heads (0.09 against 0.02 s); the values agree (a test
+    compares them).
+
+    ``x`` : float64 ``[n, f]``; returns a new float64 ``[n, f]`` array.
+    """
+    n = x.shape[0]
+    mean = x.mean(axis=0)
+    centred = x - mean
+    var = np.einsum("ij,ij->j", centred, centred) / n
+    eps = np.finfo(np.float64).eps
+    constant = var <= n * eps * var + (n * mean * eps) ** 2
+    scale = np.sqrt(var)
+    scale[constant] = 1.0
+    centred /= scale
+    return centred
 
 
 def _pca_scores_gram(x: np.ndarray, variance: float) -> np.ndarray:
