@@ -6,6 +6,10 @@ fusion also on their own) and of a
 full-ranking evaluation of all users, plus peak resident memory.
 
     python benchmarks/bench_round.py --data ../shared/datasets/ml-100k-mm --rounds 3
+    python benchmarks/bench_round.py --rounds 3 --set fusion.compile=true
+
+With ``fusion.compile=true`` round 0 includes the one-off compilation of the fusion
+step; the mean over rounds 1.. excludes it.
 """
 
 from __future__ import annotations
