@@ -471,3 +471,16 @@ def test_compiled_training_with_an_empty_group_runs_eagerly():
             train_fusion(module, targets, group_mask=mask, epochs=2, batch_size=5, generator=gen(3), compiled=compiled)
         )
     assert results[0] == results[1]
+
+
+def test_compilation_failure_names_the_setting(monkeypatch):
+    from torch._inductor.exc import InductorError
+
+    from gfmfr_secure.server import fusion_training
+
+    def broken(*args, **kwargs):
+        raise InductorError(RuntimeError("InvalidCxxCompiler: no working C++ compiler"), None)
+
+    monkeypatch.setattr(fusion_training, "_compiled_step", lambda: broken)
+    with pytest.raises(ConfigError, match=r"fusion\.compile=true needs a working C\+\+ compiler.*InvalidCxxCompiler"):
+        train_fusion(build("gate", "text"), torch.zeros(G, I, D), generator=gen(0), compiled=True)

@@ -259,13 +259,21 @@ def train_fusion(
     module.train()
     losses: list[float] = []
     if compiled and group_idx is None:
+        from torch._inductor.exc import InductorError  # here: importing the compiler takes ~1 s
+
         step = _compiled_step()
         for epoch in range(epochs):
             perm = torch.randperm(module.n_items, generator=generator).to(device)
             total = 0.0
             for start in range(0, module.n_items, items_per_batch):
                 items = perm[start : start + items_per_batch]
-                loss = step(module, params, sources, items, active_targets, lr, weight_decay)
+                try:
+                    loss = step(module, params, sources, items, active_targets, lr, weight_decay)
+                except InductorError as err:
+                    raise ConfigError(
+                        "compiling the fusion step failed (fusion.compile=true needs a working C++ "
+                        f"compiler; set fusion.compile=false to train eagerly): {err}"
+                    ) from err
                 total += float(loss) * items.numel()
             losses.append(_epoch_loss(total / module.n_items, epoch, optimizer, lr))
         return losses
