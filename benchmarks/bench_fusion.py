@@ -16,7 +16,7 @@ warm-up call on a throw-away module) and not counted in the training time.
 
 One thread is the default, as in the training loop: under the passive OpenMP
 waiting the package sets, a second thread makes these small steps slower (moe,
-50 epochs: about 5 s on one thread, about 13 s on two, on the 2-core machine).
+50 epochs: about 3 s on one thread, about 13 s on two, on the 2-core machine).
 """
 
 from __future__ import annotations

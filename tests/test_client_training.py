@@ -9,7 +9,7 @@ from client_setup import make_setup
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gfmfr_secure.client.cohort import train_cohort
+from gfmfr_secure.client.cohort import _copy_rows_, _duplicate_slots, _sgd_rows_, train_cohort
 from gfmfr_secure.client.local import train_client
 from gfmfr_secure.client.plan import build_step_plan
 from gfmfr_secure.client.state import RowStore
@@ -211,3 +211,31 @@ def test_rowstore_put_matches_a_dense_table(batches: list[list[int]], order: str
             dense[torch.from_numpy(keys)] = vals
         assert np.all(np.diff(rs.keys) > 0)
     torch.testing.assert_close(rs.gather(np.arange(36)), dense, rtol=0, atol=0)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    width=st.integers(1, 12),
+    data=st.data(),
+    seed=st.integers(0, 2**16),
+)
+def test_sgd_rows_equals_a_scatter_add(width: int, data: st.DataObject, seed: int) -> None:
+    """Row write-back (whole-row copies after summing repeated rows' gradients) equals
+    ``table.index_add_(rows, -lr * grad)``, repeats within a batch included. Two
+    clients, each drawing from its own rows (0-4 and 5-9), as in a block."""
+    batches = [data.draw(st.lists(st.integers(lo, lo + 4), min_size=width, max_size=width)) for lo in (0, 5)]
+    gen = torch.Generator().manual_seed(seed)
+    table = torch.randn(10, 4, generator=gen)
+    idx = torch.tensor(batches)  # [2 clients, width]
+    flat = idx.reshape(-1)
+    grad = torch.randn(flat.numel(), 4, generator=gen)
+    expected = table.clone().index_add_(0, flat, grad, alpha=-0.5)
+    _sgd_rows_(table, flat, table.index_select(0, flat), grad, 0.5, _duplicate_slots(idx))
+    torch.testing.assert_close(table, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_copy_rows_writes_whole_rows_and_takes_strided_values() -> None:
+    table = torch.zeros(5, 3)
+    new = torch.arange(12.0).view(3, 4)[:, :3]  # not contiguous
+    _copy_rows_(table, torch.tensor([4, 0, 2]), new)
+    torch.testing.assert_close(table, torch.tensor([[4.0, 5, 6], [0, 0, 0], [8, 9, 10], [0, 0, 0], [0, 1, 2]]))
