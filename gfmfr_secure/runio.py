@@ -37,6 +37,7 @@ __all__ = [
     "RunExistsError",
     "RunFolder",
     "create_run",
+    "cxx_compiler_version",
     "default_run_name",
     "environment_info",
     "git_info",
@@ -300,6 +301,27 @@ def git_info(repo: Path | None = None) -> dict[str, Any]:
         return {"revision": "unknown", "dirty": None}
     status = _git(root, "status", "--porcelain", "--untracked-files=no")
     return {"revision": revision, "dirty": None if status is None else bool(status)}
+
+
+def cxx_compiler_version() -> str | None:
+    """First line of ``--version`` of the C++ compiler ``torch.compile`` would use.
+
+    That is ``$CXX`` if set, else the first of ``g++``, ``c++``, ``clang++`` on the
+    path (inductor's own order on Linux); None when there is none. Compiled kernels
+    round as the compiler vectorises them, so runs with ``fusion.compile`` record it.
+    """
+    names = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++", "clang++"]
+    for name in names:
+        path = shutil.which(name)
+        if path is None:
+            continue
+        try:
+            proc = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10, check=False)
+        except subprocess.TimeoutExpired:
+            return None
+        lines = proc.stdout.strip().splitlines()
+        return lines[0] if proc.returncode == 0 and lines else None
+    return None
 
 
 def environment_info() -> dict[str, Any]:

@@ -16,6 +16,7 @@ from gfmfr_secure.errors import GfmfrError
 from gfmfr_secure.runio import (
     RunExistsError,
     create_run,
+    cxx_compiler_version,
     default_run_name,
     environment_info,
     git_info,
@@ -156,3 +157,13 @@ def test_environment_info_lists_versions_and_revision():
 
 def test_git_info_outside_a_checkout_is_unknown(tmp_path):
     assert git_info(tmp_path) == {"revision": "unknown", "dirty": None}
+
+
+def test_cxx_compiler_version_follows_cxx(monkeypatch, tmp_path):
+    fake = tmp_path / "fake-cxx"
+    fake.write_text("#!/bin/sh\necho 'fake-c++ 9.9 (test)'\necho second line\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CXX", str(fake))
+    assert cxx_compiler_version() == "fake-c++ 9.9 (test)"
+    monkeypatch.setenv("CXX", str(tmp_path / "missing"))
+    assert cxx_compiler_version() is None

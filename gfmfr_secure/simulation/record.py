@@ -8,7 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from gfmfr_secure.config import config_to_yaml
-from gfmfr_secure.runio import create_run, default_run_name, environment_info, utc_now
+from gfmfr_secure.runio import (
+    create_run,
+    cxx_compiler_version,
+    default_run_name,
+    environment_info,
+    utc_now,
+)
 
 __all__ = ["train_and_record"]
 
@@ -41,6 +47,8 @@ def train_and_record(
         "finished_at": None,
         "environment": environment_info(),
     }
+    if cfg.fusion.compile:  # compiled kernels round as their compiler vectorises them
+        record["environment"]["cxx"] = cxx_compiler_version()
     with create_run(out_dir, name, console=console) as run:
         run.write_text("config.yaml", config_to_yaml(cfg))
         run.write_json("run.json", record)
