@@ -257,31 +257,25 @@ def train_fusion(
     # gradients are the same (tested), only the per-operation overhead goes.
     manual = True
     module.train()
-    losses: list[float] = []
+
     if compiled and group_idx is None:
         from torch._inductor.exc import InductorError  # here: importing the compiler takes ~1 s
 
-        step = _compiled_step()
-        for epoch in range(epochs):
-            perm = torch.randperm(module.n_items, generator=generator).to(device)
-            total = 0.0
-            for start in range(0, module.n_items, items_per_batch):
-                items = perm[start : start + items_per_batch]
-                try:
-                    loss = step(module, params, sources, items, active_targets, lr, weight_decay)
-                except InductorError as err:
-                    raise ConfigError(
-                        "compiling the fusion step failed (fusion.compile=true needs a working C++ "
-                        f"compiler; set fusion.compile=false to train eagerly): {err}"
-                    ) from err
-                total += float(loss) * items.numel()
-            losses.append(_epoch_loss(total / module.n_items, epoch, optimizer, lr))
-        return losses
-    for epoch in range(epochs):
-        perm = torch.randperm(module.n_items, generator=generator).to(device)
-        total = 0.0
-        for start in range(0, module.n_items, items_per_batch):
-            items = perm[start : start + items_per_batch]
+        compiled_step = _compiled_step()
+
+        def step(items: Tensor) -> Tensor:
+            try:
+                return compiled_step(module, params, sources, items, active_targets, lr, weight_decay)
+            except InductorError as err:
+                raise ConfigError(
+                    "compiling the fusion step failed (fusion.compile=true needs a working C++ "
+                    f"compiler; set fusion.compile=false to train eagerly): {err}"
+                ) from err
+
+    else:
+
+        def step(items: Tensor) -> Tensor:
+            nonlocal manual
             rows = [src.index_select(0, items) for src in sources]
             batch_targets = active_targets.index_select(1, items)
             found = module.grid_mse_grads(group_idx, items, rows, batch_targets) if manual else None
@@ -298,7 +292,15 @@ def train_fusion(
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
             opt.step()
-            total += float(loss.detach()) * items.numel()
+            return loss.detach()
+
+    losses: list[float] = []
+    for epoch in range(epochs):
+        perm = torch.randperm(module.n_items, generator=generator).to(device)
+        total = 0.0
+        for start in range(0, module.n_items, items_per_batch):
+            items = perm[start : start + items_per_batch]
+            total += float(step(items)) * items.numel()
         losses.append(_epoch_loss(total / module.n_items, epoch, optimizer, lr))
     return losses
 
