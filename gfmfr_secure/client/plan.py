@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["StepPlan", "build_step_plan", "hash64"]
+__all__ = ["StepPlan", "build_step_plan", "epoch_orders", "hash64"]
 
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
@@ -108,10 +108,7 @@ def build_step_plan(
 
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     owner = np.repeat(np.arange(n), counts)
-    pos = np.arange(m) - starts[owner]
-    for epoch in range(epochs):
-        keys = hash64(seed, clients[owner], epoch, pos)
-        perm = _order_within_clients(owner, keys)  # within each client, a pseudo-random order
+    for epoch, perm in enumerate(epoch_orders(clients, counts, epochs=epochs, seed=seed)):
         new_pos = np.arange(m) - starts[owner[perm]]
         batch = new_pos // batch_size
         slot = new_pos % batch_size
@@ -120,6 +117,26 @@ def build_step_plan(
         row = offsets[step] + rank[c]
         grid[row, slot] = perm
     return StepPlan(order, active, offsets, grid, (grid >= 0).sum(axis=1).astype(np.int64))
+
+
+def epoch_orders(clients: np.ndarray, counts: np.ndarray, *, epochs: int, seed: int) -> np.ndarray:
+    """Each epoch's shuffle of a cohort's samples: int64 [epochs, M].
+
+    Row ``e`` is a permutation of ``0..M-1`` that keeps every client's samples in
+    the client's own range (``counts`` as in :func:`build_step_plan`) and orders them
+    by the hash of ``(seed, client id, e, sample position)``. A client's batches in
+    epoch ``e`` are consecutive runs of ``batch_size`` of its range in row ``e``.
+    """
+    clients = np.asarray(clients, dtype=np.int64)
+    counts = np.asarray(counts, dtype=np.int64)
+    m = int(counts.sum())
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    owner = np.repeat(np.arange(clients.size), counts)
+    pos = np.arange(m) - starts[owner]
+    out = np.empty((epochs, m), dtype=np.int64)
+    for epoch in range(epochs):
+        out[epoch] = _order_within_clients(owner, hash64(seed, clients[owner], epoch, pos))
+    return out
 
 
 def _order_within_clients(owner: np.ndarray, keys: np.ndarray) -> np.ndarray:
