@@ -71,21 +71,6 @@ def test_same_seed_same_metrics_and_seed_matters(tiny_synthetic, split) -> None:
     assert a["test"] != c["test"] or a["val"] != c["val"]
 
 
-@pytest.mark.parametrize("extra", [[], ["train.client_fraction=0.5"], ["data.negatives_fixed=true"]])
-def test_gathering_the_next_round_during_fusion_changes_nothing(extra: list[str], tiny_synthetic, split) -> None:
-    """The next round's client inputs, gathered on a thread while the server trains its
-    fusion module, are exactly those the round would gather itself: every round's loss,
-    validation figures, the final model and the client state are bit-identical."""
-    cfg = cfg_for("gfmfr", "train.rounds=4", "train.patience=0", *extra)
-    a = run_federated(cfg, tiny_synthetic, split, progress=False, pipeline=True)
-    b = run_federated(cfg, tiny_synthetic, split, progress=False, pipeline=False)
-    assert [(r.get("loss"), r.get("val"), r.get("cohort")) for r in a.history] == [(r.get("loss"), r.get("val"), r.get("cohort")) for r in b.history]
-    assert torch.equal(a.shared.item_table, b.shared.item_table) and torch.equal(a.shared.head_flat(), b.shared.head_flat())
-    assert torch.equal(a.server.teacher, b.server.teacher)
-    assert np.array_equal(a.store.personal.keys, b.store.personal.keys) and torch.equal(a.store.personal.values, b.store.personal.values)
-    assert a.metrics["test"] == b.metrics["test"]
-
-
 def test_training_beats_random_ranking_on_planted_groups() -> None:
     """With real structure to learn, validation HR@10 is well above a random ranking's K / I."""
     from gfmfr_secure.data import make_synthetic
@@ -143,13 +128,13 @@ def test_fixed_negatives_are_reused(tiny_synthetic, split, monkeypatch) -> None:
     import gfmfr_secure.simulation.loop as loop_mod
 
     seen = []
-    real = loop_mod.prepare_cohort
+    real = loop_mod.train_cohort
 
     def spy(*args, **kwargs):
         seen.append(args[5].copy())  # sample_items
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(loop_mod, "prepare_cohort", spy)
+    monkeypatch.setattr(loop_mod, "train_cohort", spy)
     run_federated(cfg_for("fedncf", "data.negatives_fixed=true", "train.rounds=2"), tiny_synthetic, split, progress=False)
     run_federated(cfg_for("fedncf", "train.rounds=2"), tiny_synthetic, split, progress=False)
     assert np.array_equal(seen[0], seen[1]) and not np.array_equal(seen[2], seen[3])

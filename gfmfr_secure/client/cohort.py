@@ -27,7 +27,6 @@ cohort's rows are gathered.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -39,7 +38,7 @@ from gfmfr_secure.models.backbones import BackboneSpec
 from gfmfr_secure.models.params import SharedParams, flatten_heads, unflatten_heads
 from gfmfr_secure.types import CohortUpdate, LocalHyper
 
-__all__ = ["TASKS_PER_WORKER", "CohortInputs", "cohort_samples", "prepare_cohort", "train_cohort", "train_prepared"]
+__all__ = ["TASKS_PER_WORKER", "cohort_samples", "train_cohort"]
 
 #: Clients are handed to the worker threads in this many batches per worker, so a
 #: thread that finishes early takes more (any value gives the same result).
@@ -59,100 +58,7 @@ def cohort_samples(indptr: np.ndarray, items: np.ndarray, labels: np.ndarray, cl
     return counts, items[idx], labels[idx]
 
 
-@dataclass(frozen=True, eq=False)
-class CohortInputs:
-    """A cohort's training inputs for one round, gathered before training starts.
-
-    Everything here depends on the samples, the shared item table and the clients'
-    personal rows, but not on the teacher or the local hyperparameters other than
-    the batching ones, so the federated loop can gather the next round's inputs
-    while the server is still training its fusion module.
-
-    Attributes
-    ----------
-    clients : int64 [n] user ids; counts : int64 [n] samples per client.
-    items, labels : int64 [M], float32 [M] the cohort's samples, client by client.
-    sample_ptr : int64 [n + 1] each client's range in ``items``.
-    sample_row : int64 [M] the local row each sample reads.
-    orders : int64 [epochs, M] each epoch's shuffle (:func:`epoch_orders`).
-    row_ptr, row_items : int64 [n + 1], int64 [R] the local rows, client by client.
-    c_loc : float32 [R, d] the shared table's rows as gathered.
-    p_loc : float32 [R, d] the personal rows, or None without personal tables.
-    batch_size, epochs, shuffle_seed : the batching the shuffles were drawn for.
-    """
-
-    clients: np.ndarray
-    counts: np.ndarray
-    items: np.ndarray
-    labels: np.ndarray
-    sample_ptr: np.ndarray
-    sample_row: np.ndarray
-    orders: np.ndarray
-    row_ptr: np.ndarray
-    row_items: np.ndarray
-    c_loc: torch.Tensor
-    p_loc: torch.Tensor | None
-    batch_size: int
-    epochs: int
-    shuffle_seed: int
-
-
 @torch.no_grad()
-def prepare_cohort(
-    shared: SharedParams,
-    store: ClientStateStore,
-    backbone: BackboneSpec,
-    clients: np.ndarray,
-    sample_indptr: np.ndarray,
-    sample_items: np.ndarray,
-    sample_labels: np.ndarray,
-    *,
-    batch_size: int,
-    epochs: int,
-    shuffle_seed: int,
-) -> CohortInputs:
-    """Gather a cohort's samples, local rows and shuffles (arguments as in :func:`train_cohort`).
-
-    The result is valid as long as ``shared.item_table`` and the clients' personal
-    rows in ``store`` do not change before :func:`train_prepared` runs.
-    """
-    clients = np.asarray(clients, dtype=np.int64)
-    n, n_items = clients.size, shared.n_items
-    if np.unique(clients).size != n:
-        raise ValueError("cohort contains a client twice")
-    if shared.item_table.dtype != torch.float32:
-        raise ValueError(f"client training runs in float32; the item table is {shared.item_table.dtype}")
-    counts, items, labels = cohort_samples(sample_indptr, sample_items, sample_labels, clients)
-    owner = np.repeat(np.arange(n), counts)
-    with ThreadPoolExecutor(max_workers=1) as planner:
-        # The shuffles' sorts release the interpreter lock: draw them while the rows are gathered.
-        orders_future = planner.submit(epoch_orders, clients, counts, epochs=epochs, seed=shuffle_seed)
-        # Local item rows: one per (client, item) pair seen this round, sorted by client
-        # then item; a client's rows are its own, so clients can train concurrently.
-        uniq, inverse = np.unique(owner * n_items + items, return_inverse=True)
-        row_owner = uniq // n_items
-        row_items = uniq % n_items
-        c_loc = shared.item_table.index_select(0, torch.from_numpy(row_items))  # [R, d]
-        p_loc = store.personal.gather(clients[row_owner] * n_items + row_items) if backbone.personal_items else None
-        orders = orders_future.result()
-    return CohortInputs(
-        clients=clients,
-        counts=counts,
-        items=items,
-        labels=labels.astype(np.float32, copy=False),
-        sample_ptr=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-        sample_row=inverse.reshape(-1).astype(np.int64, copy=False),
-        orders=orders,
-        row_ptr=np.searchsorted(row_owner, np.arange(n + 1)).astype(np.int64),
-        row_items=row_items,
-        c_loc=c_loc,
-        p_loc=p_loc,
-        batch_size=int(batch_size),
-        epochs=int(epochs),
-        shuffle_seed=int(shuffle_seed),
-    )
-
-
 def train_cohort(
     shared: SharedParams,
     store: ClientStateStore,
@@ -168,8 +74,6 @@ def train_cohort(
     workers: int | None = None,
 ) -> CohortUpdate:
     """Train every client of ``clients`` locally for one round and return their uploads.
-
-    :func:`prepare_cohort` then :func:`train_prepared`.
 
     Parameters
     ----------
@@ -191,40 +95,33 @@ def train_cohort(
     CohortUpdate
         Item-table deltas on the rows each client touched, head deltas, losses.
     """
-    inputs = prepare_cohort(
-        shared, store, backbone, clients, sample_indptr, sample_items, sample_labels,
-        batch_size=hyper.batch_size, epochs=hyper.epochs, shuffle_seed=hyper.shuffle_seed,
-    )
-    return train_prepared(inputs, shared, store, backbone, hyper, teacher=teacher, groups=groups, workers=workers)
-
-
-@torch.no_grad()
-def train_prepared(
-    inputs: CohortInputs,
-    shared: SharedParams,
-    store: ClientStateStore,
-    backbone: BackboneSpec,
-    hyper: LocalHyper,
-    *,
-    teacher: torch.Tensor | None = None,
-    groups: np.ndarray | None = None,
-    workers: int | None = None,
-) -> CohortUpdate:
-    """Train a cohort gathered by :func:`prepare_cohort` (other arguments as in :func:`train_cohort`).
-
-    ``inputs.c_loc`` and ``inputs.p_loc`` are trained in place; ``inputs`` must not be reused.
-    """
+    clients = np.asarray(clients, dtype=np.int64)
+    n, n_items, d = clients.size, shared.n_items, shared.latent_dim
+    if np.unique(clients).size != n:
+        raise ValueError("cohort contains a client twice")
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise ValueError(f"workers must be a positive integer or None, got {workers!r}")
     workers = torch.get_num_threads() if workers is None else workers
-    drawn = (inputs.batch_size, inputs.epochs, inputs.shuffle_seed)
-    if drawn != (hyper.batch_size, hyper.epochs, hyper.shuffle_seed):
-        raise ValueError(f"inputs were prepared for (batch_size, epochs, shuffle_seed) = {drawn}, hyper has "
-                         f"{(hyper.batch_size, hyper.epochs, hyper.shuffle_seed)}")
-    clients, counts, items, c_loc, p_loc = inputs.clients, inputs.counts, inputs.items, inputs.c_loc, inputs.p_loc
-    n, n_items, d = clients.size, shared.n_items, shared.latent_dim
-    row_items, row_ptr = inputs.row_items, inputs.row_ptr
+    if shared.item_table.dtype != torch.float32:
+        raise ValueError(f"client training runs in float32; the item table is {shared.item_table.dtype}")
+    counts, items, labels = cohort_samples(sample_indptr, sample_items, sample_labels, clients)
     owner = np.repeat(np.arange(n), counts)
+    sample_ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+    with ThreadPoolExecutor(max_workers=1) as planner:
+        # The shuffles' sorts release the interpreter lock: draw them while the rows are gathered.
+        orders_future = planner.submit(epoch_orders, clients, counts, epochs=hyper.epochs, seed=hyper.shuffle_seed)
+        # Local item rows: one per (client, item) pair seen this round, sorted by client
+        # then item; a client's rows are its own, so clients can train concurrently.
+        keys = owner * n_items + items
+        uniq, inverse = np.unique(keys, return_inverse=True)
+        row_owner = uniq // n_items
+        row_items = uniq % n_items
+        row_ptr = np.searchsorted(row_owner, np.arange(n + 1)).astype(np.int64)
+        row_items_t = torch.from_numpy(row_items)
+        c_loc = shared.item_table.index_select(0, row_items_t)  # [R, d]
+        p_loc = store.personal.gather(clients[row_owner] * n_items + row_items) if backbone.personal_items else None
+        orders = orders_future.result()
 
     # Stacked per-client parameters, in cohort order.
     if backbone.private_head:
@@ -257,7 +154,7 @@ def train_prepared(
     alpha, beta = (hyper.alpha, hyper.beta) if backbone.fedrap_regularisers else (0.0, 0.0)
     p_arr = p_loc.numpy() if p_loc is not None else np.zeros((0, d), dtype=np.float32)
     args = (
-        inputs.sample_ptr, inputs.orders, inputs.sample_row, inputs.labels, q_sample,
+        sample_ptr, orders, inverse.reshape(-1).astype(np.int64), labels.astype(np.float32, copy=False), q_sample,
         distilling, c_loc.numpy(), p_arr, w1u.numpy(), w1i.numpy(), b1.numpy(), w2.numpy(), b2.numpy(),
         emb.numpy(), ema.numpy(), loss_sum, step_count, int(hyper.batch_size), float(hyper.lr_network),
         float(hyper.lr_items), float(hyper.weight_decay), float(alpha), float(beta), float(hyper.distill),
@@ -283,7 +180,7 @@ def train_prepared(
         store.user_embedding[client_idx] = emb
     store.ema_ratio[client_idx] = ema.to(store.ema_ratio.dtype)
     if p_loc is not None:
-        store.personal.put(np.repeat(clients, np.diff(row_ptr)) * n_items + row_items, p_loc)
+        store.personal.put(clients[row_owner] * n_items + row_items, p_loc)
     if backbone.private_head:
         store.heads[client_idx] = heads_after
         head_delta = None
@@ -295,7 +192,7 @@ def train_prepared(
         n_samples=counts,
         row_ptr=row_ptr,
         row_items=row_items,
-        item_delta=c_loc.sub_(shared.item_table.index_select(0, torch.from_numpy(row_items))),  # c_loc is not used after this
+        item_delta=c_loc.sub_(shared.item_table.index_select(0, row_items_t)),  # c_loc is not used after this
         head_delta=head_delta,
         head_after=heads_after,
         group=np.full(n, -1, dtype=np.int64) if groups is None else np.asarray(groups, dtype=np.int64),

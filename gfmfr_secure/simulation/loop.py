@@ -14,7 +14,6 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +23,7 @@ from tqdm.auto import tqdm
 
 from gfmfr_secure import schedules
 from gfmfr_secure.aggregation import get_aggregator, group_sums
-from gfmfr_secure.client.cohort import CohortInputs, prepare_cohort, train_prepared
+from gfmfr_secure.client.cohort import train_cohort
 from gfmfr_secure.client.state import ClientStateStore
 from gfmfr_secure.data import Split, sample_training
 from gfmfr_secure.errors import ConfigError
@@ -110,7 +109,6 @@ def run_federated(
     progress: bool = True,
     participants: np.ndarray | None = None,
     upload_hook: Callable[[Any, int], Any] | None = None,
-    pipeline: bool = True,
 ) -> FederatedRun:
     """Train a federated recommender as configured and score it.
 
@@ -126,9 +124,6 @@ def run_federated(
     upload_hook : ``f(upload, round) -> upload`` called on the cohort's clipped uploads just
         before aggregation; it may append synthetic clients (DP audits insert canary updates
         this way). Appended clients never train and are not in the client store.
-    pipeline : gather the next round's client inputs on a worker thread while the server
-        trains its fusion module. It changes no result (tested); False runs everything
-        in order.
     """
     log = logger or logging.getLogger("gfmfr_secure")
     seed = int(cfg.seed)
@@ -185,211 +180,180 @@ def run_federated(
     selector = ValidationSelector(tc.patience, mode=tc.selection)
     history: list[dict[str, Any]] = []
     timing = {"client": [], "server": [], "eval": []}
-    # Compatibility mode: one draw of negatives for every user, reused every round.
-    fixed_samples = (
-        sample_training(split, tc.num_negatives, numpy_rng(seed, "negatives", 0), exclude_heldout=cfg.data.negatives_exclude_heldout)
-        if cfg.data.negatives_fixed
-        else None
-    )
-
-    def round_samples(r: int, cohort: np.ndarray) -> Any:
-        if fixed_samples is not None:
-            return fixed_samples
-        return sample_training(split, tc.num_negatives, numpy_rng(seed, "negatives", r), users=cohort, exclude_heldout=cfg.data.negatives_exclude_heldout)
-
-    def shuffle_seed(r: int) -> int:
-        return derive_seed(seed, "shuffle", r)
-
-    def prepare_inputs(r: int, cohort: np.ndarray) -> CohortInputs:
-        """Round ``r``'s samples, rows and shuffles; needs only the shared table after FedAvg and the store."""
-        samples = round_samples(r, cohort)
-        return prepare_cohort(
-            server.shared, store, backbone, cohort, samples.indptr, samples.items, samples.labels,
-            batch_size=tc.batch_size, epochs=tc.local_epochs, shuffle_seed=shuffle_seed(r),
-        )
-
-    # While the server trains its fusion module (one core), a worker thread gathers the
-    # next round's client inputs on the other: they depend on the shared table after
-    # FedAvg and on the client store, which nothing touches until the next round trains.
-    prefetcher = ThreadPoolExecutor(max_workers=1) if pipeline and record_dp is None else None
-    prefetched: Future[CohortInputs] | None = None
-    prefetched_round = -1
+    fixed_samples = None
     bar = tqdm(range(tc.rounds), desc=f"{cfg.method}", disable=not progress, unit="round")
-    try:
-        for t in bar:
-            rec: dict[str, Any] = {"round": t}
-            if dp is not None and not dp.fits(t):
-                log.info("round %d would exceed the privacy budget (epsilon %.4g of %.4g spent): training stops", t, dp.epsilon(), dp.target_epsilon)
-                break
-            cohort = _sample_cohort(eligible, tc.client_fraction, seed, t)
-            rec["cohort"] = int(cohort.size)
-            if cohort.size == 0:
-                if dp is not None:  # the round happened (sampling is data-independent); account for it
-                    dp.record(t)
-                history.append(rec)
-                continue
-            t0 = time.perf_counter()
-            distill_on = server.teacher is not None
-            hyper = LocalHyper(
-                lr_network=schedules.network_lr(t, tc.lr, tc.lr_decay),
-                lr_items=schedules.item_lr(t, tc.lr, tc.item_lr_scale, n_items, tc.item_lr_decay),
-                weight_decay=tc.weight_decay,
-                alpha=schedules.fedrap_weight(t, tc.alpha),
-                beta=schedules.fedrap_weight(t, tc.beta),
-                distill=schedules.distill_weight(t, tc.rounds, cfg.distill.schedule) if distill_on else 0.0,
-                ema_decay=cfg.distill.ema_decay,
-                max_ratio=cfg.distill.max_ratio,
-                batch_size=tc.batch_size,
-                epochs=tc.local_epochs,
-                shuffle_seed=shuffle_seed(t),
-            )
-            if record_dp is None:
-                inputs = prefetched.result() if prefetched is not None and prefetched_round == t else None
-                if inputs is None:
-                    inputs = prepare_inputs(t, cohort)
-                update = train_prepared(
-                    inputs,
-                    server.shared,
-                    store,
-                    backbone,
-                    hyper,
-                    teacher=server.teacher if distill_on else None,
-                    groups=store.group[cohort] if distill_on else None,
-                )
-            else:
-                update = record_dp.train(server.shared, store, backbone, cohort, round_samples(t, cohort), hyper, t, teacher=server.teacher if distill_on else None, groups=store.group[cohort] if distill_on else None)
-            prefetched = None
-            t1 = time.perf_counter()
-            _check_finite(update, t, hyper)
-
-            # ---- client side: clip, pick a group (oblivious), add own noise share
-            upload, norms = clip_upload(update, dp, cfg)
-            client_groups = None
-            if n_groups and grouping == "oblivious":
-                if centroids is None:  # first round: a data-independent random partition
-                    client_groups = init_groups[cohort]
-                else:
-                    offsets = (update.head_after - server.shared.head_flat().unsqueeze(0)).numpy()
-                    client_groups = nearest_centroid(offsets, centroids)
-            elif n_groups and grouping == "none":
-                client_groups = np.zeros(len(update), dtype=np.int64)
-            if not (n_groups and grouping in SERVER_GROUPING):
-                upload = dataclasses.replace(upload, head_after=None)  # only server-side grouping needs it
-            if client_groups is not None:
-                upload = dataclasses.replace(upload, group=client_groups)
-            if upload_hook is not None:
-                upload = upload_hook(upload, t)
-                if client_groups is not None:
-                    client_groups = upload.group
-                if n_groups and grouping in SERVER_GROUPING and len(upload) != len(update):
-                    raise ConfigError("synthetic clients from upload_hook need client-side grouping (oblivious or none)")
-
-            # ---- aggregation backend, then (paper mode) grouping by the server
-            if tc.weighting == "samples" and len(upload) != len(update):
-                raise ConfigError("synthetic clients from upload_hook need train.weighting=uniform")
-            weights = update.n_samples.astype(np.float64) if tc.weighting == "samples" else np.ones(len(upload))
-            server_grouped = bool(n_groups) and grouping in SERVER_GROUPING
-            release_noise = shares = None
-            if dp is not None and not server_grouped:  # groups are the clients' own: noise goes into the backend
-                layout = ReleaseLayout(max(n_groups, 1), n_items, d, head_size, dp.count_value)
-                share_std = dp.share_std(len(upload))
-                shares = NoiseShares(seed, t, upload.clients, share_std, layout) if share_std > 0 else None
-                release_noise = ReleaseNoise(layout, central_noise(layout, dp.central_std(), seed, t), shares)
-            agg = aggregator.aggregate(upload, n_items=n_items, weights=weights, groups=client_groups, n_groups=max(n_groups, 1), noise=release_noise)
-            rec["cost"] = dict(aggregator.last_cost)
-            rec["cost"]["broadcast_bytes_per_client"] = float(4 * (server.shared.item_table.numel() + head_size + (0 if server.teacher is None else server.teacher.numel()) + (0 if centroids is None else centroids.size)))
-            regroup = bool(n_groups) and not (grouping in SERVER_GROUPING and len(update) < n_groups)
-            if n_groups and not regroup:
-                log.info("round %d: cohort of %d clients is smaller than G=%d; grouping and teacher kept", t, len(update), n_groups)
-            labels = client_groups
-            t_group = time.perf_counter()
-            if regroup and grouping in SERVER_GROUPING:
-                per_client = agg.per_client
-                labels = group_clients(
-                    per_client.head_after.numpy(),
-                    per_client.clients,
-                    server.assignment,
-                    method=grouping,
-                    n_groups=n_groups,
-                    use_pca=cfg.grouping.use_pca,
-                    pca_variance=cfg.grouping.pca_variance,
-                    seed=derive_seed(seed, "grouping", t) % (2**31),
-                )
-                counts, g_item, g_head = group_sums(per_client, n_items, labels, n_groups)
-                agg = dataclasses.replace(agg, group_counts=counts, group_item_sum=g_item, group_head_sum=g_head)
-                server.assignment[cohort] = labels
-
-            rec["grouping_s"] = time.perf_counter() - t_group
-            # ---- differential privacy: the paper's server-side grouping noises the sums it formed itself
-            if dp is not None and server_grouped:
-                blocks = n_groups if agg.group_counts is not None else 1
-                layout = ReleaseLayout(blocks, n_items, d, head_size, dp.count_value)
-                noise = central_noise(layout, dp.central_std(), seed, t)
-                share_std = dp.share_std(len(update))
-                if share_std > 0:  # each client's single-block share lands in the group the server chose
-                    shares = NoiseShares(seed, t, cohort, share_std, dataclasses.replace(layout, n_groups=1))
-                    noise = noise + shares.sum_by_group(labels if blocks > 1 else None).view(layout.shape)
-                agg = noise_release(agg, noise, layout)
-            if dp is not None:
+    for t in bar:
+        rec: dict[str, Any] = {"round": t}
+        if dp is not None and not dp.fits(t):
+            log.info("round %d would exceed the privacy budget (epsilon %.4g of %.4g spent): training stops", t, dp.epsilon(), dp.target_epsilon)
+            break
+        cohort = _sample_cohort(eligible, tc.client_fraction, seed, t)
+        rec["cohort"] = int(cohort.size)
+        if cohort.size == 0:
+            if dp is not None:  # the round happened (sampling is data-independent); account for it
                 dp.record(t)
-                rec["dp"] = {"clip": dp.clip, "epsilon": dp.epsilon(), "median_norm": float(norms.median())}
-                if dp.adaptive:
-                    unclipped = float((norms <= dp.clip).sum())
-                    noisy = unclipped + float(torch.randn((), generator=torch_generator(seed, "dp-count", t))) * dp.count_stddev
-                    dp.adapt_clip(noisy, tc.client_fraction * eligible.size)
-
-            # ---- server: FedAvg, centroids, fusion and teacher
-            before = server.shared.clone()
-            apply_fedavg_(server.shared, agg)
-            if regroup:
-                if grouping == "oblivious" and agg.group_head_sum is not None:
-                    centroids = _update_centroids(centroids, agg)
-                t_fusion = time.perf_counter()
-                if prefetcher is not None and t + 1 < tc.rounds:
-                    upcoming = _sample_cohort(eligible, tc.client_fraction, seed, t + 1)
-                    if upcoming.size:
-                        prefetched, prefetched_round = prefetcher.submit(prepare_inputs, t + 1, upcoming), t + 1
-                fusion_losses = update_teacher_(
-                    server,
-                    before,
-                    agg,
-                    epochs=cfg.fusion.server_epochs,
-                    batch_size=cfg.fusion.batch_size,
-                    lr=cfg.fusion.server_lr,
-                    weight_decay=tc.weight_decay,
-                    optimizer=cfg.fusion.server_optimizer,
-                    compiled=cfg.fusion.compile,
-                    generator=torch_generator(seed, "fusion-shuffle", t),
-                )
-                if prefetched is not None:
-                    prefetched.exception()  # wait here, so the round's server time includes it
-                rec["fusion_s"] = time.perf_counter() - t_fusion  # fusion training and teacher
-                store.group[cohort] = labels[: cohort.size]  # each client knows its own group
-                rec["fusion_loss"] = float(fusion_losses[-1]) if fusion_losses else None
-                rec["group_sizes"] = [round(float(c), 3) for c in agg.group_counts.tolist()]
-            t2 = time.perf_counter()
-            for cb in callbacks:
-                _emit_views(cb, t, aggregator, agg, server, upload, shares, dp, before, client_groups if client_groups is not None else labels, grouping)
-            rec.update(loss=float(np.mean(update.loss)), client_s=t1 - t0, server_s=t2 - t1)
-            timing["client"].append(t1 - t0)
-            timing["server"].append(t2 - t1)
-
-            if (t + 1) % tc.eval_every == 0 or t == tc.rounds - 1:
-                t3 = time.perf_counter()
-                val = evaluate_ranking(scorer(server.shared, store), split, "val", ks=ks, chunk_size=cfg.eval.chunk_users)
-                timing["eval"].append(time.perf_counter() - t3)
-                rec["val"] = val
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", ndcg10=f"{val['NDCG@10']:.4f}")
-                log.info("round %d: loss %.4f val HR@10 %.4f NDCG@10 %.4f (client %.2fs, server %.2fs)", t, rec["loss"], val["HR@10"], val["NDCG@10"], rec["client_s"], rec["server_s"])
-                if selector.observe(t, val, lambda: (server.shared.clone(), store.snapshot())):
-                    history.append(rec)
-                    log.info("early stop after round %d (best round %d)", t, selector.best_round)
-                    break
             history.append(rec)
-    finally:
-        bar.close()
-        if prefetcher is not None:
-            prefetcher.shutdown(cancel_futures=True)
+            continue
+        t0 = time.perf_counter()
+        if cfg.data.negatives_fixed:  # compatibility: one draw for every user, reused every round
+            if fixed_samples is None:
+                fixed_samples = sample_training(split, tc.num_negatives, numpy_rng(seed, "negatives", 0), exclude_heldout=cfg.data.negatives_exclude_heldout)
+            samples = fixed_samples
+        else:
+            samples = sample_training(
+                split, tc.num_negatives, numpy_rng(seed, "negatives", t), users=cohort, exclude_heldout=cfg.data.negatives_exclude_heldout
+            )
+        distill_on = server.teacher is not None
+        hyper = LocalHyper(
+            lr_network=schedules.network_lr(t, tc.lr, tc.lr_decay),
+            lr_items=schedules.item_lr(t, tc.lr, tc.item_lr_scale, n_items, tc.item_lr_decay),
+            weight_decay=tc.weight_decay,
+            alpha=schedules.fedrap_weight(t, tc.alpha),
+            beta=schedules.fedrap_weight(t, tc.beta),
+            distill=schedules.distill_weight(t, tc.rounds, cfg.distill.schedule) if distill_on else 0.0,
+            ema_decay=cfg.distill.ema_decay,
+            max_ratio=cfg.distill.max_ratio,
+            batch_size=tc.batch_size,
+            epochs=tc.local_epochs,
+            shuffle_seed=derive_seed(seed, "shuffle", t),
+        )
+        if record_dp is None:
+            update = train_cohort(
+                server.shared,
+                store,
+                backbone,
+                cohort,
+                samples.indptr,
+                samples.items,
+                samples.labels,
+                hyper,
+                teacher=server.teacher if distill_on else None,
+                groups=store.group[cohort] if distill_on else None,
+            )
+        else:
+            update = record_dp.train(server.shared, store, backbone, cohort, samples, hyper, t, teacher=server.teacher if distill_on else None, groups=store.group[cohort] if distill_on else None)
+        t1 = time.perf_counter()
+        _check_finite(update, t, hyper)
+
+        # ---- client side: clip, pick a group (oblivious), add own noise share
+        upload, norms = clip_upload(update, dp, cfg)
+        client_groups = None
+        if n_groups and grouping == "oblivious":
+            if centroids is None:  # first round: a data-independent random partition
+                client_groups = init_groups[cohort]
+            else:
+                offsets = (update.head_after - server.shared.head_flat().unsqueeze(0)).numpy()
+                client_groups = nearest_centroid(offsets, centroids)
+        elif n_groups and grouping == "none":
+            client_groups = np.zeros(len(update), dtype=np.int64)
+        if not (n_groups and grouping in SERVER_GROUPING):
+            upload = dataclasses.replace(upload, head_after=None)  # only server-side grouping needs it
+        if client_groups is not None:
+            upload = dataclasses.replace(upload, group=client_groups)
+        if upload_hook is not None:
+            upload = upload_hook(upload, t)
+            if client_groups is not None:
+                client_groups = upload.group
+            if n_groups and grouping in SERVER_GROUPING and len(upload) != len(update):
+                raise ConfigError("synthetic clients from upload_hook need client-side grouping (oblivious or none)")
+
+        # ---- aggregation backend, then (paper mode) grouping by the server
+        if tc.weighting == "samples" and len(upload) != len(update):
+            raise ConfigError("synthetic clients from upload_hook need train.weighting=uniform")
+        weights = update.n_samples.astype(np.float64) if tc.weighting == "samples" else np.ones(len(upload))
+        server_grouped = bool(n_groups) and grouping in SERVER_GROUPING
+        release_noise = shares = None
+        if dp is not None and not server_grouped:  # groups are the clients' own: noise goes into the backend
+            layout = ReleaseLayout(max(n_groups, 1), n_items, d, head_size, dp.count_value)
+            share_std = dp.share_std(len(upload))
+            shares = NoiseShares(seed, t, upload.clients, share_std, layout) if share_std > 0 else None
+            release_noise = ReleaseNoise(layout, central_noise(layout, dp.central_std(), seed, t), shares)
+        agg = aggregator.aggregate(upload, n_items=n_items, weights=weights, groups=client_groups, n_groups=max(n_groups, 1), noise=release_noise)
+        rec["cost"] = dict(aggregator.last_cost)
+        rec["cost"]["broadcast_bytes_per_client"] = float(4 * (server.shared.item_table.numel() + head_size + (0 if server.teacher is None else server.teacher.numel()) + (0 if centroids is None else centroids.size)))
+        regroup = bool(n_groups) and not (grouping in SERVER_GROUPING and len(update) < n_groups)
+        if n_groups and not regroup:
+            log.info("round %d: cohort of %d clients is smaller than G=%d; grouping and teacher kept", t, len(update), n_groups)
+        labels = client_groups
+        t_group = time.perf_counter()
+        if regroup and grouping in SERVER_GROUPING:
+            per_client = agg.per_client
+            labels = group_clients(
+                per_client.head_after.numpy(),
+                per_client.clients,
+                server.assignment,
+                method=grouping,
+                n_groups=n_groups,
+                use_pca=cfg.grouping.use_pca,
+                pca_variance=cfg.grouping.pca_variance,
+                seed=derive_seed(seed, "grouping", t) % (2**31),
+            )
+            counts, g_item, g_head = group_sums(per_client, n_items, labels, n_groups)
+            agg = dataclasses.replace(agg, group_counts=counts, group_item_sum=g_item, group_head_sum=g_head)
+            server.assignment[cohort] = labels
+
+        rec["grouping_s"] = time.perf_counter() - t_group
+        # ---- differential privacy: the paper's server-side grouping noises the sums it formed itself
+        if dp is not None and server_grouped:
+            blocks = n_groups if agg.group_counts is not None else 1
+            layout = ReleaseLayout(blocks, n_items, d, head_size, dp.count_value)
+            noise = central_noise(layout, dp.central_std(), seed, t)
+            share_std = dp.share_std(len(update))
+            if share_std > 0:  # each client's single-block share lands in the group the server chose
+                shares = NoiseShares(seed, t, cohort, share_std, dataclasses.replace(layout, n_groups=1))
+                noise = noise + shares.sum_by_group(labels if blocks > 1 else None).view(layout.shape)
+            agg = noise_release(agg, noise, layout)
+        if dp is not None:
+            dp.record(t)
+            rec["dp"] = {"clip": dp.clip, "epsilon": dp.epsilon(), "median_norm": float(norms.median())}
+            if dp.adaptive:
+                unclipped = float((norms <= dp.clip).sum())
+                noisy = unclipped + float(torch.randn((), generator=torch_generator(seed, "dp-count", t))) * dp.count_stddev
+                dp.adapt_clip(noisy, tc.client_fraction * eligible.size)
+
+        # ---- server: FedAvg, centroids, fusion and teacher
+        before = server.shared.clone()
+        apply_fedavg_(server.shared, agg)
+        if regroup:
+            if grouping == "oblivious" and agg.group_head_sum is not None:
+                centroids = _update_centroids(centroids, agg)
+            t_fusion = time.perf_counter()
+            fusion_losses = update_teacher_(
+                server,
+                before,
+                agg,
+                epochs=cfg.fusion.server_epochs,
+                batch_size=cfg.fusion.batch_size,
+                lr=cfg.fusion.server_lr,
+                weight_decay=tc.weight_decay,
+                optimizer=cfg.fusion.server_optimizer,
+                compiled=cfg.fusion.compile,
+                generator=torch_generator(seed, "fusion-shuffle", t),
+            )
+            rec["fusion_s"] = time.perf_counter() - t_fusion  # fusion training and teacher
+            store.group[cohort] = labels[: cohort.size]  # each client knows its own group
+            rec["fusion_loss"] = float(fusion_losses[-1]) if fusion_losses else None
+            rec["group_sizes"] = [round(float(c), 3) for c in agg.group_counts.tolist()]
+        t2 = time.perf_counter()
+        for cb in callbacks:
+            _emit_views(cb, t, aggregator, agg, server, upload, shares, dp, before, client_groups if client_groups is not None else labels, grouping)
+        rec.update(loss=float(np.mean(update.loss)), client_s=t1 - t0, server_s=t2 - t1)
+        timing["client"].append(t1 - t0)
+        timing["server"].append(t2 - t1)
+
+        if (t + 1) % tc.eval_every == 0 or t == tc.rounds - 1:
+            t3 = time.perf_counter()
+            val = evaluate_ranking(scorer(server.shared, store), split, "val", ks=ks, chunk_size=cfg.eval.chunk_users)
+            timing["eval"].append(time.perf_counter() - t3)
+            rec["val"] = val
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", ndcg10=f"{val['NDCG@10']:.4f}")
+            log.info("round %d: loss %.4f val HR@10 %.4f NDCG@10 %.4f (client %.2fs, server %.2fs)", t, rec["loss"], val["HR@10"], val["NDCG@10"], rec["client_s"], rec["server_s"])
+            if selector.observe(t, val, lambda: (server.shared.clone(), store.snapshot())):
+                history.append(rec)
+                log.info("early stop after round %d (best round %d)", t, selector.best_round)
+                break
+        history.append(rec)
+    bar.close()
 
     if selector.snapshot is None:
         raise RuntimeError("no validation round was run; check eval.every and train.rounds")
