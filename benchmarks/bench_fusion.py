@@ -10,9 +10,12 @@ per batch.
 
 Run: ``python benchmarks/bench_fusion.py [--threads 1] [--repeats 3] [--operators sum moe] [--compiled]``
 
+Each operator is timed with the eager steps; ``moe/numba`` is the Numba loop that
+``train_fusion`` uses for moe with SGD by default (``server/fusion_kernel.py``).
 ``--compiled`` adds a row per operator that supports it (``fusion.compile``): each
-step as one ``torch.compile``d graph. Its compilation is timed separately (a
-warm-up call on a throw-away module) and not counted in the training time.
+step as one ``torch.compile``d graph. Compilation (Numba's, or loading it from its
+disk cache; inductor's) is timed separately by a warm-up call on a throw-away
+module and not counted in the training time.
 
 One thread is the default, as in the training loop: under the passive OpenMP
 waiting the package sets, a second thread makes these small steps slower (moe,
@@ -34,7 +37,7 @@ import torch.nn.functional as F
 
 from gfmfr_secure.rng import torch_generator
 from gfmfr_secure.server import FUSION_OPERATORS, GroupFusion, group_preferences, train_fusion
-from gfmfr_secure.server.fusion_training import compiled_supported
+from gfmfr_secure.server.fusion_training import compiled_supported, kernel_supported
 
 G, I, DT, DV, D, E = 5, 1682, 384, 1280, 64, 512
 EPOCHS, BATCH, LR = 50, 256, 0.002
@@ -117,26 +120,28 @@ def main() -> None:
         f"{'operator':<10} {'train wall s':>12} {'train cpu s':>12} {'first loss':>11} "
         f"{'last loss':>10} {'all+teacher ms':>15}"
     )
-    runs = [(op, False) for op in args.operators]
+    runs = [(op, "eager") for op in args.operators]
+    runs += [(op, "numba") for op in args.operators if kernel_supported(build(op, text, image, 1), "sgd")]
     if args.compiled:
-        runs += [(op, True) for op in args.operators if compiled_supported(op, "sgd")]
-    for operator, compiled in runs:
+        runs += [(op, "compiled") for op in args.operators if compiled_supported(op, "sgd")]
+    for operator, mode in runs:
         best = (math.inf, math.inf)
         losses: list[float] = []
         module = build(operator, text, image, 1)
-        if compiled:
+        flags = {"compiled": mode == "compiled", "kernel": mode == "numba"}
+        if mode != "eager":
             warm, _, _ = timed(
-                lambda m=module: train_fusion(
-                    m, targets, epochs=1, batch_size=BATCH, lr=LR, generator=torch_generator(0, "warm"), compiled=True
+                lambda m=module, f=flags: train_fusion(
+                    m, targets, epochs=1, batch_size=BATCH, lr=LR, generator=torch_generator(0, "warm"), **f
                 )
             )
-            print(f"{operator}/compiled: compilation and one epoch {warm:.1f} s")
+            print(f"{operator}/{mode}: compilation (or loading it from the cache) and one epoch {warm:.1f} s")
         for r in range(args.repeats):
             module = build(operator, text, image, 1)
             gen = torch_generator(0, "bench", "shuffle", r)
             wall, cpu, losses = timed(
-                lambda m=module, g=gen, c=compiled: train_fusion(
-                    m, targets, epochs=EPOCHS, batch_size=BATCH, lr=LR, generator=g, compiled=c
+                lambda m=module, g=gen, f=flags: train_fusion(
+                    m, targets, epochs=EPOCHS, batch_size=BATCH, lr=LR, generator=g, **f
                 )
             )
             best = min(best, (wall, cpu))
@@ -148,7 +153,7 @@ def main() -> None:
                     return group_preferences(m.forward_all(), weight, bias)
 
             infer = min(infer, timed(teacher)[0])
-        label = operator + ("/compiled" if compiled else "")
+        label = operator + ("" if mode == "eager" else f"/{mode}")
         print(
             f"{label:<10} {best[0]:>12.3f} {best[1]:>12.3f} {losses[0]:>11.5f} "
             f"{losses[-1]:>10.5f} {1e3 * infer:>15.2f}"

@@ -45,7 +45,7 @@ __all__ = [
 ]
 
 #: Packages always reported by :func:`environment_info` ("not installed" if absent).
-CORE_PACKAGES = ("gfmfr-secure", "torch", "numpy", "pandas", "scikit-learn", "scipy")
+CORE_PACKAGES = ("gfmfr-secure", "torch", "numpy", "numba", "pandas", "scikit-learn", "scipy")
 #: Packages reported only when installed.
 OPTIONAL_PACKAGES = ("opacus", "tenseal", "flwr", "sentence-transformers")
 

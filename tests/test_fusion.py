@@ -12,7 +12,12 @@ import torch
 
 from gfmfr_secure.errors import ConfigError, DataError
 from gfmfr_secure.server.fusion import GroupFusion
-from gfmfr_secure.server.fusion_training import PlainSGD, compiled_supported, train_fusion
+from gfmfr_secure.server.fusion_training import (
+    PlainSGD,
+    compiled_supported,
+    kernel_supported,
+    train_fusion,
+)
 from gfmfr_secure.server.operators import (
     FUSION_OPERATORS,
     OperatorOptions,
@@ -438,7 +443,7 @@ def test_compiled_training_matches_eager_and_is_reproducible(operator, modality)
     for compiled in (False, True, True):
         module = build(operator, modality, seed=3)
         losses = train_fusion(
-            module, targets, epochs=4, batch_size=6, lr=0.05, generator=gen(4), compiled=compiled
+            module, targets, epochs=4, batch_size=6, lr=0.05, generator=gen(4), compiled=compiled, kernel=False
         )
         runs.setdefault(compiled, []).append((losses, module.state_dict()))
     (eager_losses, eager_state), = runs[False]
@@ -484,3 +489,41 @@ def test_compilation_failure_names_the_setting(monkeypatch):
     monkeypatch.setattr(fusion_training, "_compiled_step", lambda: broken)
     with pytest.raises(ConfigError, match=r"fusion\.compile=true needs a working C\+\+ compiler.*InvalidCxxCompiler"):
         train_fusion(build("gate", "text"), torch.zeros(G, I, D), generator=gen(0), compiled=True)
+
+
+# --------------------------------------------------------------------------- Numba loop (moe + SGD)
+
+
+@pytest.mark.parametrize("modality", ["text", "image", "text+image"])
+@pytest.mark.parametrize("mask", [None, [True, False, True]])
+@pytest.mark.parametrize("router_hidden", [None, 3])
+def test_numba_loop_matches_the_eager_steps(modality, mask, router_hidden):
+    """The compiled loop trains moe exactly like the eager hand-derived steps: the same
+    epoch losses and parameters up to float rounding, inactive groups included."""
+    targets = torch.randn(G, I, D, generator=gen(4))
+    group_mask = None if mask is None else torch.tensor(mask)
+    opts = OperatorOptions(router_hidden=router_hidden)
+    eager, loop = build("moe", modality, seed=5, options=opts), build("moe", modality, seed=5, options=opts)
+    assert kernel_supported(loop, "sgd")
+    kw = {"group_mask": group_mask, "epochs": 3, "batch_size": 7, "lr": 0.05, "weight_decay": 1e-2}
+    ref = train_fusion(eager, targets, generator=gen(6), kernel=False, **kw)
+    got = train_fusion(loop, targets, generator=gen(6), **kw)
+    np.testing.assert_allclose(got, ref, rtol=1e-5)
+    for (name, p), q in zip(eager.named_parameters(), loop.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_numba_loop_is_reproducible_and_fails_loudly():
+    targets = torch.randn(G, I, D, generator=gen(4))
+    a, b = build("moe", "text+image", seed=1), build("moe", "text+image", seed=1)
+    assert train_fusion(a, targets, epochs=2, generator=gen(2)) == train_fusion(b, targets, epochs=2, generator=gen(2))
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+    with pytest.raises(FloatingPointError, match="lower the learning rate"):
+        train_fusion(build("moe", "text"), 1e3 * targets, epochs=20, lr=1e6, generator=gen(1))
+
+
+def test_numba_loop_only_where_it_applies():
+    assert not kernel_supported(build("moe", "none"), "sgd")  # learnable item-ID tokens
+    assert not kernel_supported(build("moe", "text"), "adam")
+    assert not kernel_supported(build("mlp", "text"), "sgd")

@@ -5,6 +5,14 @@ each group's averaged shared item table (MSE over group x item pairs) with a
 fresh optimiser per call (:data:`OPTIMIZERS`: plain SGD or Adam), walking the
 items in shuffled batches that cover every active group at once.
 
+The default ``moe`` operator with plain SGD on feature modalities runs as one
+compiled Numba loop over all epochs and batches (:mod:`gfmfr_secure.server.fusion_kernel`):
+the same batches and hand-derived gradients, matrix products on single-threaded
+BLAS, no per-operation dispatch; about 2x faster than the eager steps (1.55 against
+3.3 s per round on the default setting), equal to them up to float rounding (tested).
+Numba caches the compiled loop on disk, so only the first process pays its
+compilation (a few seconds).
+
 With ``compiled=True`` each SGD step (gather the batch, hand-derived forward and
 backward, parameter update) runs as one graph compiled by ``torch.compile``
 (inductor, C++ wrapper), which removes the per-operation dispatch of some 200 small
@@ -21,14 +29,16 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Protocol, cast
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from threadpoolctl import threadpool_limits
 from torch import Tensor, nn
 
 from gfmfr_secure.errors import ConfigError, DataError
 from gfmfr_secure.server.fusion import GroupFusion, _check_dim
 
-__all__ = ["OPTIMIZERS", "PlainSGD", "Stepper", "compiled_supported", "train_fusion"]
+__all__ = ["OPTIMIZERS", "PlainSGD", "Stepper", "compiled_supported", "kernel_supported", "train_fusion"]
 
 
 class Stepper(Protocol):
@@ -143,6 +153,7 @@ def train_fusion(
     optimizer: str = "sgd",
     generator: torch.Generator,
     compiled: bool = False,
+    kernel: bool = True,
 ) -> list[float]:
     """Fit the fusion module to each group's averaged item table (MSE).
 
@@ -179,6 +190,11 @@ def train_fusion(
         Needs ``optimizer="sgd"`` and an operator with a hand-derived backward
         (:func:`compiled_supported`), and a C++ compiler. Rounds in which some group
         has no members run eagerly (their batch shapes would need further graphs).
+    kernel : bool
+        When ``compiled`` is off, train the ``moe`` operator with plain SGD on feature
+        modalities as one Numba loop (:mod:`gfmfr_secure.server.fusion_kernel`,
+        :func:`kernel_supported`): the same batches and gradients, about 2x faster than
+        the eager steps. False always runs the eager steps.
 
     Returns
     -------
@@ -258,6 +274,20 @@ def train_fusion(
     manual = True
     module.train()
 
+    if kernel and not compiled and kernel_supported(module, optimizer):
+        # imported here: importing Numba takes about 0.5 s
+        from gfmfr_secure.server.fusion_kernel import train_moe_sgd
+
+        perms = torch.stack([torch.randperm(module.n_items, generator=generator) for _ in range(epochs)])
+        losses_np = np.zeros(epochs, dtype=np.float64)
+        p = _moe_arrays(module)
+        with threadpool_limits(limits=1, user_api="blas"):  # one core: the other gathers the next round
+            train_moe_sgd(
+                perms.numpy().astype(np.int64), items_per_batch, active.numpy().astype(np.int64),
+                np.ascontiguousarray(active_targets.numpy()), *p, float(lr), float(weight_decay), losses_np,
+            )
+        return [_epoch_loss(float(v), e, optimizer, lr) for e, v in enumerate(losses_np)]
+
     if compiled and group_idx is None:
         from torch._inductor.exc import InductorError  # here: importing the compiler takes ~1 s
 
@@ -303,6 +333,45 @@ def train_fusion(
             total += float(step(items)) * items.numel()
         losses.append(_epoch_loss(total / module.n_items, epoch, optimizer, lr))
     return losses
+
+
+def kernel_supported(module: GroupFusion, optimizer: str) -> bool:
+    """Whether :func:`train_fusion` can run ``module`` as the Numba loop: the ``moe``
+    operator, plain SGD, item tokens from feature matrices (not the learnable item-ID
+    embedding), float32 parameters on the CPU."""
+    return (
+        optimizer == "sgd"
+        and module.operator == "moe"
+        and "item_id" not in module.modalities
+        and module.group_embedding.dtype == torch.float32
+        and module.group_embedding.device.type == "cpu"
+    )
+
+
+def _moe_arrays(module: GroupFusion) -> tuple:
+    """The module's parameters and item features as NumPy views, in :func:`train_moe_sgd`'s order.
+
+    The views share memory with the parameters, so the loop trains them in place.
+    """
+    moe = module.fusion
+    sum_expert, mlp, gate = moe.experts
+    del sum_expert  # no parameters
+
+    def v(t: Tensor) -> np.ndarray:
+        return t.detach().numpy()
+
+    items = module.modalities[1:]
+    group = module.projections["group"]
+    return (
+        v(module.group_embedding), v(group.weight), v(group.bias),
+        tuple(v(module._item_source(name)) for name in items),
+        tuple(v(module.projections[name].weight) for name in items),
+        tuple(v(module.projections[name].bias) for name in items),
+        v(mlp.fc1.weight), v(mlp.fc1.bias), v(mlp.fc2.weight), v(mlp.fc2.bias),
+        tuple(v(g.weight) for g in gate.gates), tuple(v(g.bias) for g in gate.gates),
+        v(gate.fuse.weight), v(gate.fuse.bias),
+        v(moe.router_fc1.weight), v(moe.router_fc1.bias), v(moe.router_fc2.weight), v(moe.router_fc2.bias),
+    )
 
 
 def _epoch_loss(value: float, epoch: int, optimizer: str, lr: float) -> float:

@@ -48,8 +48,9 @@ def _single_thread() -> Iterator[None]:
     """Run torch on one thread inside the block, then restore the previous setting.
 
     Fusion training is thousands of small steps. With passive OpenMP waiting, a second
-    thread costs more in wake-ups than it saves. On the 2-core machine a round's fusion
-    takes about 3 s on one thread and about 13 s on two (compiled: 1.65 s and 11 s).
+    thread costs more in wake-ups than it saves. On the 2-core machine a round's eager
+    fusion takes about 3 s on one thread and about 13 s on two (compiled: 1.65 s and
+    11 s). The Numba loop for ``moe`` keeps its BLAS on one thread too.
     """
     before = torch.get_num_threads()
     torch.set_num_threads(1)
