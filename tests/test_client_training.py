@@ -248,3 +248,10 @@ def test_rowstore_put_matches_a_dense_table(batches: list[list[int]], order: str
             dense[torch.from_numpy(keys)] = vals
         assert np.all(np.diff(rs.keys) > 0)
     torch.testing.assert_close(rs.gather(np.arange(36)), dense, rtol=0, atol=0)
+    # a copy, and a store rebuilt from (keys, values), read the same and are independent
+    copy = rs.copy()
+    rebuilt = RowStore.from_rows(4, 9, rs.keys[::-1].copy(), rs.values.flip(0))
+    rs.put(np.arange(36), torch.full((36, 2), -1.0))
+    for other in (copy, rebuilt):
+        torch.testing.assert_close(other.gather(np.arange(36)), dense, rtol=0, atol=0)
+        np.testing.assert_array_equal(other.keys, copy.keys)

@@ -33,7 +33,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from gfmfr_secure.client.plan import epoch_orders
-from gfmfr_secure.client.state import ClientStateStore
+from gfmfr_secure.client.state import ClientStateStore, take_rows
 from gfmfr_secure.models.backbones import BackboneSpec
 from gfmfr_secure.models.params import SharedParams, flatten_heads, unflatten_heads
 from gfmfr_secure.types import CohortUpdate, LocalHyper
@@ -118,8 +118,7 @@ def train_cohort(
         row_owner = uniq // n_items
         row_items = uniq % n_items
         row_ptr = np.searchsorted(row_owner, np.arange(n + 1)).astype(np.int64)
-        row_items_t = torch.from_numpy(row_items)
-        c_loc = shared.item_table.index_select(0, row_items_t)  # [R, d]
+        c_loc = take_rows(shared.item_table, row_items)  # [R, d]
         p_loc = store.personal.gather(clients[row_owner] * n_items + row_items) if backbone.personal_items else None
         orders = orders_future.result()
 
@@ -129,12 +128,13 @@ def train_cohort(
             raise ValueError("backbone has a private head but the client store holds none")
         w1u, w1i, b1, w2, b2 = (t.clone(memory_format=torch.contiguous_format) for t in unflatten_heads(store.heads[torch.from_numpy(clients)], d))
     else:
-        # repeat() always allocates: every client trains its own copy of the shared head
-        w1u = shared.w1_user.unsqueeze(0).repeat(n, 1, 1)
-        w1i = shared.w1_item.unsqueeze(0).repeat(n, 1, 1)
-        b1 = shared.b1.unsqueeze(0).repeat(n, 1)
-        w2 = shared.w2.unsqueeze(0).repeat(n, 1)
-        b2 = shared.b2.reshape(1).repeat(n)
+        # Every client trains its own copy of the shared head (a fresh contiguous tensor:
+        # expand().contiguous() alone would return a view for a cohort of one).
+        def copies(t: torch.Tensor) -> torch.Tensor:
+            return torch.empty((n, *t.shape), dtype=t.dtype).copy_(t.expand(n, *t.shape))
+
+        w1u, w1i, b1, w2 = (copies(t) for t in (shared.w1_user, shared.w1_item, shared.b1, shared.w2))
+        b2 = copies(shared.b2.reshape(()))
     client_idx = torch.from_numpy(clients)
     emb = store.user_embedding[client_idx].contiguous()  # a copy (advanced indexing)
     ema = store.ema_ratio[client_idx].to(torch.float64).contiguous()
@@ -192,7 +192,7 @@ def train_cohort(
         n_samples=counts,
         row_ptr=row_ptr,
         row_items=row_items,
-        item_delta=c_loc.sub_(shared.item_table.index_select(0, row_items_t)),  # c_loc is not used after this
+        item_delta=c_loc.sub_(take_rows(shared.item_table, row_items)),  # c_loc is not used after this
         head_delta=head_delta,
         head_after=heads_after,
         group=np.full(n, -1, dtype=np.int64) if groups is None else np.asarray(groups, dtype=np.int64),

@@ -90,8 +90,8 @@ def group_targets(
     mask = counts > 0
     denom = counts.clamp(min=1).view(-1, 1, 1)
     targets = shared_before.item_table.unsqueeze(0) + agg.group_item_sum / denom
-    w2 = shared_before.w2.unsqueeze(0).repeat(counts.numel(), 1)
-    b2 = shared_before.b2.repeat(counts.numel())
+    w2 = shared_before.w2.expand(counts.numel(), -1).clone()
+    b2 = shared_before.b2.expand(counts.numel()).clone()
     if agg.group_head_sum is not None:
         head_mean = agg.group_head_sum / counts.clamp(min=1).unsqueeze(1)
         _, _, _, w2_delta, b2_delta = unflatten_heads(head_mean, shared_before.latent_dim)

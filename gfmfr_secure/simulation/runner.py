@@ -134,9 +134,7 @@ def load_scorer(run_dir: str | Path) -> tuple[Callable[[torch.Tensor], torch.Ten
     backbone = get_backbone(cfg.model.backbone)
     personal = None
     if state["personal_keys"] is not None:
-        personal = RowStore(split.n_users, split.n_items, shared.latent_dim)
-        personal.keys = state["personal_keys"].numpy()
-        personal.values = state["personal_values"]
+        personal = RowStore.from_rows(split.n_users, split.n_items, state["personal_keys"].numpy(), state["personal_values"])
     store = ClientStateStore(
         user_embedding=state["user_embedding"],
         personal=personal,

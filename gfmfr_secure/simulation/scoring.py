@@ -36,10 +36,10 @@ def score_users(shared: SharedParams, store: ClientStateStore, backbone: Backbon
         z += (torch.bmm(w1u, emb.unsqueeze(2)).squeeze(2) + b1).unsqueeze(1)
         return torch.bmm(torch.relu_(z), w2.unsqueeze(2)).squeeze(2) + b2.unsqueeze(1)
     item_term = table @ shared.w1_item.T  # [I, h]
-    z = item_term.unsqueeze(0).repeat(users.numel(), 1, 1)  # [B, I, h]
+    user_term = emb @ shared.w1_user.T + shared.b1  # [B, h]
+    z = item_term.unsqueeze(0) + user_term.unsqueeze(1)  # [B, I, h], written once
     if backbone.personal_items and store.personal is not None and len(store.personal):
         owner, items, values = store.personal.user_rows(users.numpy())
         if owner.size:
             z[torch.from_numpy(owner), torch.from_numpy(items)] += values @ shared.w1_item.T
-    z += (emb @ shared.w1_user.T + shared.b1).unsqueeze(1)
     return torch.relu_(z) @ shared.w2 + shared.b2
