@@ -47,7 +47,8 @@ def run_centralized(cfg: Any, split: Split, *, logger: logging.Logger | None = N
         "w2": torch.nn.Parameter(shared.w2.clone()),
         "b2": torch.nn.Parameter(shared.b2.clone()),
     }
-    opt = torch.optim.Adam(params.values(), lr=tc.lr, weight_decay=tc.weight_decay)
+    # foreach: one kernel per update op for all tensors (torch uses it by default on GPUs only)
+    opt = torch.optim.Adam(params.values(), lr=tc.lr, weight_decay=tc.weight_decay, foreach=True)
 
     def sync() -> None:
         with torch.no_grad():
