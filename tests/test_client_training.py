@@ -255,3 +255,19 @@ def test_rowstore_put_matches_a_dense_table(batches: list[list[int]], order: str
     for other in (copy, rebuilt):
         torch.testing.assert_close(other.gather(np.arange(36)), dense, rtol=0, atol=0)
         np.testing.assert_array_equal(other.keys, copy.keys)
+
+
+def test_rowstore_slots_for_trains_rows_in_place() -> None:
+    """slots_for stores a zero row for every new key (in any key order), keeps stored
+    rows, and writes through buffer[slots] are what gather reads afterwards."""
+    rs = RowStore(3, 10, 2)
+    rs.put(np.array([4, 12]), torch.tensor([[1.0, 1.0], [2.0, 2.0]]))
+    keys = np.array([25, 4, 7, 12])  # two new, two stored, not ascending
+    slots = rs.slots_for(keys)
+    buf = rs.buffer
+    torch.testing.assert_close(buf[torch.from_numpy(slots)], torch.tensor([[0.0, 0], [1, 1], [0, 0], [2, 2]]))
+    buf[torch.from_numpy(slots)] += torch.arange(8.0).view(4, 2)
+    torch.testing.assert_close(rs.gather(keys), torch.tensor([[0.0, 1], [3, 4], [4, 5], [8, 9]]))
+    np.testing.assert_array_equal(rs.keys, [4, 7, 12, 25])
+    with pytest.raises(ValueError, match="unique"):
+        rs.slots_for(np.array([7, 4, 7]))

@@ -33,7 +33,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from gfmfr_secure.client.plan import epoch_orders
-from gfmfr_secure.client.state import ClientStateStore, take_rows
+from gfmfr_secure.client.state import ClientStateStore
 from gfmfr_secure.models.backbones import BackboneSpec
 from gfmfr_secure.models.params import SharedParams, flatten_heads, unflatten_heads
 from gfmfr_secure.types import CohortUpdate, LocalHyper
@@ -118,9 +118,11 @@ def train_cohort(
         row_owner = uniq // n_items
         row_items = uniq % n_items
         row_ptr = np.searchsorted(row_owner, np.arange(n + 1)).astype(np.int64)
-        c_loc = take_rows(shared.item_table, row_items)  # [R, d]
-        p_loc = store.personal.gather(clients[row_owner] * n_items + row_items) if backbone.personal_items else None
+        # The personal rows are trained in place in the store's buffer: a zero row is
+        # stored for each pair seen for the first time (the state's semantics, state.py).
+        p_slot = store.personal.slots_for(clients[row_owner] * n_items + row_items) if backbone.personal_items else None
         orders = orders_future.result()
+    c_loc = torch.empty(row_items.size, d, dtype=shared.item_table.dtype)  # becomes the item deltas
 
     # Stacked per-client parameters, in cohort order.
     if backbone.private_head:
@@ -152,13 +154,16 @@ def train_cohort(
     loss_sum = np.zeros(n, dtype=np.float64)
     step_count = np.zeros(n, dtype=np.float64)
     alpha, beta = (hyper.alpha, hyper.beta) if backbone.fedrap_regularisers else (0.0, 0.0)
-    p_arr = p_loc.numpy() if p_loc is not None else np.zeros((0, d), dtype=np.float32)
+    has_personal = p_slot is not None
+    p_buf = store.personal.buffer.numpy() if has_personal else np.zeros((0, d), dtype=np.float32)
     args = (
         sample_ptr, orders, inverse.reshape(-1).astype(np.int64), labels.astype(np.float32, copy=False), q_sample,
-        distilling, c_loc.numpy(), p_arr, w1u.numpy(), w1i.numpy(), b1.numpy(), w2.numpy(), b2.numpy(),
+        distilling, shared.item_table.contiguous().numpy(), row_items, row_ptr, c_loc.numpy(), p_buf,
+        p_slot if has_personal else np.zeros(0, dtype=np.int64),
+        w1u.numpy(), w1i.numpy(), b1.numpy(), w2.numpy(), b2.numpy(),
         emb.numpy(), ema.numpy(), loss_sum, step_count, int(hyper.batch_size), float(hyper.lr_network),
         float(hyper.lr_items), float(hyper.weight_decay), float(alpha), float(beta), float(hyper.distill),
-        float(hyper.ema_decay), float(hyper.max_ratio), p_loc is not None, bool(backbone.user_embedding),
+        float(hyper.ema_decay), float(hyper.max_ratio), has_personal, bool(backbone.user_embedding),
     )
     # Clients with the most samples first, in small batches of clients that the threads
     # take as they free up; BLAS runs single-threaded inside each.
@@ -179,8 +184,6 @@ def train_cohort(
     if backbone.user_embedding:
         store.user_embedding[client_idx] = emb
     store.ema_ratio[client_idx] = ema.to(store.ema_ratio.dtype)
-    if p_loc is not None:
-        store.personal.put(clients[row_owner] * n_items + row_items, p_loc)
     if backbone.private_head:
         store.heads[client_idx] = heads_after
         head_delta = None
@@ -192,7 +195,7 @@ def train_cohort(
         n_samples=counts,
         row_ptr=row_ptr,
         row_items=row_items,
-        item_delta=c_loc.sub_(take_rows(shared.item_table, row_items)),  # c_loc is not used after this
+        item_delta=c_loc,
         head_delta=head_delta,
         head_after=heads_after,
         group=np.full(n, -1, dtype=np.int64) if groups is None else np.asarray(groups, dtype=np.int64),

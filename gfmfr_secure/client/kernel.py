@@ -51,8 +51,12 @@ def train_clients(
     labels,
     q,
     distilling,
+    shared_table,
+    row_items,
+    row_ptr,
     C,
     P,
+    p_slot,
     W1u,
     W1i,
     b1,
@@ -87,8 +91,13 @@ def train_clients(
     labels, q : float32 [M] labels and teacher preferences (q is read only for
         distilling clients).
     distilling : bool [n] which clients have a teacher this round.
-    C, P : float32 [R, d] the cohort's local shared and personal item rows (updated);
-        ``P`` is ignored unless ``has_personal``.
+    shared_table : float32 [I, d] the broadcast shared item table (read only).
+    row_items, row_ptr : int64 [R], [n + 1] the item of each local row, and each
+        client's range of local rows.
+    C : float32 [R, d] output: each local row's change of the shared table (the client
+        starts from ``shared_table[row_items]``, trains, and the start is subtracted).
+    P, p_slot : the personal rows' buffer [*, d] and the buffer row of each local row
+        [R], trained in place (:meth:`RowStore.slots_for`); ignored unless ``has_personal``.
     W1u, W1i : float32 [n, h, d]; b1, w2 : float32 [n, h]; b2 : float32 [n];
         E : float32 [n, d] the clients' heads and user embeddings (updated; ``E`` only
         when ``train_embedding``).
@@ -123,6 +132,9 @@ def train_clients(
         out = w2[c]
         e = E[c]
         dist = distilling[c]
+        for r in range(row_ptr[c], row_ptr[c + 1]):
+            for i in range(d):
+                C[r, i] = shared_table[row_items[r], i]
         for epoch in range(epochs):
             for b0 in range(0, count, batch_size):
                 n = min(batch_size, count - b0)
@@ -133,8 +145,9 @@ def train_clients(
                     for i in range(d):
                         Cb[j, i] = C[r, i]
                     if has_personal:
+                        pr = p_slot[r]
                         for i in range(d):
-                            Pb[j, i] = P[r, i]
+                            Pb[j, i] = P[pr, i]
                             X[j, i] = Cb[j, i] + Pb[j, i]
                     else:
                         for i in range(d):
@@ -229,13 +242,14 @@ def train_clients(
                 bsc = np.float32(beta / (n * d))
                 for j in range(n):
                     r = rows[j]
+                    pr = p_slot[r] if has_personal else 0
                     for i in range(d):
                         gx = GX[j, i]
                         gc = gx
                         if has_personal:
                             diff = Pb[j, i] - Cb[j, i]
                             gc += two_a * diff
-                            P[r, i] -= lr_i32 * (gx - two_a * diff)
+                            P[pr, i] -= lr_i32 * (gx - two_a * diff)
                         cv = Cb[j, i]
                         if cv > 0.0:
                             gc += bsc
@@ -254,3 +268,6 @@ def train_clients(
                 if train_embedding:
                     for i in range(d):
                         e[i] = e[i] * decay - lr_n32 * g_e[i]
+        for r in range(row_ptr[c], row_ptr[c + 1]):
+            for i in range(d):
+                C[r, i] -= shared_table[row_items[r], i]

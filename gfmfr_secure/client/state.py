@@ -137,16 +137,56 @@ class RowStore:
             return
         if found.any():
             put_rows(self._buffer, self._slot[pos[found]], take_rows(values, np.flatnonzero(found)))
-        # New rows go to the end of the buffer; their index entries are merged into the
-        # sorted index in linear time (no re-sort): each entry's final position is its
-        # own rank plus the number of entries of the other list before it.
         add = np.flatnonzero(~found)
         if not ascending:
             add = add[np.argsort(keys[add], kind="stable")]
-        add_keys = keys[add]
+        self._insert(keys[add], take_rows(values, add))
+
+    def slots_for(self, keys: np.ndarray) -> np.ndarray:
+        """Buffer rows of unique ``keys`` [n], storing a zero row for each new key.
+
+        Afterwards ``buffer[slots]`` are exactly the rows :meth:`gather` would return, and
+        a trainer may update them in place (:func:`gfmfr_secure.client.cohort.train_cohort`
+        does, from several threads: distinct keys have distinct rows).
+        """
+        keys = np.asarray(keys, dtype=np.int64)
+        ascending = bool(np.all(keys[1:] > keys[:-1]))
+        order = None if ascending else np.argsort(keys, kind="stable")
+        sorted_keys = keys if order is None else keys[order]
+        if not ascending and sorted_keys.size > 1 and not bool(np.all(sorted_keys[1:] > sorted_keys[:-1])):
+            raise ValueError("RowStore.slots_for needs unique keys")
+        pos, found = self._locate(sorted_keys)
+        if not found.all():
+            new_keys = sorted_keys[~found]
+            self._insert(new_keys, torch.zeros(new_keys.size, self.dim, dtype=self._buffer.dtype))
+            pos = np.searchsorted(self.keys, sorted_keys)
+        slots = self._slot[pos]
+        if order is None:
+            return slots
+        out = np.empty_like(slots)
+        out[order] = slots
+        return out
+
+    @property
+    def buffer(self) -> torch.Tensor:
+        """The row buffer ``[capacity, d]``; key ``keys[j]``'s row is ``buffer[slots_for(...)]``.
+
+        Valid until the next insertion (which may reallocate it).
+        """
+        return self._buffer
+
+    def _insert(self, add_keys: np.ndarray, rows: torch.Tensor) -> None:
+        """Append ``rows`` [m, d] for new keys ``add_keys`` [m] (ascending, none stored yet).
+
+        The index entries are merged into the sorted index in linear time (no re-sort):
+        each entry's final position is its own rank plus the number of entries of the
+        other list before it.
+        """
         n_old, n_add = self.keys.size, add_keys.size
+        if n_add == 0:
+            return
         self._reserve(self._used + n_add)
-        self._buffer[self._used : self._used + n_add] = take_rows(values, add)
+        self._buffer[self._used : self._used + n_add] = rows
         add_dest = np.searchsorted(self.keys, add_keys) + np.arange(n_add)
         old_dest = np.arange(n_old) + np.searchsorted(add_keys, self.keys)
         merged = np.empty(n_old + n_add, dtype=np.int64)
