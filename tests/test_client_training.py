@@ -271,3 +271,18 @@ def test_rowstore_slots_for_trains_rows_in_place() -> None:
     np.testing.assert_array_equal(rs.keys, [4, 7, 12, 25])
     with pytest.raises(ValueError, match="unique"):
         rs.slots_for(np.array([7, 4, 7]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(keys=st.lists(st.integers(0, 99), max_size=40), dense=st.booleans())
+def test_unique_keys_equals_numpy_unique(keys: list[int], dense: bool) -> None:
+    """Both paths of unique_keys (dense marking, and sorting for large key ranges) give
+    np.unique's values and inverse."""
+    from gfmfr_secure.client import cohort
+
+    arr = np.array(keys, dtype=np.int64)
+    expected = np.unique(arr, return_inverse=True)
+    universe = 100 if dense else cohort.DENSE_KEYS + 1
+    got = cohort.unique_keys(arr, universe)
+    np.testing.assert_array_equal(got[0], expected[0])
+    np.testing.assert_array_equal(got[1].reshape(-1), expected[1].reshape(-1))

