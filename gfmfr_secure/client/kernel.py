@@ -271,3 +271,43 @@ def train_clients(
         for r in range(row_ptr[c], row_ptr[c + 1]):
             for i in range(d):
                 C[r, i] -= shared_table[row_items[r], i]
+
+
+_GOLD = np.uint64(0x9E3779B97F4A7C15)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+
+
+@njit(cache=True, nogil=True)
+def _splitmix(x):
+    x = x + _GOLD
+    x = (x ^ (x >> np.uint64(30))) * _M1
+    x = (x ^ (x >> np.uint64(27))) * _M2
+    return x ^ (x >> np.uint64(31))
+
+
+@njit(cache=True, nogil=True)
+def shuffle_orders(clients, counts, epochs, seed, shift, out):
+    """:func:`gfmfr_secure.client.plan.epoch_orders` client by client (same result).
+
+    Each client's samples are ordered by ``hash(seed, client, epoch, position) >> shift``
+    with ties in position order: what the global stable sort of the packed
+    ``(client, key >> shift)`` gives, without sorting the whole cohort.
+    ``out`` : int64 [epochs, M], written.
+    """
+    start = 0
+    seed_u = np.uint64(seed)
+    for c in range(clients.size):
+        n = counts[c]
+        if n == 0:
+            continue
+        client_u = np.uint64(clients[c])
+        keys = np.empty(n, dtype=np.uint64)
+        for epoch in range(epochs):
+            base = _splitmix(_splitmix(_splitmix(np.uint64(0) ^ seed_u) ^ client_u) ^ np.uint64(epoch))
+            for j in range(n):
+                keys[j] = _splitmix(base ^ np.uint64(j)) >> np.uint64(shift)
+            order = np.argsort(keys, kind="mergesort")
+            for j in range(n):
+                out[epoch, start + j] = start + order[j]
+        start += n
