@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from gfmfr_secure.client.cohort import train_cohort
 from gfmfr_secure.client.local import train_client
-from gfmfr_secure.client.plan import build_step_plan, epoch_orders, hash64
+from gfmfr_secure.client.plan import epoch_orders, hash64
 from gfmfr_secure.client.state import RowStore
 from gfmfr_secure.types import LocalHyper
 
@@ -44,8 +44,8 @@ def _setup(name: str):
 @pytest.mark.parametrize("distill", [False, True])
 @pytest.mark.parametrize("workers", [1, 3])
 def test_cohort_equals_per_client_path(backbone: str, distill: bool, workers: int) -> None:
-    """The vectorised cohort (hand-derived gradients) gives the autograd per-client update,
-    whether a step's blocks of clients run one after another or on worker threads."""
+    """The cohort path (compiled loops, hand-derived gradients) gives the autograd
+    per-client update, on one worker thread or several."""
     spec, shared, store_a = _setup(backbone)
     store_b = store_a.snapshot()
     indptr, items, labels = _samples()
@@ -142,64 +142,21 @@ def test_shared_params_not_modified_and_private_rows_sparse() -> None:
     assert up.row_items.size == expected.size
 
 
-def test_per_round_shuffle_independent_of_cohort() -> None:
-    counts = np.array([37, 5, 64])
-    full = build_step_plan(np.array([10, 11, 12]), counts, batch_size=8, epochs=2, seed=9)
-    alone = build_step_plan(np.array([12]), counts[2:], batch_size=8, epochs=2, seed=9)
-    # client 12's samples are the block [42, 106) in the cohort; batches must match step by step
-    r = int(np.flatnonzero(full.order == 2)[0])
-    for k in range(alone.n_steps):
-        row_full = full.grid[full.offsets[k] + r]
-        row_alone = alone.grid[alone.offsets[k]]
-        np.testing.assert_array_equal(row_full[row_full >= 0] - 42, row_alone[row_alone >= 0])
-
-
 @settings(max_examples=40, deadline=None)
-@given(
-    counts=st.lists(st.integers(0, 50), min_size=1, max_size=6),
-    batch=st.integers(1, 16),
-    epochs=st.integers(1, 3),
-)
-def test_epoch_orders_are_the_plans_batches(counts: list[int], batch: int, epochs: int) -> None:
-    """Each row of ``epoch_orders`` permutes every client's own range, and cutting a
-    client's range into runs of ``batch`` gives exactly the plan's batches (the fast
-    path and the per-client reference draw the same minibatches)."""
-    counts_a = np.array(counts)
-    clients = np.arange(len(counts)) + 100
-    orders = epoch_orders(clients, counts_a, epochs=epochs, seed=3)
-    plan = build_step_plan(clients, counts_a, batch_size=batch, epochs=epochs, seed=3)
+@given(counts=st.lists(st.integers(0, 50), min_size=1, max_size=6), epochs=st.integers(1, 3))
+def test_shuffles_permute_each_client_and_ignore_the_cohort(counts: list[int], epochs: int) -> None:
+    """Every epoch's order permutes each client's own range, and a client's order is the
+    same whether it trains in a cohort or alone (it depends on its id, not its position)."""
+    counts_a = np.array(counts, dtype=np.int64)
+    clients = np.arange(len(counts), dtype=np.int64) + 10
+    orders = epoch_orders(clients, counts_a, epochs=epochs, seed=9)
     starts = np.concatenate([[0], np.cumsum(counts_a)])
-    rank = np.empty(len(counts), dtype=np.int64)
-    rank[plan.order] = np.arange(len(counts))
     for c, n in enumerate(counts_a):
-        nb = -(-n // batch)
+        mine = orders[:, starts[c] : starts[c + 1]]
+        alone = epoch_orders(clients[c : c + 1], counts_a[c : c + 1], epochs=epochs, seed=9)
+        np.testing.assert_array_equal(mine - starts[c], alone)
         for e in range(epochs):
-            mine = orders[e, starts[c] : starts[c + 1]]
-            assert np.array_equal(np.sort(mine), np.arange(starts[c], starts[c + 1]))
-            for b in range(nb):
-                row = plan.grid[plan.offsets[e * nb + b] + rank[c]]
-                np.testing.assert_array_equal(row[row >= 0], mine[b * batch : (b + 1) * batch])
-
-
-@settings(max_examples=40, deadline=None)
-@given(
-    counts=st.lists(st.integers(0, 50), min_size=1, max_size=6),
-    batch=st.integers(1, 16),
-    epochs=st.integers(1, 3),
-)
-def test_plan_visits_every_sample_once_per_epoch(counts: list[int], batch: int, epochs: int) -> None:
-    counts_a = np.array(counts)
-    plan = build_step_plan(np.arange(len(counts)), counts_a, batch_size=batch, epochs=epochs, seed=1)
-    used = plan.grid[plan.grid >= 0]
-    assert np.array_equal(np.sort(used), np.sort(np.tile(np.arange(counts_a.sum()), epochs)))
-    # each active row belongs to one client only
-    starts = np.concatenate([[0], np.cumsum(counts_a)])
-    for k in range(plan.n_steps):
-        for r in range(int(plan.active[k])):
-            row = plan.grid[plan.offsets[k] + r]
-            row = row[row >= 0]
-            c = plan.order[r]
-            assert row.size >= 1 and np.all((row >= starts[c]) & (row < starts[c + 1]))
+            assert np.array_equal(np.sort(mine[e]), np.arange(starts[c], starts[c] + n))
 
 
 def test_rowstore_semantics() -> None:

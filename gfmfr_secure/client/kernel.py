@@ -28,6 +28,8 @@ import math
 import numpy as np
 from numba import njit
 
+from gfmfr_secure.client.plan import _GOLD, _M1, _M2  # the shuffle's hash constants
+
 __all__ = ["train_clients"]
 
 
@@ -271,11 +273,6 @@ def train_clients(
         for r in range(row_ptr[c], row_ptr[c + 1]):
             for i in range(d):
                 C[r, i] -= shared_table[row_items[r], i]
-
-
-_GOLD = np.uint64(0x9E3779B97F4A7C15)
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
 
 
 @njit(cache=True, nogil=True)

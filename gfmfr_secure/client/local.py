@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gfmfr_secure.client.plan import build_step_plan
+from gfmfr_secure.client.plan import epoch_orders
 from gfmfr_secure.client.state import ClientStateStore
 from gfmfr_secure.models.backbones import BackboneSpec
 from gfmfr_secure.models.params import SharedParams, flatten_heads, unflatten_heads
@@ -79,11 +79,11 @@ def train_client(
     alpha, beta = (hyper.alpha, hyper.beta) if backbone.fedrap_regularisers else (0.0, 0.0)
     ema = float(store.ema_ratio[client])
 
-    plan = build_step_plan(np.array([client]), np.array([items.size]), batch_size=hyper.batch_size, epochs=hyper.epochs, seed=hyper.shuffle_seed)
+    orders = epoch_orders(np.array([client]), np.array([items.size]), epochs=hyper.epochs, seed=hyper.shuffle_seed)
+    batches = [order[b : b + hyper.batch_size] for order in orders for b in range(0, items.size, hyper.batch_size)]
     losses = []
-    for k in range(plan.n_steps):
-        s = plan.grid[int(plan.offsets[k])]
-        s = torch.from_numpy(s[s >= 0])
+    for batch in batches:
+        s = torch.from_numpy(batch)
         rows = rows_all[s]
         y = y_all[s]
         c_b = c_loc[rows]
