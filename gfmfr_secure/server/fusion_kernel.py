@@ -24,14 +24,19 @@ from numba import njit
 
 __all__ = ["train_moe_sgd"]
 
+#: LLVM may reassociate sums (vectorised reductions), fuse multiply-adds and ignore the
+#: sign of zero; NaN and inf keep their IEEE meaning, so a diverging loss is still seen.
+#: About 5% faster than strict IEEE order; results differ at rounding level.
+_FAST = {"reassoc", "contract", "nsz", "arcp"}
 
-@njit(cache=True, nogil=True)
+
+@njit(cache=True, nogil=True, fastmath=_FAST)
 def _cols(w, lo, hi):
     """Contiguous copy of the column block ``w[:, lo:hi]``."""
     return np.ascontiguousarray(w[:, lo:hi])
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath=_FAST)
 def _sgd(p, g, decay, lr):
     """``p <- p * decay - lr * g`` for arrays of equal shape (flattened)."""
     pf = p.reshape(-1)
@@ -40,7 +45,7 @@ def _sgd(p, g, decay, lr):
         pf[j] = pf[j] * decay - lr * gf[j]
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath=_FAST)
 def _sgd_cols(p, lo, g, decay, lr):
     """SGD on the column block ``p[:, lo:lo + g.shape[1]]``."""
     for r in range(g.shape[0]):
@@ -48,21 +53,21 @@ def _sgd_cols(p, lo, g, decay, lr):
             p[r, lo + c] = p[r, lo + c] * decay - lr * g[r, c]
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath=_FAST)
 def _sigmoid_rows(z):
     for r in range(z.shape[0]):
         for c in range(z.shape[1]):
             z[r, c] = 1.0 / (1.0 + math.exp(-z[r, c]))
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath=_FAST)
 def _add_bias(z, b):
     for r in range(z.shape[0]):
         for c in range(z.shape[1]):
             z[r, c] += b[c]
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath=_FAST)
 def _colsum(z):
     out = np.zeros(z.shape[1], dtype=z.dtype)
     for r in range(z.shape[0]):
@@ -71,7 +76,7 @@ def _colsum(z):
     return out
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath=_FAST)
 def _grid_sums(x, R, C):
     """Row and column sums ``[R, n]``, ``[C, n]`` of a grid matrix ``x [R C, n]``."""
     rows = np.zeros((R, x.shape[1]), dtype=x.dtype)
@@ -85,7 +90,7 @@ def _grid_sums(x, R, C):
     return rows, cols
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath=_FAST)
 def train_moe_sgd(
     perms,
     items_per_batch,
