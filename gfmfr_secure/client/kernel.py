@@ -19,6 +19,9 @@ batch ``j = 1..n``::
 
 An item drawn twice in a batch receives the sum of its gradients: every gradient is
 computed from the rows as they were at the start of the step, then subtracted.
+
+:func:`shuffle_orders` computes the epochs' minibatch orders
+(:func:`gfmfr_secure.client.plan.epoch_orders`) client by client.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from numba import njit
 
 from gfmfr_secure.client.plan import _GOLD, _M1, _M2  # the shuffle's hash constants
 
-__all__ = ["train_clients"]
+__all__ = ["shuffle_orders", "train_clients"]
 
 
 @njit(cache=True, nogil=True)
