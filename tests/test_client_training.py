@@ -176,17 +176,6 @@ def test_rowstore_semantics() -> None:
         rs.put(np.array([1]), torch.zeros(2, 3))
 
 
-def test_rowstore_gather_into_a_buffer() -> None:
-    rs = RowStore(2, 5, 2)
-    rs.put(np.array([1, 7]), torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
-    buffer = torch.zeros(4, 2)
-    out = rs.gather(np.array([7, 0, 1]), out=buffer[:3])
-    assert out.data_ptr() == buffer.data_ptr()
-    torch.testing.assert_close(buffer, torch.tensor([[3.0, 4.0], [0, 0], [1.0, 2.0], [0, 0]]))
-    with pytest.raises(ValueError, match=r"out must be a torch.float32 tensor of shape \(3, 2\)"):
-        rs.gather(np.array([7, 0, 1]), out=torch.zeros(2, 2))
-
-
 @settings(max_examples=60, deadline=None)
 @given(
     batches=st.lists(st.lists(st.integers(0, 4 * 9 - 1), max_size=12, unique=True), min_size=1, max_size=5),

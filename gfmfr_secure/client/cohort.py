@@ -128,7 +128,7 @@ def train_cohort(
     sample_ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
     with ThreadPoolExecutor(max_workers=1) as planner:
-        # The shuffles' sorts release the interpreter lock: draw them while the rows are gathered.
+        # The shuffle loop releases the interpreter lock: draw the shuffles while the rows are gathered.
         orders_future = planner.submit(epoch_orders, clients, counts, epochs=hyper.epochs, seed=hyper.shuffle_seed)
         # Local item rows: one per (client, item) pair seen this round, sorted by client
         # then item; a client's rows are its own, so clients can train concurrently.
@@ -157,7 +157,7 @@ def train_cohort(
         b2 = copies(shared.b2.reshape(()))
     client_idx = torch.from_numpy(clients)
     emb = store.user_embedding[client_idx].contiguous()  # a copy (advanced indexing)
-    ema = store.ema_ratio[client_idx].to(torch.float64).contiguous()
+    ema = store.ema_ratio[client_idx]  # float64, a copy
 
     distilling = np.zeros(n, dtype=np.bool_)
     q_sample = np.zeros(items.size, dtype=np.float32)
@@ -201,7 +201,7 @@ def train_cohort(
     heads_after = flatten_heads(w1u, w1i, b1, w2, b2)
     if backbone.user_embedding:
         store.user_embedding[client_idx] = emb
-    store.ema_ratio[client_idx] = ema.to(store.ema_ratio.dtype)
+    store.ema_ratio[client_idx] = ema
     if backbone.private_head:
         store.heads[client_idx] = heads_after
         head_delta = None

@@ -97,27 +97,16 @@ class RowStore:
         found[inside] = self.keys[pos[inside]] == keys[inside]
         return pos, found
 
-    def gather(self, keys: np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Rows for ``keys`` [n] -> [n, d]; zeros where a row was never stored.
-
-        ``out``, if given, is a zero-filled ``[n, d]`` tensor of the store's dtype that
-        receives the rows (and is returned); it saves a copy when the caller needs the
-        rows inside a larger buffer.
-        """
+    def gather(self, keys: np.ndarray) -> torch.Tensor:
+        """Rows for ``keys`` [n] -> [n, d]; zeros where a row was never stored."""
         keys = np.asarray(keys, dtype=np.int64)
         dtype = self._buffer.dtype
-        if out is not None and (out.shape != (keys.size, self.dim) or out.dtype != dtype):
-            raise ValueError(
-                f"out must be a {dtype} tensor of shape {(keys.size, self.dim)}, "
-                f"got {out.dtype} {tuple(out.shape)}"
-            )
         if self.keys.size == 0 or keys.size == 0:
-            return torch.zeros(keys.size, self.dim, dtype=dtype) if out is None else out
+            return torch.zeros(keys.size, self.dim, dtype=dtype)
         pos, found = self._locate(keys)
-        if found.all() and out is None:
+        if found.all():
             return take_rows(self._buffer, self._slot[pos])
-        if out is None:
-            out = torch.zeros(keys.size, self.dim, dtype=dtype)
+        out = torch.zeros(keys.size, self.dim, dtype=dtype)
         if found.any():
             put_rows(out, np.flatnonzero(found), take_rows(self._buffer, self._slot[pos[found]]))
         return out

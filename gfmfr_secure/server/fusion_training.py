@@ -268,25 +268,27 @@ def train_fusion(
     # whole matrices once per epoch).
     sources = [module._item_source(name) for name in module.modalities[1:]]
     items_per_batch = max(1, math.ceil(batch_size / n_active))
-    opt = OPTIMIZERS[optimizer](params, lr, weight_decay)
-    # Operators with a hand-derived backward (sum, mlp, gate, moe) skip autograd; the
-    # gradients are the same (tested), only the per-operation overhead goes.
-    manual = True
+    # Every path walks the same shuffles: one permutation of the items per epoch.
+    perms = torch.stack([torch.randperm(module.n_items, generator=generator) for _ in range(epochs)])
     module.train()
 
     if kernel and not compiled and kernel_supported(module, optimizer):
         # imported here: importing Numba takes about 0.5 s
         from gfmfr_secure.server.fusion_kernel import train_moe_sgd
 
-        perms = torch.stack([torch.randperm(module.n_items, generator=generator) for _ in range(epochs)])
         losses_np = np.zeros(epochs, dtype=np.float64)
-        p = _moe_arrays(module)
-        with threadpool_limits(limits=1, user_api="blas"):  # one core: the other gathers the next round
+        with threadpool_limits(limits=1, user_api="blas"):  # one core, as the eager steps (step.py)
             train_moe_sgd(
                 perms.numpy().astype(np.int64), items_per_batch, active.numpy().astype(np.int64),
-                np.ascontiguousarray(active_targets.numpy()), *p, float(lr), float(weight_decay), losses_np,
+                np.ascontiguousarray(active_targets.numpy()), *_moe_arrays(module), float(lr),
+                float(weight_decay), losses_np,
             )
         return [_epoch_loss(float(v), e, optimizer, lr) for e, v in enumerate(losses_np)]
+
+    opt = OPTIMIZERS[optimizer](params, lr, weight_decay)
+    # Operators with a hand-derived backward (sum, mlp, gate, moe) skip autograd; the
+    # gradients are the same (tested), only the per-operation overhead goes.
+    manual = True
 
     if compiled and group_idx is None:
         from torch._inductor.exc import InductorError  # here: importing the compiler takes ~1 s
@@ -326,7 +328,7 @@ def train_fusion(
 
     losses: list[float] = []
     for epoch in range(epochs):
-        perm = torch.randperm(module.n_items, generator=generator).to(device)
+        perm = perms[epoch].to(device)
         total = 0.0
         for start in range(0, module.n_items, items_per_batch):
             items = perm[start : start + items_per_batch]
@@ -354,8 +356,7 @@ def _moe_arrays(module: GroupFusion) -> tuple:
     The views share memory with the parameters, so the loop trains them in place.
     """
     moe = module.fusion
-    sum_expert, mlp, gate = moe.experts
-    del sum_expert  # no parameters
+    _, mlp, gate = moe.experts  # the sum expert has no parameters
 
     def v(t: Tensor) -> np.ndarray:
         return t.detach().numpy()
