@@ -87,7 +87,7 @@ def _shares(rec: dict[str, Any] | None) -> NoiseShares | None:
     if not rec:
         return None
     layout = ReleaseLayout(**rec["layout"])
-    return NoiseShares(seed=rec["seed"], round=rec["round"], clients=np.asarray(rec["clients"]), std=float(rec["std"]), layout=layout)
+    return NoiseShares(key=bytes(rec["key"]), round=rec["round"], clients=np.asarray(rec["clients"]), std=float(rec["std"]), layout=layout)
 
 
 def client_row_norms(per_client: dict[str, Any], n_items: int, shares: dict[str, Any] | None) -> np.ndarray:

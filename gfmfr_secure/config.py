@@ -290,15 +290,22 @@ class GroupingConfig:
         Reduce grouping features with PCA first.
     pca_variance : float
         Explained-variance fraction kept by PCA, in (0, 1].
+    min_group_size : int
+        ``oblivious`` only: the fewest clients any released group sum may cover. Before the
+        group sums are aggregated, the group counts are (securely) summed; every group below
+        this floor is merged into its nearest group (by centroid), and a round whose whole
+        cohort is below it releases nothing. A group of one would be that client's update.
     """
 
     method: Literal["spectral", "kmeans", "oblivious", "none"] = "spectral"
     num_groups: int = 5
     use_pca: bool = True
     pca_variance: float = 0.95
+    min_group_size: int = 10
 
     def __post_init__(self) -> None:
         _require(self.num_groups >= 1, "grouping.num_groups", ">= 1", self.num_groups)
+        _require(self.min_group_size >= 2, "grouping.min_group_size", ">= 2 (a group of one is that client's update)", self.min_group_size)
         _require(
             0 < self.pca_variance <= 1, "grouping.pca_variance", "in (0, 1]", self.pca_variance
         )
@@ -382,8 +389,10 @@ class AggregationConfig:
     neighbours : int
         ``masking``: SecAgg+ neighbourhood degree k (even); 0 = the complete graph.
     threshold_fraction : float
-        ``masking``: Shamir threshold t as a fraction of each closed neighbourhood
-        (t > 1/2 of it resists a server that lies about dropouts).
+        ``masking``: Shamir threshold t as a fraction of each closed neighbourhood, in
+        (0.5, 1]: a strict majority, so that a server lying about dropouts cannot collect
+        both secrets of one client (with c colluding clients in a neighbourhood of size m,
+        it holds while 2 t > m + c).
     dropout : float
         ``masking``: fraction of each cohort that drops after masking (recovered
         from the survivors' shares), to exercise and cost the recovery.
@@ -403,7 +412,13 @@ class AggregationConfig:
         _require(bool(self.backend), "aggregation.backend", "a non-empty name", self.backend)
         _require(0 < self.value_bound < math.inf, "aggregation.value_bound", "> 0 and finite", self.value_bound)
         _require(self.neighbours >= 0 and self.neighbours % 2 == 0, "aggregation.neighbours", "an even integer >= 0", self.neighbours)
-        _require(0.5 <= self.threshold_fraction <= 1, "aggregation.threshold_fraction", "in [0.5, 1]", self.threshold_fraction)
+        _require(
+            0.5 < self.threshold_fraction <= 1,
+            "aggregation.threshold_fraction",
+            "in (0.5, 1], a strict majority (at 0.5 a server lying about one dropout unmasks a client; "
+            "use e.g. 0.6)",
+            self.threshold_fraction,
+        )
         _require(0 <= self.dropout < 0.5, "aggregation.dropout", "in [0, 0.5)", self.dropout)
 
 
@@ -552,7 +567,14 @@ class ExperimentConfig:
     method : str
         Name in the runner's method registry (checked by the runner).
     seed : int
-        Root seed from which every generator is derived (>= 0).
+        Root seed from which every simulation generator is derived (>= 0): sampling,
+        negatives, initialisation, shuffles. It is written to ``config.yaml`` and ``run.json``.
+    secrets : {"os", "reproducible"}
+        Where secrets come from: secure-aggregation keys and mask seeds, Shamir coefficients
+        and every DP noise draw. ``os`` (default): the operating system's CSPRNG, unrelated to
+        the seed. ``reproducible``: derived from ``seed``, for tests and exact replays; anyone
+        with the seed can then strip the masks and subtract the noise, so no security or
+        privacy claim holds for such a run (``metrics.json`` says which mode ran).
     """
 
     method: str = "gfmfr"
@@ -567,6 +589,7 @@ class ExperimentConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     record: RecordConfig = field(default_factory=RecordConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    secrets: Literal["os", "reproducible"] = "os"
 
     def __post_init__(self) -> None:
         _require(bool(self.method), "method", "a non-empty name", self.method)

@@ -21,6 +21,7 @@ from gfmfr_secure.privacy.mechanisms import (
 )
 from gfmfr_secure.privacy.plan import UserLevelDP, coverage
 from gfmfr_secure.privacy.release import NoiseShares, ReleaseLayout, central_noise, noise_release
+from gfmfr_secure.rng import SecretSource
 from gfmfr_secure.simulation.loop import run_federated
 from gfmfr_secure.types import AggregateResult
 
@@ -87,22 +88,23 @@ def test_clip_rejects_nan() -> None:
 
 def test_central_noise_std_matches_sigma_delta() -> None:
     layout = ReleaseLayout(n_groups=2, n_items=300, latent_dim=8, head_size=20, count_value=0.5)
-    noise = central_noise(layout, 3.0, seed=1, round_idx=0)
+    source = SecretSource("reproducible", 1)
+    noise = central_noise(layout, 3.0, source.key("dp-central", 0))
     n = noise.numel()
     # sample std within 4 standard errors of 3 (se of s is about sigma / sqrt(2n))
     assert abs(float(noise.std()) - 3.0) < 4 * 3.0 / math.sqrt(2 * n)
     assert abs(float(noise.mean())) < 4 * 3.0 / math.sqrt(n)
-    assert torch.equal(noise, central_noise(layout, 3.0, seed=1, round_idx=0))
-    assert not torch.equal(noise, central_noise(layout, 3.0, seed=1, round_idx=1))
+    assert torch.equal(noise, central_noise(layout, 3.0, source.key("dp-central", 0)))
+    assert not torch.equal(noise, central_noise(layout, 3.0, source.key("dp-central", 1)))
 
 
 def test_shares_sum_carries_central_noise() -> None:
     layout = ReleaseLayout(n_groups=1, n_items=200, latent_dim=4, head_size=10, count_value=1.0)
     n, sigma_delta = 25, 2.0
-    shares = NoiseShares(seed=3, round=0, clients=np.arange(100, 100 + n), std=sigma_delta / math.sqrt(n), layout=layout)
+    shares = NoiseShares(key=SecretSource().key("dp-share", 0), round=0, clients=np.arange(100, 100 + n), std=sigma_delta / math.sqrt(n), layout=layout)
     total = shares.sum_by_group()
     assert abs(float(total.std()) - sigma_delta) < 4 * sigma_delta / math.sqrt(2 * total.numel())
-    # a share is regenerated exactly from (seed, round, client)
+    # a share is regenerated exactly from (round key, client)
     assert torch.equal(shares.client(4), shares.client(4))
     manual = sum(shares.client(i).double() for i in range(n)).float()
     torch.testing.assert_close(total, manual, rtol=0, atol=1e-5)

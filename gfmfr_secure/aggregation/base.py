@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from gfmfr_secure.privacy.release import ReleaseNoise
+from gfmfr_secure.rng import SecretMode, SecretSource
 from gfmfr_secure.types import AggregateResult, CohortUpdate
 
 __all__ = ["AGGREGATORS", "Aggregator", "get_aggregator", "group_sums", "register_aggregator", "weighted_sums"]
@@ -27,10 +28,13 @@ class Aggregator(ABC):
     name: ClassVar[str]
     exposure: ClassVar[str]
 
-    def __init__(self, settings: Any = None, seed: int = 0) -> None:
-        """``settings``: the ``aggregation`` config section (None = defaults); ``seed``: the run's root seed."""
+    def __init__(self, settings: Any = None, seed: int = 0, secrets: SecretMode = "os") -> None:
+        """``settings``: the ``aggregation`` config section (None = defaults); ``seed``: the run's root
+        seed (public randomness: dropout simulation, the SecAgg+ graph); ``secrets``: where keys and
+        mask seeds come from (:class:`gfmfr_secure.rng.SecretSource`)."""
         self.settings = settings
         self.seed = int(seed)
+        self.secrets = SecretSource(secrets, self.seed)
         self.rounds_done = 0
         #: cost of the last round: bytes per client up and down, client and server seconds
         self.last_cost: dict[str, float] = {}

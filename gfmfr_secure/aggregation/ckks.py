@@ -48,8 +48,8 @@ class CKKSAggregatorBackend(Aggregator):
 
     exposure = Exposure.GROUP_SUMS
 
-    def __init__(self, settings: Any = None, seed: int = 0) -> None:
-        super().__init__(settings, seed)
+    def __init__(self, settings: Any = None, seed: int = 0, secrets: str = "os") -> None:
+        super().__init__(settings, seed, secrets)  # type: ignore[arg-type]
         self._keys: Any = None
 
     def _key_holder(self, max_summands: int) -> Any:

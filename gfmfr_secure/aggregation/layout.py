@@ -46,7 +46,8 @@ def dense_uploads(update: CohortUpdate, layout: ReleaseLayout, groups: np.ndarra
         if update.head_delta is None:
             raise ValueError("the layout has a head part but the update has no head deltas")
         out[np.arange(n)[:, None], base[:, None] + n_items * d + np.arange(layout.head_size)[None, :]] = update.head_delta.numpy()
-    out[np.arange(n), base + block - 1] = layout.count_value
+    if layout.write_count:
+        out[np.arange(n), base + block - 1] = layout.count_value
     return out
 
 

@@ -77,6 +77,7 @@ class MaskingAggregator(Aggregator):
             seed=derive_seed(self.seed, "masking", t_round),
             dropped=dropped,
             round_id=t_round,
+            secrets=self.secrets.mode,
         )
         c = result.costs
         survivors = np.asarray(result.survivors)

@@ -14,8 +14,12 @@ post-processing. Without groups there is one block.
 
 Noise comes from two places: the central draw (by whoever releases the sum), and
 per-client shares (distributed or local DP) that are part of each client's upload.
-A share is regenerated from ``(seed, round, client)``, so an attack can see
-exactly the noisy upload a client sent without the simulation storing it.
+Both are drawn by :func:`gfmfr_secure.rng.secret_normal` from secret keys
+(:class:`gfmfr_secure.rng.SecretSource`: the OS CSPRNG by default, the run seed
+only in the labelled ``reproducible`` mode). A share is regenerated from the
+round's share key and the client id, so an attack harness holding the
+:class:`NoiseShares` record can rebuild exactly the noisy upload a client sent
+without the simulation storing it; the run seed alone does not give it.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from gfmfr_secure.rng import torch_generator
+from gfmfr_secure.rng import secret_normal
 from gfmfr_secure.types import AggregateResult
 
 __all__ = ["NoiseShares", "ReleaseLayout", "ReleaseNoise", "central_noise", "noise_release"]
@@ -42,6 +46,10 @@ class ReleaseLayout:
     n_items, latent_dim : I and d of the item table.
     head_size : H (0 when heads are private).
     count_value : what each client writes into its count coordinate (kappa).
+    write_count : False when the counts were already released in an earlier phase of the
+        round (the group floor of oblivious grouping): clients then write 0 into the count
+        coordinate, so the count is not released twice, and the released count coordinate
+        is noise only.
     """
 
     n_groups: int
@@ -49,6 +57,7 @@ class ReleaseLayout:
     latent_dim: int
     head_size: int
     count_value: float
+    write_count: bool = True
 
     @property
     def block_size(self) -> int:
@@ -67,23 +76,24 @@ class NoiseShares:
 
     Attributes
     ----------
-    seed : root seed of the run.
+    key : the round's 32-byte secret share key (``SecretSource.key("dp-share", round)``);
+        client ``u``'s share is the noise stream ``u`` under it. It stands for the
+        clients' own secret randomness: the server never holds it.
     round : round index.
     clients : int64 [n] user ids, in cohort order.
     std : per-coordinate std of each share.
     layout : the released vector's layout; each share has ``layout.shape``.
     """
 
-    seed: int
+    key: bytes
     round: int
     clients: np.ndarray
     std: float
     layout: ReleaseLayout
 
     def client(self, position: int) -> torch.Tensor:
-        """[G, block] the share of the client at cohort ``position`` (deterministic)."""
-        gen = torch_generator(self.seed, "dp-share", self.round, int(self.clients[position]))
-        return torch.randn(self.layout.shape, generator=gen) * self.std
+        """[G, block] the share of the client at cohort ``position`` (deterministic given the key)."""
+        return secret_normal(self.key, self.layout.shape, self.std, stream=int(self.clients[position]))
 
     def sum_by_group(self, groups: np.ndarray | None = None) -> torch.Tensor:
         """[G, block] sum of all shares.
@@ -158,11 +168,11 @@ def noise_release(agg: AggregateResult, noise: torch.Tensor, layout: ReleaseLayo
     )
 
 
-def central_noise(layout: ReleaseLayout, std: float, seed: int, round_idx: int) -> torch.Tensor:
-    """[G, block] the central draw of one round (std 0 gives zeros)."""
+def central_noise(layout: ReleaseLayout, std: float, key: bytes) -> torch.Tensor:
+    """[G, block] the central draw of one round from a secret 32-byte ``key`` (std 0 gives zeros)."""
     if std == 0.0:
         return torch.zeros(layout.shape)
-    return torch.randn(layout.shape, generator=torch_generator(seed, "dp-central", round_idx)) * std
+    return secret_normal(key, layout.shape, std)
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,16 @@ cancel in that ring. A *sum* of ``n`` encodings is decoded by centring it
 
 Choice of ``f`` (:func:`choose_frac_bits`): the largest integer with
 
-    n * round(B' * 2^f) <= 2^31 - 1,   B' = B (1 + 2^-20),
+    n * round(B' * 2^f) <= 2^(31 - h) - 1,   B' = B (1 + 2^-20),   h = HEADROOM_BITS = 4,
 
-which implies ``n * B * 2^f < 2^31``. Every partial sum of at most ``n``
-encodings then lies in ``[-(2^31 - 1), 2^31 - 1]`` and the centred decoding is
-exact: no wraparound ambiguity, whatever the signs. The tiny slack in ``B'``
+which implies ``n * B * 2^f < 2^27``. Every partial sum of at most ``n``
+encodings then lies in ``[-(2^27 - 1), 2^27 - 1]`` and the centred decoding is
+exact: no wraparound ambiguity, whatever the signs. The ``h`` spare bits are
+headroom for checking a sum (:func:`out_of_range`): a sum of ``n`` well-formed
+encodings never leaves ``[-n round(B' 2^f), n round(B' 2^f)]``, which covers at
+most ``2^-h`` of the ring, so an upload that is not well formed (a value outside
+``[-B, B]``, or any word of garbage) shows up as a sum outside that range,
+unless it was chosen to land inside it. The tiny slack in ``B'``
 lets a float32 input clipped to ``float32(B)`` (which may exceed ``B`` by a
 relative ``2^-24``) pass: values are checked against ``B`` rounded to the
 input's precision, so ``np.clip(x, -B, B)`` in float32 is always accepted.
@@ -21,10 +26,11 @@ input's precision, so ``np.clip(x, -B, B)`` in float32 is always accepted.
 Resolution: one encoded value is off by at most ``2^-(f+1)`` (rounding to the
 nearest multiple of ``2^-f``), so a decoded sum of ``n`` values is within
 ``n * 2^-(f+1)`` of the real sum (:func:`max_sum_error`). Since ``2^f`` is
-within a factor 2 of ``2^31 / (n B)``, the resolution ``2^-f`` is about
-``n * B / 2^31`` to ``n * B / 2^30``. Example: ``B = 1``, ``n = 943`` gives
-``f = 21``, resolution ``4.8e-7`` and a worst-case sum error of ``2.2e-4``
-(the typical error is far smaller: rounding errors are centred and cancel).
+within a factor 2 of ``2^27 / (n B)``, the resolution ``2^-f`` is about
+``n * B / 2^27`` to ``n * B / 2^26``. Example: ``B = 1``, ``n = 943`` gives
+``f = 17``, resolution ``7.6e-6`` and a worst-case sum error of ``3.6e-3``
+(the typical error is far smaller: rounding errors are centred and cancel,
+about ``sqrt(n / 12) 2^-f = 6.8e-5``).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import math
 import numpy as np
 
 __all__ = [
+    "HEADROOM_BITS",
     "MAX_ABS_SUM",
     "RING_BITS",
     "RING_MODULUS",
@@ -43,13 +50,17 @@ __all__ = [
     "decode_sum",
     "encode",
     "max_sum_error",
+    "out_of_range",
     "resolution",
+    "sum_bound",
 ]
 
 RING_BITS = 32
 RING_MODULUS = 1 << RING_BITS
-MAX_ABS_SUM = (1 << (RING_BITS - 1)) - 1
-"""Largest magnitude of an integer sum that decodes unambiguously: 2^31 - 1."""
+HEADROOM_BITS = 4
+"""Spare bits between the largest well-formed sum and the ring's half-width (see module doc)."""
+MAX_ABS_SUM = (1 << (RING_BITS - 1 - HEADROOM_BITS)) - 1
+"""Largest magnitude a sum of well-formed encodings may reach: 2^27 - 1."""
 
 _MAX_LISTED = 5  # clients named in a rejection message
 _CHECK_CHUNK = 1 << 22  # elements checked per block
@@ -63,12 +74,15 @@ def _check_bound(value_bound: float) -> float:
     return bound
 
 
+def _largest_word(bound: float, frac_bits: int) -> int:
+    """round(B' 2^f), ties up: the largest magnitude a well-formed encoding can have."""
+    return math.floor(math.ldexp(bound * _BOUND_SLACK, frac_bits) + 0.5)
+
+
 def _fits(bound: float, max_summands: int, frac_bits: int) -> bool:
-    """True when ``max_summands`` encodings of magnitude ``<= bound * (1 + 2^-20)`` cannot overflow."""
-    largest = math.floor(
-        math.ldexp(bound * _BOUND_SLACK, frac_bits) + 0.5
-    )  # round(B' 2^f), ties up
-    return max_summands * largest <= MAX_ABS_SUM
+    """True when ``max_summands`` encodings of magnitude ``<= bound * (1 + 2^-20)`` stay within
+    :data:`MAX_ABS_SUM` (the ring's half-width less the headroom)."""
+    return max_summands * _largest_word(bound, frac_bits) <= MAX_ABS_SUM
 
 
 def choose_frac_bits(value_bound: float, max_summands: int) -> int:
@@ -82,13 +96,14 @@ def choose_frac_bits(value_bound: float, max_summands: int) -> int:
     Returns
     -------
     int
-        ``f >= 0`` with ``n * round(B * 2^f) <= 2^31 - 1`` (hence ``n * B * 2^f < 2^31``);
-        ``f + 1`` violates it. The resolution is ``2^-f`` (see the module docstring).
+        ``f >= 0`` with ``n * round(B * 2^f) <= 2^27 - 1`` (hence ``n * B * 2^f < 2^27``,
+        leaving :data:`HEADROOM_BITS` spare bits); ``f + 1`` violates it. The resolution is
+        ``2^-f`` (see the module docstring).
 
     Raises
     ------
     ValueError
-        When even ``f = 0`` overflows (``n * B`` too large for a 32-bit ring).
+        When even ``f = 0`` overflows (``n * B`` too large for a 32-bit ring with headroom).
     """
     bound = _check_bound(value_bound)
     if isinstance(max_summands, bool) or int(max_summands) != max_summands or max_summands < 1:
@@ -97,7 +112,8 @@ def choose_frac_bits(value_bound: float, max_summands: int) -> int:
     if not _fits(bound, n, 0):
         raise ValueError(
             f"value_bound={bound} with {n} summands overflows the 32-bit ring even without "
-            f"fractional bits (n * B must stay below 2^31); scale the values down"
+            f"fractional bits (n * B must stay below 2^{RING_BITS - 1 - HEADROOM_BITS}, the ring "
+            f"less {HEADROOM_BITS} bits of headroom); scale the values down"
         )
     frac_bits = max(0, math.floor(math.log2(MAX_ABS_SUM / (n * bound))))
     while not _fits(bound, n, frac_bits):
@@ -105,6 +121,31 @@ def choose_frac_bits(value_bound: float, max_summands: int) -> int:
     while _fits(bound, n, frac_bits + 1):
         frac_bits += 1
     return frac_bits
+
+
+def sum_bound(n_summands: int, frac_bits: int, value_bound: float) -> int:
+    """Largest ``|centre(sum)|`` that ``n_summands`` well-formed encodings can produce: ``n round(B' 2^f)``."""
+    return int(n_summands) * _largest_word(_check_bound(value_bound), int(frac_bits))
+
+
+def out_of_range(total: np.ndarray, n_summands: int, frac_bits: int, value_bound: float) -> np.ndarray:
+    """Indices of the coordinates of a ring sum that no ``n_summands`` well-formed uploads can give.
+
+    Parameters
+    ----------
+    total : uint32 [D], a sum of encodings (after unmasking).
+    n_summands : n, how many uploads were summed.
+    frac_bits, value_bound : f and B of the encoding.
+
+    Returns
+    -------
+    np.ndarray
+        int64 [k], sorted: the coordinates with ``|centre(total)| > n round(B' 2^f)``. Empty when the
+        sum is consistent with n uploads bounded by B (it may still hold a malicious upload chosen
+        to land in range: individual uploads cannot be range-checked under masking).
+    """
+    limit = sum_bound(n_summands, frac_bits, value_bound)
+    return np.flatnonzero(np.abs(centre(total)) > limit).astype(np.int64)
 
 
 def resolution(frac_bits: int) -> float:

@@ -40,7 +40,11 @@ signed with it.
    the advertised ``s_u^PK``), recomputes and removes the pairwise masks
    between it and its surviving neighbours, reconstructs each survivor's
    ``b_u`` (checked against its commitment) and removes ``PRG(b_u)``. The
-   remaining pairwise masks between survivors cancel in the sum.
+   remaining pairwise masks between survivors cancel in the sum. Last, the
+   server checks that every coordinate of the unmasked sum is one that
+   ``|U3|`` uploads bounded by the value bound can produce
+   (:func:`gfmfr_secure.secagg.fixedpoint.out_of_range`); a sum that is not
+   is rejected with :class:`SecAggError` and nothing is released.
 
 If fewer than ``t`` shares of a needed secret can be obtained, the round fails
 with :class:`SecAggError` naming the secret, the shares available and ``t``;
@@ -53,9 +57,23 @@ client declared dropped) stays hidden. Uploads, key advertisements and
 revealed shares are authenticated, so a network attacker cannot alter them.
 The "never both kinds" rule means a server that lies about who dropped
 cannot collect ``t`` shares of *both* secrets of a client when
-``t > |N[u]| / 2``; choose ``t`` that large. The consistency-check round of
-the fully malicious variant is not implemented, and a malicious server can
-always make a round fail.
+``t > |N[u]| / 2``: the two kinds would have to come from disjoint sets of
+honest holders, each of size ``t``. Every party enforces that strict majority
+(:meth:`SecAggConfig.check_graph`), so an honest client refuses to take part in
+a round with a smaller threshold. With ``c`` of the holders colluding with the
+server (each of them hands over both kinds), the bound becomes
+``2 t > |N[u]| + c``. The consistency-check round of the fully malicious
+variant is not implemented, and a malicious server can always make a round
+fail.
+
+Malicious clients. A masked upload is uniform on the ring, so nobody can
+range-check one client's vector without zero-knowledge proofs (not
+implemented). Each honest client checks its own values before encoding; the
+server checks the unmasked sum (above). Together with the headroom of the
+encoding (:data:`gfmfr_secure.secagg.fixedpoint.HEADROOM_BITS`) this rejects a
+round carrying a value outside ``[-B, B]`` or garbage words unless the
+attacker chose them to land in range; a client that knows the encoding can
+still set each coordinate of the sum to any value in ``[-|U3| B, |U3| B]``.
 
 SecAgg+ neighbourhoods (``neighbours=k``)
 -----------------------------------------
@@ -98,14 +116,19 @@ Randomness
 ----------
 Each client derives all its secrets (identity key, round keys, ``b_u``, Shamir
 coefficients) from one 32-byte ``secret_seed`` with HKDF and ChaCha20. The
-simulation driver :func:`secure_sum` derives those seeds from its integer
-``seed`` (reproducible runs, identical uploads for identical seeds); a real
-deployment must give each client ``secrets.token_bytes(32)`` instead.
+simulation driver :func:`secure_sum` gives each client
+``secrets.token_bytes(32)`` from the operating system's CSPRNG by default
+(``secrets="os"``). With ``secrets="reproducible"`` it derives them from its
+integer ``seed`` instead (:func:`client_secret_seed`: identical uploads for
+identical seeds), a simulation mode for tests and exact replays in which anyone
+who knows the seed can strip every mask. The ``seed`` also places clients on
+the SecAgg+ ring; that graph is public by design.
 """
 
 from __future__ import annotations
 
 import hashlib
+import secrets as _os_secrets
 import struct
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -121,13 +144,14 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from gfmfr_secure.errors import GfmfrError
-from gfmfr_secure.rng import numpy_rng, seed_sequence
+from gfmfr_secure.rng import SECRET_MODES, numpy_rng, seed_sequence
 from gfmfr_secure.secagg.fixedpoint import (
     centre,
     check_values,
     choose_frac_bits,
     decode_sum,
     encode,
+    out_of_range,
 )
 from gfmfr_secure.secagg.shamir import (
     PRIME,
@@ -284,14 +308,24 @@ class SecAggConfig:
         )
 
     def check_graph(self, graph: NeighbourGraph) -> None:
-        """Raise ValueError unless ``graph`` has n clients and ``t <= |N[u]|``."""
+        """Raise ValueError unless ``graph`` has n clients and ``|N[u]| / 2 < t <= |N[u]|``.
+
+        The strict majority is what stops a server that lies about dropouts from collecting
+        ``t`` shares of both secrets of one client (see the module docstring).
+        """
         if graph.n_clients != self.n_clients:
             raise ValueError(f"graph has {graph.n_clients} clients, config has {self.n_clients}")
+        kind = "complete graph" if graph.degree is None else f"k={graph.degree} neighbourhoods"
         if self.threshold > graph.neighbourhood_size:
-            kind = "complete graph" if graph.degree is None else f"k={graph.degree} neighbourhoods"
             raise ValueError(
                 f"threshold {self.threshold} exceeds the closed neighbourhood size "
                 f"{graph.neighbourhood_size} ({kind})"
+            )
+        if 2 * self.threshold <= graph.neighbourhood_size:
+            raise ValueError(
+                f"threshold {self.threshold} is not a strict majority of the closed neighbourhood "
+                f"size {graph.neighbourhood_size} ({kind}): a server lying about dropouts could "
+                f"collect both secrets of a client; use t >= {graph.neighbourhood_size // 2 + 1}"
             )
 
 
@@ -384,7 +418,10 @@ def prg_mask(seed: bytes, dim: int) -> np.ndarray:
 
 
 def client_secret_seed(seed: int, client: int) -> bytes:
-    """32 bytes of simulation secret for ``client`` derived from the root ``seed`` (not for deployment)."""
+    """32 bytes of simulation secret for ``client`` derived from the root ``seed``.
+
+    Only for the ``reproducible`` mode: anyone who knows ``seed`` can recompute every key and mask.
+    """
     return (
         seed_sequence(seed, "secagg", "client-secret", client)
         .generate_state(8, dtype=np.uint32)
@@ -1173,7 +1210,9 @@ class SecAggServer:
         ------
         SecAggError
             A reveal that is forged, unrequested or off-request; fewer than t shares for a needed
-            secret; or a reconstructed secret that contradicts its public key / commitment.
+            secret; a reconstructed secret that contradicts its public key / commitment; or an
+            unmasked sum that no ``|U3|`` uploads bounded by the value bound can produce (some
+            upload was out of range or corrupt: the round is rejected, nothing is released).
         """
         if self._requests is None:
             raise SecAggError("unmask_requests must run before finish")
@@ -1250,6 +1289,15 @@ class SecAggServer:
                 )
             np.subtract(total, keystream.fill(seed_b), out=total)
         self._finished = True
+        bad = out_of_range(total, len(alive), cfg.frac_bits, cfg.value_bound)
+        if bad.size:
+            raise SecAggError(
+                f"the unmasked sum of {len(alive)} uploads has {bad.size} of {cfg.dim} coordinates "
+                f"outside [-{len(alive)} B, {len(alive)} B] with B = value_bound = {cfg.value_bound} "
+                f"(first at index {int(bad[0])}): some upload was out of range or corrupt; the round "
+                f"is rejected. Honest clients check their own values, so look for a malicious or "
+                f"faulty client, or raise aggregation.value_bound if values were clipped too tightly"
+            )
         return total
 
 
@@ -1336,6 +1384,7 @@ def secure_sum(
     dropped: Sequence[int] = (),
     round_id: int = 0,
     on_upload: Callable[[int, bytes], None] | None = None,
+    secrets: str = "os",
 ) -> SecureSumResult:
     """Simulate one full secure-aggregation round for n clients and return the survivors' sum.
 
@@ -1349,10 +1398,13 @@ def secure_sum(
     threshold : t, Shamir threshold within each closed neighbourhood (n for the complete graph,
         k + 1 for SecAgg+).
     neighbours : k (even) for a SecAgg+ graph, None for the complete graph.
-    seed : root seed of every secret and of the graph; equal seeds give identical uploads.
+    seed : root seed of the (public) graph, and of every secret in ``reproducible`` mode.
     dropped : ids of clients that drop after sharing their keys.
     round_id : round number mixed into keys and messages.
     on_upload : optional callback ``(client, upload_bytes)`` for each masked upload sent.
+    secrets : ``os`` (default): each client's secret seed is 32 bytes from the OS CSPRNG.
+        ``reproducible``: derived from ``seed`` (:func:`client_secret_seed`), so equal seeds give
+        identical uploads; a simulation mode that protects nothing against whoever knows the seed.
 
     Returns
     -------
@@ -1366,6 +1418,8 @@ def secure_sum(
             else type(vectors).__name__
         )
         raise ValueError(f"vectors must be a float32 array of shape [n, D], got {got}")
+    if secrets not in SECRET_MODES:
+        raise ValueError(f"secrets must be one of {', '.join(SECRET_MODES)}, got {secrets!r}")
     n, dim = vectors.shape
     drop = _check_dropped(dropped, n)
     check_values(vectors, value_bound)
@@ -1386,7 +1440,10 @@ def secure_sum(
     clients = []
     for u in range(n):
         t0 = time.perf_counter()
-        clients.append(SecAggClient(u, config, graph, client_secret_seed(seed, u)))
+        secret_seed = (
+            client_secret_seed(seed, u) if secrets == "reproducible" else _os_secrets.token_bytes(_KEY_BYTES)
+        )
+        clients.append(SecAggClient(u, config, graph, secret_seed))
         keygen_s[u] += time.perf_counter() - t0
     identity_keys = {u: c.identity_public_key for u, c in enumerate(clients)}
     server = SecAggServer(config, graph, identity_keys)

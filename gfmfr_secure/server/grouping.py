@@ -15,6 +15,9 @@ flattened prediction head of its model (first layer weight ``[d, 2d]`` and bias
 :func:`group_clients` chains the three. :func:`nearest_centroid` is the
 client-side half of oblivious grouping: each client picks its group from the
 broadcast centroids without revealing its feature vector.
+:func:`merge_small_groups` is the server-side half: from the (securely summed)
+group counts it folds every group below the minimum group size into its
+nearest group, so that no released group sum covers fewer clients than that.
 
 Running the faithful pipeline means the server sees every client's head: it is
 the mode that exposes per-client data (DESIGN.md section 3).
@@ -41,6 +44,7 @@ __all__ = [
     "align_groups",
     "get_grouper",
     "group_clients",
+    "merge_small_groups",
     "nearest_centroid",
     "preprocess_features",
     "rbf_gamma_median",
@@ -468,3 +472,56 @@ def nearest_centroid(features: np.ndarray, centroids: np.ndarray) -> np.ndarray:
         diff = x - c[g]
         dists[:, g] = np.einsum("nf,nf->n", diff, diff)
     return np.argmin(dists, axis=1).astype(np.int64)
+
+
+def merge_small_groups(counts: np.ndarray, centroids: np.ndarray | None, min_size: float) -> np.ndarray:
+    """Fold every group with fewer than ``min_size`` members into its nearest group.
+
+    Repeatedly, the group with the smallest count below ``min_size`` joins the remaining
+    group whose centroid is nearest to its own (squared Euclidean distance; without
+    centroids, the remaining group with the largest count; ties go to the lowest index),
+    and the counts are added. It stops when every remaining group has at least
+    ``min_size`` members or one group remains (then the whole cohort is below the floor:
+    the caller must not release it). The map is a pure function of public values (the
+    released counts and the broadcast centroids), so every client can apply it itself.
+
+    Parameters
+    ----------
+    counts : float [G] released member count of each group (noised under DP).
+    centroids : float [G, f] the broadcast centroids, or None (first round).
+    min_size : the floor, > 0.
+
+    Returns
+    -------
+    ndarray of int64, shape [G]
+        ``target[g]``: the group whose block carries group g's members from now on;
+        ``target[target[g]] == target[g]``.
+    """
+    c = np.asarray(counts, dtype=np.float64)
+    if c.ndim != 1 or c.size == 0 or not np.isfinite(c).all():
+        raise DataError(f"counts must be a non-empty finite vector [G], got shape {c.shape}")
+    if not min_size > 0:
+        raise ConfigError(f"min_size must be > 0, got {min_size!r}")
+    g = c.size
+    cent = None
+    if centroids is not None:
+        cent = _finite_matrix(centroids, "centroids")
+        if cent.shape[0] != g:
+            raise DataError(f"{cent.shape[0]} centroids for {g} group counts")
+    target = np.arange(g, dtype=np.int64)
+    size = c.copy()
+    alive = list(range(g))
+    while len(alive) > 1:
+        small = min(alive, key=lambda k: (size[k], k))
+        if size[small] >= min_size:
+            break
+        others = [k for k in alive if k != small]
+        if cent is None:
+            into = max(others, key=lambda k: (size[k], -k))
+        else:
+            dist = [float(np.sum((cent[k] - cent[small]) ** 2)) for k in others]
+            into = others[int(np.argmin(dist))]
+        size[into] += size[small]
+        target[target == small] = into
+        alive.remove(small)
+    return target

@@ -18,7 +18,7 @@ import torch
 from gfmfr_secure.errors import ConfigError
 from gfmfr_secure.privacy.mechanisms import clip_sparse_updates
 from gfmfr_secure.privacy.plan import USER_MECHANISMS, UserLevelDP, coverage
-from gfmfr_secure.rng import derive_seed
+from gfmfr_secure.rng import SecretSource
 from gfmfr_secure.server.grouping import SERVER_GROUPING
 from gfmfr_secure.types import LocalHyper
 
@@ -28,8 +28,10 @@ __all__ = ["RecordLevelDP", "clip_upload", "plan_privacy", "privacy_report"]
 class RecordLevelDP:
     """``privacy.mechanism=dpsgd``: Opacus DP-SGD inside every client, and its per-client accounting."""
 
-    def __init__(self, pc: Any, seed: int, n_items: int) -> None:
+    def __init__(self, pc: Any, seed: int, n_items: int, secrets: SecretSource | None = None) -> None:
         self.pc, self.seed, self.n_items = pc, seed, n_items
+        # DP-SGD's batch sampling and noise are secrets: from the OS unless the run is reproducible
+        self.secrets = SecretSource("os", seed) if secrets is None else secrets
         self.events: dict[int, list[tuple[float, float, int]]] = {}
 
     def train(self, shared: Any, store: Any, backbone: Any, cohort: np.ndarray, samples: Any, hyper: LocalHyper, t: int, *, teacher: Any, groups: Any) -> Any:
@@ -40,7 +42,7 @@ class RecordLevelDP:
         update, reports = train_cohort_dpsgd(
             shared, store, backbone, cohort, samples.indptr, samples.items, samples.labels, hyper,
             noise_multiplier=self.pc.dpsgd_noise_multiplier, max_grad_norm=self.pc.dpsgd_max_grad_norm,
-            seed=derive_seed(self.seed, "dpsgd", t), expected_batch_size=self.pc.dpsgd_batch_size,
+            seed=self.secrets.int_seed("dpsgd", t), expected_batch_size=self.pc.dpsgd_batch_size,
             delta=self.pc.delta, accountant=self.pc.accountant, teacher=teacher, groups=groups,
             rows=np.arange(self.n_items) if self.pc.dpsgd_all_rows else None,
         )

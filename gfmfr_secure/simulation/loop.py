@@ -36,11 +36,12 @@ from gfmfr_secure.privacy.release import (
     central_noise,
     noise_release,
 )
-from gfmfr_secure.rng import derive_seed, numpy_rng, torch_generator
+from gfmfr_secure.rng import SecretSource, derive_seed, numpy_rng, secret_normal, torch_generator
 from gfmfr_secure.server.fusion import GroupFusion
-from gfmfr_secure.server.grouping import SERVER_GROUPING, group_clients, nearest_centroid
+from gfmfr_secure.server.grouping import SERVER_GROUPING, group_clients, merge_small_groups, nearest_centroid
 from gfmfr_secure.server.step import ServerState, apply_fedavg_, update_teacher_
 from gfmfr_secure.simulation.dp import RecordLevelDP, clip_upload, plan_privacy, privacy_report
+from gfmfr_secure.simulation.group_floor import count_phase, floor_report, secrets_report
 from gfmfr_secure.simulation.scoring import score_users
 from gfmfr_secure.simulation.selection import ValidationSelector
 from gfmfr_secure.types import AdversaryView, CohortUpdate, Exposure, LocalHyper
@@ -142,11 +143,15 @@ def run_federated(
         personal_items=backbone.personal_items,
         private_head=shared.head_flat() if backbone.private_head else None,
         generator=torch_generator(seed, "init", "users"),
+        user_std=float(__import__('os').environ.get('XUSTD', '1.0')),
     )
     n_groups = _n_groups(cfg)
     server = ServerState(shared=shared, fusion=_make_fusion(cfg, data, n_groups, seed), teacher=None, assignment=np.full(n_users, -1, dtype=np.int64), n_groups=n_groups)
-    aggregator = get_aggregator(cfg.aggregation.backend, settings=cfg.aggregation, seed=seed)
+    secret_source = SecretSource(cfg.secrets, seed)  # keys, masks and DP noise: not the run seed unless reproducible
+    aggregator = get_aggregator(cfg.aggregation.backend, settings=cfg.aggregation, seed=seed, secrets=cfg.secrets)
     grouping = cfg.grouping.method
+    floor = cfg.grouping.min_group_size if n_groups and grouping == "oblivious" else None
+    floor_stats: dict[str, Any] = {"merged_rounds": 0, "skipped_rounds": 0, "smallest": None}
     if n_groups and grouping in SERVER_GROUPING and aggregator.exposure != Exposure.PER_CLIENT:
         raise ConfigError(
             f"grouping.method={grouping!r} clusters individual client updates, which backend "
@@ -167,7 +172,7 @@ def run_federated(
             raise ConfigError("participants leaves no user with training data")
     ks = tuple(cfg.eval.ks)
     dp = plan_privacy(cfg, eligible.size)
-    record_dp = RecordLevelDP(cfg.privacy, seed, n_items) if cfg.privacy.mechanism == "dpsgd" else None
+    record_dp = RecordLevelDP(cfg.privacy, seed, n_items, secrets=secret_source) if cfg.privacy.mechanism == "dpsgd" else None
     if record_dp is not None and tc.weighting != "uniform":
         raise ConfigError("privacy.mechanism=dpsgd: clients do not upload their sample counts; set train.weighting=uniform")
     head_size = 0 if backbone.private_head else shared.head_flat().numel()
@@ -257,6 +262,26 @@ def run_federated(
             if n_groups and grouping in SERVER_GROUPING and len(upload) != len(update):
                 raise ConfigError("synthetic clients from upload_hook need client-side grouping (oblivious or none)")
 
+        # ---- group floor (oblivious): count phase, groups below the floor merged before any sum
+        phase_counts = None
+        if floor is not None:
+            if len(upload) >= floor:
+                phase_counts, count_cost = count_phase(aggregator, upload, client_groups, n_groups, dp, secret_source, t)
+                merge = merge_small_groups(phase_counts, centroids, floor)
+                phase_counts = np.bincount(merge, weights=phase_counts, minlength=n_groups)
+                floor_stats["merged_rounds"] += int((merge != np.arange(n_groups)).any())
+                client_groups = merge[client_groups]  # each client maps its own choice
+                upload = dataclasses.replace(upload, group=client_groups)
+            if len(upload) < floor or phase_counts.max() < floor:
+                log.info("round %d: cohort of %d clients is below grouping.min_group_size=%d; nothing is released", t, len(upload), floor)
+                floor_stats["skipped_rounds"] += 1
+                rec["skipped"] = "cohort below grouping.min_group_size"
+                if dp is not None:
+                    dp.record(t)
+                history.append(rec)
+                continue
+            rec["count_cost"] = count_cost
+
         # ---- aggregation backend, then (paper mode) grouping by the server
         if tc.weighting == "samples" and len(upload) != len(update):
             raise ConfigError("synthetic clients from upload_hook need train.weighting=uniform")
@@ -264,12 +289,20 @@ def run_federated(
         server_grouped = bool(n_groups) and grouping in SERVER_GROUPING
         release_noise = shares = None
         if dp is not None and not server_grouped:  # groups are the clients' own: noise goes into the backend
-            layout = ReleaseLayout(max(n_groups, 1), n_items, d, head_size, dp.count_value)
+            layout = ReleaseLayout(max(n_groups, 1), n_items, d, head_size, dp.count_value, write_count=phase_counts is None)
             share_std = dp.share_std(len(upload))
-            shares = NoiseShares(seed, t, upload.clients, share_std, layout) if share_std > 0 else None
-            release_noise = ReleaseNoise(layout, central_noise(layout, dp.central_std(), seed, t), shares)
+            shares = NoiseShares(secret_source.key("dp-share", t), t, upload.clients, share_std, layout) if share_std > 0 else None
+            release_noise = ReleaseNoise(layout, central_noise(layout, dp.central_std(), secret_source.key("dp-central", t)), shares)
         agg = aggregator.aggregate(upload, n_items=n_items, weights=weights, groups=client_groups, n_groups=max(n_groups, 1), noise=release_noise)
+        if phase_counts is not None and dp is not None:  # the counts were released (noised) in the count phase
+            agg = dataclasses.replace(agg, group_counts=torch.as_tensor(phase_counts, dtype=torch.float32), weight_total=max(float(phase_counts.sum()), 1.0))
+        if phase_counts is not None:
+            released = agg.group_counts.double().numpy()
+            smallest = float(released[released >= 0.5].min()) if (released >= 0.5).any() else None
+            if smallest is not None and (floor_stats["smallest"] is None or smallest < floor_stats["smallest"]):
+                floor_stats["smallest"] = smallest
         rec["cost"] = dict(aggregator.last_cost)
+        rec["cost"].update({f"count_phase_{k}": v for k, v in rec.pop("count_cost", {}).items()})
         rec["cost"]["broadcast_bytes_per_client"] = float(4 * (server.shared.item_table.numel() + head_size + (0 if server.teacher is None else server.teacher.numel()) + (0 if centroids is None else centroids.size)))
         regroup = bool(n_groups) and not (grouping in SERVER_GROUPING and len(update) < n_groups)
         if n_groups and not regroup:
@@ -297,10 +330,10 @@ def run_federated(
         if dp is not None and server_grouped:
             blocks = n_groups if agg.group_counts is not None else 1
             layout = ReleaseLayout(blocks, n_items, d, head_size, dp.count_value)
-            noise = central_noise(layout, dp.central_std(), seed, t)
+            noise = central_noise(layout, dp.central_std(), secret_source.key("dp-central", t))
             share_std = dp.share_std(len(update))
             if share_std > 0:  # each client's single-block share lands in the group the server chose
-                shares = NoiseShares(seed, t, cohort, share_std, dataclasses.replace(layout, n_groups=1))
+                shares = NoiseShares(secret_source.key("dp-share", t), t, cohort, share_std, dataclasses.replace(layout, n_groups=1))
                 noise = noise + shares.sum_by_group(labels if blocks > 1 else None).view(layout.shape)
             agg = noise_release(agg, noise, layout)
         if dp is not None:
@@ -308,7 +341,7 @@ def run_federated(
             rec["dp"] = {"clip": dp.clip, "epsilon": dp.epsilon(), "median_norm": float(norms.median())}
             if dp.adaptive:
                 unclipped = float((norms <= dp.clip).sum())
-                noisy = unclipped + float(torch.randn((), generator=torch_generator(seed, "dp-count", t))) * dp.count_stddev
+                noisy = unclipped + float(secret_normal(secret_source.key("dp-count", t), (1,))[0]) * dp.count_stddev
                 dp.adapt_clip(noisy, tc.client_fraction * eligible.size)
 
         # ---- server: FedAvg, centroids, fusion and teacher
@@ -366,12 +399,21 @@ def run_federated(
         "best_round": selector.best_round,
         "rounds_run": len(history),
         "cost": _mean_cost(history),
+        "secrets": cfg.secrets,
         "timing": {
             "client_s_per_round": float(np.mean(timing["client"])) if timing["client"] else 0.0,
             "server_s_per_round": float(np.mean(timing["server"])) if timing["server"] else 0.0,
             "eval_s": float(np.mean(timing["eval"])) if timing["eval"] else 0.0,
         },
     }
+    privacy = metrics["privacy"]
+    privacy["secrets"] = secrets_report(cfg.secrets)
+    if cfg.secrets == "reproducible" and privacy.get("epsilon") is not None:
+        reason = "secrets=reproducible: the DP noise follows from the seed written to config.yaml and run.json"
+        privacy["epsilon"] = None
+        privacy["epsilon_withheld_because"] = "; ".join(filter(None, [privacy.get("epsilon_withheld_because"), reason]))
+    if floor is not None:
+        privacy["group_floor"] = floor_report(floor, floor_stats["merged_rounds"], floor_stats["skipped_rounds"], floor_stats["smallest"])
     return FederatedRun(shared=sel_shared, store=sel_store, server=server, metrics=metrics, history=history)
 
 
