@@ -59,7 +59,7 @@ def test_backend_contract(name: str) -> None:
     torch.testing.assert_close(res.head_sum, (up.head_delta * torch.tensor(w, dtype=torch.float32)[:, None]).sum(0), atol=tol, rtol=1e-5)
     assert res.weight_total == pytest.approx(w.sum(), abs=tol * 10)
     expected_counts = torch.tensor([3.0, 2.0, 1.0]) if secure else torch.tensor([2.0, 2.0, 1.0])
-    torch.testing.assert_close(res.group_counts, expected_counts, atol=1e-4, rtol=0)
+    torch.testing.assert_close(res.group_counts, expected_counts, atol=1e-3 if name == "ckks" else 1e-4, rtol=0)  # CKKS releases are flooded
     for g in range(3):
         sel = torch.from_numpy(groups == g)
         torch.testing.assert_close(res.group_item_sum[g], dense(up)[sel].sum(0), atol=tol, rtol=1e-5)

@@ -36,7 +36,8 @@ def test_secure_backend_matches_plain(backend, tiny_synthetic, split) -> None:
     views = []
     plain = run_federated(cfg(), tiny_synthetic, split, progress=False)
     secure = run_federated(cfg(f"aggregation.backend={backend}"), tiny_synthetic, split, progress=False, callbacks=[views.append])
-    torch.testing.assert_close(_weights(secure), _weights(plain), atol=2e-3, rtol=0)
+    # CKKS releases carry flooding noise (std ~6e-4 on each value of a sum here, see CKKSParams.flooding_std)
+    torch.testing.assert_close(_weights(secure), _weights(plain), atol=2e-3 if backend == "masking" else 1e-2, rtol=0)
     server = [v for v in views if v.observer == "server"]
     assert server and all(v.exposure == Exposure.GROUP_SUMS and "per_client" not in v.received for v in server)
     cost = secure.metrics["cost"]

@@ -4,9 +4,12 @@ Each client encrypts its dense group-indexed layout (:mod:`.layout`) plus its ow
 noise share, as ``ceil(D / slots)`` CKKS ciphertexts serialised to bytes. The
 aggregator holds only the public context and adds ciphertexts; the key holder
 (``aggregation.custody``: a key authority apart from the aggregator, or a secret key
-shared by the clients) decrypts the sum and, under central DP, adds the central draw
-before releasing it, so nobody but the decryptor sees a noiseless sum. Parameters
-and their 128-bit security are documented in :mod:`gfmfr_secure.secagg.ckks`.
+shared by the clients) decrypts the sum, floods it (an exact decryption would reveal the
+secret key to the aggregator) and, under central DP, adds the central draw before
+releasing it, so nobody but the decryptor sees a noiseless sum. Keys are fresh every
+round: a round's release is the only decryption under its key, which is what the
+flooding bound counts, and each client downloads the round's context. Parameters, their
+128-bit security and the flooding bound are documented in :mod:`gfmfr_secure.secagg.ckks`.
 """
 
 from __future__ import annotations
@@ -31,15 +34,18 @@ __all__ = ["CKKSAggregatorBackend", "ckks_params_for"]
 
 
 def ckks_params_for(value_bound: float, max_summands: int) -> Any:
-    """Default ring (N = 4096, primes 42 + 42 bits) with the largest scale that cannot overflow.
+    """Ring N = 4096, data primes 34 + 34 bits and a 41-bit special prime, with the largest scale that cannot overflow.
 
     A sum of ``max_summands`` values of magnitude ``<= value_bound`` must stay below half
-    the 42-bit data prime: scale bits ``<= 41 - log2(max_summands * value_bound)``, at most 31.
+    the 68-bit data modulus: scale bits ``<= 67 - log2(max_summands * value_bound)``, at
+    most 56. Two data primes keep the flooding noise small (1024 summands of ``|x| <= 8``:
+    scale 2**53, flooding std 9.7e-3 on a sum of D = 549,915 values; see
+    :meth:`gfmfr_secure.secagg.ckks.CKKSParams.flooding_std`).
     """
     from gfmfr_secure.secagg.ckks import CKKSParams
 
-    bits = min(31, math.floor(40.9 - math.log2(max_summands * value_bound)))
-    return CKKSParams(4096, (42, 42), bits, max_abs_value=float(value_bound), max_summands=int(max_summands))
+    bits = min(56, math.floor(66.9 - math.log2(max_summands * value_bound)))
+    return CKKSParams(4096, (34, 34, 41), bits, max_abs_value=float(value_bound), max_summands=int(max_summands))
 
 
 @register_aggregator("ckks")
@@ -50,16 +56,14 @@ class CKKSAggregatorBackend(Aggregator):
 
     def __init__(self, settings: Any = None, seed: int = 0, secrets: str = "os") -> None:
         super().__init__(settings, seed, secrets)  # type: ignore[arg-type]
-        self._keys: Any = None
 
     def _key_holder(self, max_summands: int) -> Any:
+        """Fresh keys for this round (never cached: one broken key must not open every round)."""
         from gfmfr_secure.secagg.ckks import KeyHolder
 
-        if self._keys is None or self._keys.params.max_summands < max_summands:
-            bound = 8.0 if self.settings is None else self.settings.value_bound
-            custody = "authority" if self.settings is None else self.settings.custody
-            self._keys = KeyHolder(ckks_params_for(bound, max(max_summands, 1024)), custody=custody)
-        return self._keys
+        bound = 8.0 if self.settings is None else self.settings.value_bound
+        custody = "authority" if self.settings is None else self.settings.custody
+        return KeyHolder(ckks_params_for(bound, max(max_summands, 1024)), custody=custody)
 
     def aggregate(
         self,
@@ -94,17 +98,19 @@ class CKKSAggregatorBackend(Aggregator):
         t_server += time.perf_counter() - t0
         central = None if noise is None or not noise.has_central else noise.central.reshape(-1).double().numpy()
         t0 = time.perf_counter()
-        total = decryptor.decrypt(encrypted_sum, noise=None if central is None else (lambda size: central[:size]))
+        flood_key = self.secrets.key("ckks-flood", self.rounds_done)
+        total = decryptor.decrypt(encrypted_sum, noise=None if central is None else (lambda size: central[:size]), flood_key=flood_key)
         dec_s = time.perf_counter() - t0
         self.last_cost = {
             "bytes_up_per_client": up_bytes / max(n, 1),
-            # the context (public key, or the shared secret key) is downloaded once, in the first round
-            "bytes_down_per_client": float(len(keys.client_context_bytes())) if self.rounds_done == 0 else 0.0,
+            # the round's fresh context (public key, or the shared secret key), downloaded every round
+            "bytes_down_per_client": float(len(keys.client_context_bytes())),
             "context_bytes": float(len(keys.client_context_bytes())),
             "plain_dense_bytes_per_client": 4.0 * dim,
             "client_s": enc_s / max(n, 1),
             "server_s": t_server,
             "decrypt_s": dec_s,
+            "flooding_std": decryptor.flooding_std,
         }
         self.rounds_done += 1
         return decode_sum(total, layout, n_clients=n, grouped=groups is not None)

@@ -22,8 +22,9 @@ Roles and data flow
     secret key). Deserialises and validates every upload, adds it to a running
     encrypted sum and returns the encrypted sum as a list of bytes.
 ``Decryptor`` (key holder)
-    Decrypts the encrypted sum to float64 [D] and, through a passed-in callable,
-    adds noise before release (the hook central DP uses, so that nobody but the
+    Decrypts the encrypted sum to float64 [D], floods every value with Gaussian
+    noise (below: an exact decryption reveals the key) and, through a passed-in
+    callable, adds DP noise before release (the hook central DP uses, so that nobody but the
     decryptor ever sees a noiseless sum).
 
 Key custody and what collusion reveals
@@ -69,26 +70,22 @@ above the HomomorphicEncryption.org standard's 128-bit classical-security
 limits for ternary secrets (``HE_STANDARD_MAX_LOG_Q``: 1024:27, 2048:54,
 4096:109, 8192:218, 16384:438, 32768:881); SEAL enforces the same table.
 
-Default: ``N = 4096`` (2048 slots), ``coeff_mod_bit_sizes = (42, 42)``
-(84 of the 109 bits allowed), scale ``Delta = 2**31``, values ``|x| <= 1``, at
-most 1000 summands. Why:
+Default: ``N = 4096`` (2048 slots), ``coeff_mod_bit_sizes = (34, 34, 41)``
+(two data primes, 68 bits, then a 41-bit special prime: 109 of the 109 bits
+allowed), scale ``Delta = 2**56``, values ``|x| <= 1``, at most 1000 summands.
+The parameters are set by what a released decryption must hide (next section),
+not by bytes alone:
 
-* **Bytes** depend only on the modulus of the level fresh ciphertexts are sent
-  at, which is the chain *without* its last (special) prime: here one 42-bit
-  prime ``q0``. A ciphertext is two polynomials of N residues mod ``q0``,
-  serialised as 64-bit words and compressed by SEAL's zstd, so bytes per value
-  are about ``0.6 * log2(q0)`` whatever N (ideal: ``0.5 * log2(q0)``; measured
-  24.1 / 25.6 / 27.4 B/value for 40 / 42 / 48 bits). The special prime is never
-  sent with a ciphertext, only inside the public key. TenSEAL needs it (its
-  context creation makes relinearisation keys, which need key switching);
-  42 bits keeps the public key small and makes the fresh public-key error,
-  which it divides, negligible.
+* **Bytes** depend only on the modulus fresh ciphertexts are sent at (the data
+  primes, 68 bits): about ``0.6 * log2(q_data)`` bytes per value whatever N,
+  measured 40.2 B/value for ``(34, 34, 41)`` against 25.6 for a single 42-bit
+  prime. The special prime is never sent with a ciphertext, only inside the
+  public key.
 * **Capacity**: a sum of n vectors with ``|x| <= B`` encodes to integer
-  coefficients of absolute value up to ``Delta * n * B`` (reached by a constant
-  vector), which must stay below ``q0 / 2`` or the sum wraps around:
-  ``q0 ~ 2**42``, ``Delta = 2**31`` allow ``n * B < 1024``
-  (:attr:`CKKSParams.capacity`, checked on construction; :class:`CKKSAggregator`
-  refuses more than ``max_summands`` uploads).
+  coefficients of absolute value up to ``Delta * n * B``, which must stay below
+  ``q_data / 2`` or the sum wraps around (:attr:`CKKSParams.capacity`, checked
+  on construction; :class:`CKKSAggregator` refuses more than ``max_summands``
+  uploads).
 * **Precision**: the error of one fresh ciphertext is, per value, Gaussian-like
   with standard deviation ``~N / (6 Delta)`` for public-key encryption (the
   rounding when the ciphertext drops the special prime) and
@@ -96,18 +93,48 @@ most 1000 summands. Why:
   independent ciphertexts add in variance (:meth:`CKKSParams.error_std`). The
   public-key error of slot k is proportional to ``|s(zeta_k)|`` (the secret key
   at that slot's root of unity), so a few slots are ~3x noisier than average in
-  every ciphertext. For n = 943 the per-value standard deviation of the sum is
-  9.8e-6 (public key) or 2.1e-6 (symmetric); the largest error over
-  D = 280,000 values is ~1e-4 and ~1e-5 (simulation of the model; see the
-  benchmark for measurements).
-* Smallest chain for that precision: the error scales as ``N / Delta`` and the
-  capacity as ``q0 / Delta``. N = 2048 allows at most ``(40, 14)`` (54 bits; no
-  13-bit prime is ``1 mod 4096``, so ``q0`` cannot grow), hence
-  ``Delta <= 2**29`` and a ~2e-4 public-key error: ``PRESETS["compact"]``, 4 %
-  fewer bytes, good enough under ``shared-clients`` (~3e-5). At N = 4096 each
-  bit of ``q0`` buys a bit of scale; 42 bits is the first to reach ~1e-4.
-  ``PRESETS["precise"]`` (N = 4096, ``(48, 48)``, ``Delta = 2**36``) costs 7 %
-  more bytes for ~30x less error.
+  every ciphertext.
+
+Releasing decryptions: noise flooding
+-------------------------------------
+CKKS decryption is approximate: the decrypted phase is ``m + e`` with an error
+``e`` that depends on the secret key. Whoever holds the ciphertext and receives
+the exact decryption re-encodes the released values (real parts of the slots
+give ``p + conj(p)`` exactly after rounding), so ``c0 + c1 s = p`` becomes a
+linear system in ``s`` modulo ``q0``; two ciphertexts under one key solve it
+(Li and Micciancio, Eurocrypt 2021; ``tests/security/test_ckks_key_recovery.py``
+runs the attack). Every value :class:`Decryptor` releases therefore carries
+Gaussian *flooding* noise of std ``sigma_flood`` (:meth:`CKKSParams.flooding_std`),
+drawn from a 256-bit secret key through ChaCha20 in float64:
+
+* Let ``delta`` [D] be the difference between what decryption returns and the
+  exact message: the lattice error plus the floating-point error of decoding.
+  Real release: ``m + delta + G``; ideal release, computable without the key:
+  ``m + G``, ``G ~ N(0, sigma_flood^2 I_D)``. Their Kullback-Leibler divergence
+  is ``||delta||^2 / (2 sigma_flood^2)`` (and at most that for the joint
+  distribution with the ciphertexts, by convexity, whatever ``delta`` is).
+* With ``sigma_flood >= 2^(lambda / 2) * B_delta / sqrt(2)`` for a bound
+  ``||delta||_2 <= B_delta`` the divergence is at most ``2^-lambda``: the
+  statistical distance is at most ``2^-(lambda + 1) / 2`` (Pinsker), and a
+  search problem such as key recovery keeps ``lambda`` bits of security
+  (Micciancio and Walter, Eurocrypt 2018; the same bound as Li, Micciancio,
+  Schultz and Sorrell, Crypto 2022). ``lambda = STAT_SECURITY_BITS = 40``.
+* ``B_delta = sqrt(D) * (2 * error_std(n_max) + u_fp)``. The lattice error of a
+  sum of at most ``n_max = max_summands`` ciphertexts has per-value std
+  :meth:`error_std`; the squared norm of D such values exceeds ``4 D`` times
+  their variance with probability below ``exp(-0.8 D / 30)`` even when single
+  slots are 30x noisier than average. ``u_fp = (log2 N + 2) 2^-53 n_max B``
+  bounds the per-value error of decoding in double precision (coefficients to
+  double, then an N/2-point FFT) for values up to ``n_max B``.
+* Keys are fresh every round (:mod:`gfmfr_secure.aggregation.ckks`): D is one
+  round's vector, and a key broken despite this opens one round only.
+
+At the backend's parameters (``(34, 34, 41)``, ``Delta = 2**53`` for 1024
+summands of ``|x| <= 8``) the lattice term is ``4.9e-12`` and the
+floating-point term ``1.3e-11`` per value, so for a default ML-100K release
+(D = 549,915) ``sigma_flood = 9.6e-3`` on each value of a sum, ``1e-5`` on a
+mean over 943 clients. A single 42-bit prime (the previous parameters) would
+need ``sigma_flood ~ 1e5``: useless, hence the second data prime.
 
 Wire formats
 ------------
@@ -125,8 +152,11 @@ Wire formats
     temporary directory. Loading expands the seed, which makes the server's
     deserialisation slower than for ``"tenseal"``.
 
-Measured costs, full round n = 943, D = 280,000 (137 ciphertexts per client),
-default parameters, TenSEAL 0.3.18, one process on 2 CPU cores shared with
+Measured costs below are for the earlier single-prime parameters ``(42, 42)``,
+``Delta = 2**31``, before flooding; the two data primes of today's default add
+about 57 % to the bytes (40.2 against 25.6 B/value) and 2.4x to the encryption
+time (0.033 against 0.014 s for two ciphertexts). Full round n = 943,
+D = 280,000 (137 ciphertexts per client), TenSEAL 0.3.18, one process on 2 CPU cores shared with
 other work (load average ~4.5, so times are pessimistic); see
 ``benchmarks/bench_ckks.py``:
 
@@ -156,7 +186,11 @@ Randomness
 ----------
 Encryption randomness comes from SEAL's system PRNG and cannot be seeded:
 ciphertexts differ between runs, decrypted sums agree within
-:meth:`CKKSParams.sum_tolerance`. A ``seed`` only drives the release noise.
+:meth:`CKKSParams.release_tolerance`. The flooding noise is drawn from a 32-byte
+key: fresh from the operating system unless the caller passes one (the
+``reproducible`` simulation mode derives it from the run seed, and then protects
+nothing against whoever holds the seed). A ``seed`` drives the DP release noise
+of :func:`encrypted_sum` only.
 
 Limitations
 -----------
@@ -187,6 +221,7 @@ from gfmfr_secure.errors import GfmfrError
 __all__ = [
     "HE_STANDARD_MAX_LOG_Q",
     "PRESETS",
+    "STAT_SECURITY_BITS",
     "CKKSAggregator",
     "CKKSCost",
     "CKKSError",
@@ -198,6 +233,7 @@ __all__ = [
     "WireFormat",
     "default_wire",
     "encrypted_sum",
+    "flooding_noise",
     "gaussian_noise",
 ]
 
@@ -215,6 +251,10 @@ HE_STANDARD_MAX_LOG_Q: dict[int, int] = {1024: 27, 2048: 54, 4096: 109, 8192: 21
 _ERROR_STD = 3.2
 #: Fraction of secret keys for which :meth:`CKKSParams.sum_tolerance` may be exceeded.
 _KEY_TAIL = 1e-6
+#: Statistical security parameter lambda of every released decryption (see "noise flooding").
+STAT_SECURITY_BITS = 40
+#: Unit roundoff of float64, for the floating-point error of decoding.
+_UNIT_ROUNDOFF = 2.0**-53
 #: SEAL's smallest and largest prime sizes in a coefficient modulus.
 _MIN_PRIME_BITS, _MAX_PRIME_BITS = 2, 60
 #: First bytes of a SEAL-serialised object (magic 0xA15E, little endian).
@@ -325,8 +365,8 @@ class CKKSParams:
     """
 
     poly_modulus_degree: int = 4096
-    coeff_mod_bit_sizes: tuple[int, ...] = (42, 42)
-    global_scale_bits: int = 31
+    coeff_mod_bit_sizes: tuple[int, ...] = (34, 34, 41)
+    global_scale_bits: int = 56
     max_abs_value: float = 1.0
     max_summands: int = 1000
 
@@ -476,6 +516,41 @@ class CKKSParams:
             raise CKKSError(f"n_summands must be an int >= 1, got {n_summands!r}")
         return z * math.sqrt(n_summands * self._variances(symmetric)[1]) / self.scale
 
+    def flooding_std(self, dim: int, *, symmetric: bool = False, stat_bits: int = STAT_SECURITY_BITS) -> float:
+        """Std of the Gaussian noise flooding every released value of a decrypted sum of ``dim`` values.
+
+        ``sigma_flood = 2^(lambda / 2) * B_delta / sqrt(2)`` with
+        ``B_delta = sqrt(dim) * (2 * error_std(max_summands) + u_fp)`` and
+        ``u_fp = (log2 N + 2) * 2^-53 * max_summands * max_abs_value``: the
+        Kullback-Leibler divergence between the flooded release and one computed
+        from the exact sum alone is then at most ``2^-lambda`` (derivation in the
+        module docstring, "noise flooding"). The bound uses ``max_summands``, not
+        the count an aggregator claims, so a lying aggregator cannot shrink it.
+
+        Parameters
+        ----------
+        dim : D, the values released under one key (one round's vector).
+        symmetric : secret-key encryption (``shared-clients``).
+        stat_bits : lambda, the statistical security parameter.
+
+        Returns
+        -------
+        float
+            sigma_flood, in the units of the plaintext values.
+        """
+        d = _check_dim(dim)
+        if isinstance(stat_bits, bool) or not isinstance(stat_bits, int) or stat_bits < 1:
+            raise CKKSError(f"stat_bits must be an int >= 1, got {stat_bits!r}")
+        n_max = self.max_summands
+        lattice = 2.0 * self.error_std(n_max, symmetric=symmetric)
+        fp = (math.log2(self.poly_modulus_degree) + 2.0) * _UNIT_ROUNDOFF * n_max * self.max_abs_value
+        bound = math.sqrt(d) * (lattice + fp)
+        return 2.0 ** (stat_bits / 2.0) * bound / math.sqrt(2.0)
+
+    def release_tolerance(self, n_summands: int, dim: int, *, symmetric: bool = False, z: float = 7.0) -> float:
+        """Absolute tolerance for every released value: :meth:`sum_tolerance` plus ``z`` flooding stds."""
+        return self.sum_tolerance(n_summands, symmetric=symmetric, z=z) + z * self.flooding_std(dim, symmetric=symmetric)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready view of the parameters."""
         out = asdict(self)
@@ -485,13 +560,14 @@ class CKKSParams:
 
 #: Named parameter sets (the benchmark's ``--params`` choices).
 PRESETS: dict[str, CKKSParams] = {
-    # N = 4096, q0 = 42 bits, Delta = 2**31: max error ~1e-4 (public key) for n = 943, D = 280,000.
+    # N = 4096, 34 + 34-bit data primes, Delta = 2**56, 1000 summands of |x| <= 1:
+    # flooding std 5.0e-4 on each value of a sum of D = 100,000 values (it grows as sqrt(D)).
     "default": CKKSParams(),
-    # N = 2048 at its 54-bit limit: 4 % fewer bytes, twice the public-key error (~2e-4).
-    "compact": CKKSParams(2048, (40, 14), 29),
-    # ~7 % more bytes than the default, ~30x smaller error, room for 2047 summands of |x| <= 1.
-    "precise": CKKSParams(4096, (48, 48), 36, max_summands=2000),
+    # ~7 % more bytes, room for 2000 summands of |x| <= 1 at Delta = 2**59 (flooding 7.5e-4 at D = 1e5).
+    "large-cohort": CKKSParams(4096, (36, 36, 37), 59, max_summands=2000),
 }
+# A ring of N = 2048 (at most 54 bits of modulus) cannot keep the flooding noise
+# below ~1e2 for any useful D, so there is no such preset any more.
 
 
 def _check_dim(dim: int) -> int:
@@ -744,7 +820,7 @@ class KeyHolder:
     def decryptor(self, dim: int, *, wire: WireFormat | None = None) -> Decryptor:
         """A :class:`Decryptor` sharing this key holder's secret context (no serialisation of the key)."""
         w = self.default_wire if wire is None else wire
-        return Decryptor._from_context(self._context, self._params, dim, wire=w)
+        return Decryptor._from_context(self._context, self._params, dim, wire=w, symmetric=self.symmetric)
 
 
 class Encryptor:
@@ -974,6 +1050,31 @@ class CKKSAggregator:
 NoiseFn = Callable[[int], NDArray[np.float64]]
 
 
+def flooding_noise(key: bytes, dim: int, std: float) -> NDArray[np.float64]:
+    """float64 [dim] Gaussian flooding noise N(0, std^2) from a 32-byte secret ``key``.
+
+    ChaCha20 keystream of ``key``, two 53-bit uniforms per pair of values, Box-Muller
+    in float64. Full double precision matters: noise on a coarser grid (float32)
+    would leave the low-order bits of the decrypted values, where the decryption
+    error lives, readable in the release.
+    """
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+    if not isinstance(key, (bytes, bytearray)) or len(key) != 32:
+        raise CKKSError("the flooding key must be 32 bytes")
+    d = _check_dim(dim)
+    if not (math.isfinite(std) and std >= 0):
+        raise CKKSError(f"std must be finite and >= 0, got {std!r}")
+    pairs = (d + 1) // 2
+    raw = Cipher(algorithms.ChaCha20(bytes(key), bytes(16)), mode=None).encryptor().update(bytes(16 * pairs))
+    bits = np.frombuffer(raw, dtype="<u8").reshape(2, pairs) >> np.uint64(11)
+    u1 = (bits[0].astype(np.float64) + 0.5) * 2.0**-53  # in (0, 1), never 0
+    u2 = bits[1].astype(np.float64) * 2.0**-53
+    radius = np.sqrt(-2.0 * np.log(u1)) * float(std)
+    out = np.concatenate([radius * np.cos(2.0 * math.pi * u2), radius * np.sin(2.0 * math.pi * u2)])
+    return out[:d]
+
+
 def gaussian_noise(std: float, rng: np.random.Generator) -> NoiseFn:
     """A noise hook for :meth:`Decryptor.decrypt`: ``D -> N(0, std^2)`` float64 [D]."""
     if isinstance(std, bool) or not isinstance(std, (int, float)) or not math.isfinite(std) or std < 0:
@@ -997,19 +1098,32 @@ class Decryptor:
     params : the CKKS parameters; must match the context.
     dim : D.
     wire : the wire format of the ciphertexts.
+    symmetric : the clients encrypt with the secret key (``shared-clients``); sizes
+        the flooding noise (public-key encryption, the default, needs more).
+
+    Every :meth:`decrypt` floods each released value with Gaussian noise of std
+    :attr:`flooding_std` (``params.flooding_std(D)``): an exact decryption handed
+    to whoever holds the ciphertext reveals the secret key.
     """
 
-    def __init__(self, secret_context: bytes, params: CKKSParams, dim: int, *, wire: WireFormat = "tenseal") -> None:
+    def __init__(
+        self, secret_context: bytes, params: CKKSParams, dim: int, *, wire: WireFormat = "tenseal", symmetric: bool = False
+    ) -> None:
         ctx = _load_context(secret_context, 1, "secret context")
-        self._setup(ctx, params, dim, wire)
+        self._setup(ctx, params, dim, wire, symmetric)
 
     @classmethod
-    def _from_context(cls, ctx: Any, params: CKKSParams, dim: int, *, wire: WireFormat) -> Decryptor:
+    def _from_context(cls, ctx: Any, params: CKKSParams, dim: int, *, wire: WireFormat, symmetric: bool) -> Decryptor:
         obj = cls.__new__(cls)
-        obj._setup(ctx, params, dim, wire)
+        obj._setup(ctx, params, dim, wire, symmetric)
         return obj
 
-    def _setup(self, ctx: Any, params: CKKSParams, dim: int, wire: WireFormat) -> None:
+    @property
+    def flooding_std(self) -> float:
+        """Std of the flooding noise on every released value."""
+        return self._flooding_std
+
+    def _setup(self, ctx: Any, params: CKKSParams, dim: int, wire: WireFormat, symmetric: bool) -> None:
         if not ctx.is_private():
             raise CKKSError("the decryptor needs the context with the secret key")
         _check_context(ctx, params, "secret context")
@@ -1018,6 +1132,7 @@ class Decryptor:
         self._dim = _check_dim(dim)
         self._wire = _check_wire(wire)
         self._bounds = _chunk_bounds(params, self._dim)
+        self._flooding_std = params.flooding_std(self._dim, symmetric=bool(symmetric))
         if wire == "seeded":
             sealapi = _sealapi()
             self._sealapi = sealapi
@@ -1026,8 +1141,10 @@ class Decryptor:
             self._encoder = sealapi.CKKSEncoder(self._seal_context)
             self._scratch = _Scratch()
 
-    def decrypt(self, encrypted_sum: Sequence[bytes], *, noise: NoiseFn | None = None) -> NDArray[np.float64]:
-        """Decrypt a sum, then add release noise if a hook is given.
+    def decrypt(
+        self, encrypted_sum: Sequence[bytes], *, noise: NoiseFn | None = None, flood_key: bytes | None = None
+    ) -> NDArray[np.float64]:
+        """Decrypt a sum, flood it, then add release noise if a hook is given.
 
         Parameters
         ----------
@@ -1035,11 +1152,15 @@ class Decryptor:
         noise : ``noise(D)`` -> float [D] added to the decrypted sum before it is
             returned (e.g. :func:`gaussian_noise`), so only the decryptor ever
             holds the noiseless sum.
+        flood_key : 32 secret bytes the flooding noise is drawn from
+            (:func:`flooding_noise`); default: fresh from the operating system.
+            Never reuse a key for two releases.
 
         Returns
         -------
         ndarray
-            float64 [D].
+            float64 [D], the decrypted sum plus N(0, flooding_std^2) on every value
+            (plus the hook's noise).
         """
         if isinstance(encrypted_sum, (bytes, bytearray, memoryview, str)) or not isinstance(encrypted_sum, Sequence):
             raise CKKSError(f"encrypted_sum must be a list of ciphertext bytes, got {type(encrypted_sum).__name__}")
@@ -1048,6 +1169,8 @@ class Decryptor:
         out = np.empty(self._dim, dtype=np.float64)
         for k, ((a, b), blob) in enumerate(zip(self._bounds, encrypted_sum, strict=True)):
             out[a:b] = self._decrypt_one(blob, k, b - a)
+        key = os.urandom(32) if flood_key is None else flood_key
+        out += flooding_noise(key, self._dim, self._flooding_std)
         if noise is not None:
             extra = np.asarray(noise(self._dim), dtype=np.float64)
             if extra.shape != (self._dim,):
@@ -1169,7 +1292,8 @@ def encrypted_sum(
 
     Returns
     -------
-    total : float64 [D], the decrypted (and noised) sum of the rows.
+    total : float64 [D], the decrypted sum of the rows, flooded (:meth:`CKKSParams.flooding_std`)
+        and, with ``noise_std``, noised.
     cost : :class:`CKKSCost`.
     """
     from gfmfr_secure.rng import numpy_rng
