@@ -170,6 +170,11 @@ def run_federated(
         eligible = np.intersect1d(eligible, np.asarray(participants, dtype=np.int64))
         if eligible.size == 0:
             raise ConfigError("participants leaves no user with training data")
+    if floor is not None and eligible.size < floor:
+        raise ConfigError(
+            f"grouping.min_group_size={floor} exceeds the {eligible.size} clients that can take part: no round could "
+            f"release a group sum; lower grouping.min_group_size (>= 2) or use more clients"
+        )
     ks = tuple(cfg.eval.ks)
     dp = plan_privacy(cfg, eligible.size)
     record_dp = RecordLevelDP(cfg.privacy, seed, n_items, secrets=secret_source) if cfg.privacy.mechanism == "dpsgd" else None
