@@ -287,10 +287,45 @@ def _register_evaluate(subparsers: Subparsers) -> None:
     )
     p.add_argument("--run", metavar="RUN_DIR", help="folder written by 'train'")
     _add_data_options(p)
+    from gfmfr_secure.references import REFERENCES
+    from gfmfr_secure.references.ease import DEFAULT_LAMBDAS
+    from gfmfr_secure.references.mf import MFSettings
+
     p.add_argument(
         "--scorer",
-        choices=("popularity", "random"),
-        help="reference scorer (with --data): training-interaction counts, or uniform noise",
+        choices=tuple(REFERENCES),
+        help="reference scorer (with --data): popularity (training-interaction counts), random "
+        "(uniform noise), ease (centralised EASE, lambda chosen on validation) or mf "
+        "(centralised BPR matrix factorisation, epoch chosen on validation)",
+    )
+    p.add_argument(
+        "--lambdas",
+        type=float,
+        nargs="+",
+        metavar="L",
+        help="ease: L2 weights to choose from on validation NDCG@10 "
+        f"(default: {' '.join(f'{v:g}' for v in DEFAULT_LAMBDAS)})",
+    )
+    p.add_argument(
+        "--mf-lr",
+        type=float,
+        nargs="+",
+        metavar="LR",
+        help=f"mf: Adam step size; several values are chosen from on validation (default: {MFSettings.lr:g})",
+    )
+    p.add_argument(
+        "--mf-weight-decay",
+        type=float,
+        nargs="+",
+        metavar="WD",
+        help="mf: L2 weight per sampled pair; several values are chosen from on validation "
+        f"(default: {MFSettings.weight_decay:g})",
+    )
+    p.add_argument(
+        "--mf-epochs",
+        type=int,
+        metavar="N",
+        help=f"mf: most full-batch epochs (default: {MFSettings.max_epochs})",
     )
     p.add_argument(
         "--split",
@@ -303,7 +338,7 @@ def _register_evaluate(subparsers: Subparsers) -> None:
         type=int,
         default=0,
         metavar="N",
-        help="seed of the random scorer (default: %(default)s)",
+        help="seed of the random and mf scorers (default: %(default)s)",
     )
     p.add_argument(
         "--ks",
@@ -317,18 +352,34 @@ def _register_evaluate(subparsers: Subparsers) -> None:
     p.set_defaults(handler=_cmd_evaluate)
 
 
-def _reference_scorer(name: str, split: Any, seed: int) -> Callable[[Any], Any]:
-    import torch
+#: evaluate options that configure one reference scorer only: flag -> scorer
+_SCORER_FLAGS = {
+    "lambdas": ("--lambdas", "ease"),
+    "mf_lr": ("--mf-lr", "mf"),
+    "mf_weight_decay": ("--mf-weight-decay", "mf"),
+    "mf_epochs": ("--mf-epochs", "mf"),
+}
 
-    from gfmfr_secure.rng import torch_generator
 
-    n_items = int(split.n_items)
-    if name == "popularity":
-        items = torch.as_tensor(split.train_items, dtype=torch.int64)
-        counts = torch.bincount(items, minlength=n_items).to(torch.float32)  # [I]
-        return lambda users: counts.expand(users.numel(), n_items)
-    gen = torch_generator(seed, "evaluate", "random-scorer")
-    return lambda users: torch.rand(users.numel(), n_items, generator=gen)
+def _reference_options(args: argparse.Namespace, chunk: int) -> Any:
+    """ReferenceOptions from the evaluate flags; a flag meant for another scorer is an error."""
+    import dataclasses
+
+    from gfmfr_secure.references import ReferenceOptions
+
+    for attr, (flag, scorer) in _SCORER_FLAGS.items():
+        if getattr(args, attr) is not None and args.scorer != scorer:
+            raise CommandError(f"{flag} configures --scorer {scorer}, not {args.scorer}: drop it")
+    options = ReferenceOptions(seed=args.seed, chunk_users=chunk)
+    if args.lambdas is not None:
+        options = dataclasses.replace(options, ease_lambdas=tuple(args.lambdas))
+    if args.mf_lr is not None:
+        options = dataclasses.replace(options, mf_lrs=tuple(args.mf_lr))
+    if args.mf_weight_decay is not None:
+        options = dataclasses.replace(options, mf_weight_decays=tuple(args.mf_weight_decay))
+    if args.mf_epochs is not None:
+        options = dataclasses.replace(options, mf=dataclasses.replace(options.mf, max_epochs=args.mf_epochs))
+    return options
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -349,18 +400,24 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         from gfmfr_secure.simulation.runner import load_scorer
 
         score_fn, split = load_scorer(run_dir)
-        source = f"run {run_dir}"
+        source, settings = f"run {run_dir}", {}
     else:
         if args.scorer is None:
             raise CommandError("evaluate needs --run RUN_DIR, or --scorer with --data DIR")
+        from gfmfr_secure.references import build_reference
+
+        options = _reference_options(args, chunk)
         _, split = _load_split(args)
-        score_fn = _reference_scorer(args.scorer, split, args.seed)
+        fit = build_reference(args.scorer, split, options)
+        score_fn, settings = fit.score_fn, fit.settings
         source = f"{args.scorer} scorer"
-    metrics = evaluate_ranking(score_fn, split, which=args.split, ks=args.ks, chunk_size=chunk)
+    metrics: dict[str, Any] = evaluate_ranking(score_fn, split, which=args.split, ks=args.ks, chunk_size=chunk)
     if args.json:
-        print(_json_text(metrics))
+        print(_json_text({**metrics, "settings": settings} if settings else metrics))
     else:
         print(f"{source}, split={args.split}, users={metrics['users']}")
+        if settings:
+            print(format_key_values(settings))
         print(format_metrics_table(metrics))
     return 0
 
