@@ -32,7 +32,8 @@ def train_and_record(
 
     The folder holds ``config.yaml`` (resolved config), ``run.json`` (seed, command,
     times, package versions, git revision), ``log.txt``, ``metrics.json``,
-    ``history.json`` and ``model.pt``; it appears only once the run has finished.
+    ``history.json``, ``curve.png`` (learning curve) and ``model.pt``; it appears only once
+    the run has finished.
     """
     # looked up at call time (through sys.modules) so tests can stand in a fake runner
     runner = importlib.import_module("gfmfr_secure.simulation.runner")

@@ -18,6 +18,7 @@ import torch
 
 from gfmfr_secure.client.state import ClientStateStore, RowStore
 from gfmfr_secure.config import load_config
+from gfmfr_secure.curves import plot_learning_curve
 from gfmfr_secure.data import kcore, leave_one_out, load_dataset, to_implicit
 from gfmfr_secure.errors import ConfigError
 from gfmfr_secure.models import SharedParams, get_backbone
@@ -87,7 +88,7 @@ def prepare_data(cfg: Any) -> tuple[Any, Any]:
 
 
 def run_training(cfg: Any, run: Any, *, progress: bool = True) -> dict[str, Any]:
-    """Train ``cfg.method`` on ``cfg.data.path``; write model and history into ``run``; return metrics."""
+    """Train ``cfg.method`` on ``cfg.data.path``; write model, history and learning curve into ``run``; return metrics."""
     spec = check_method(cfg)
     log = getattr(run, "logger", logging.getLogger("gfmfr_secure"))
     data, split = prepare_data(cfg)
@@ -104,6 +105,7 @@ def run_training(cfg: Any, run: Any, *, progress: bool = True) -> dict[str, Any]
         result = run_federated(cfg, data, split, logger=log, progress=progress, callbacks=callbacks)
     save_model(run.path("model.pt"), result.shared, result.store)
     run.write_json("history.json", result.history)
+    plot_learning_curve(result.history, run.path("curve.png"), best_round=result.metrics.get("best_round"), title=f"{cfg.method}, seed {cfg.seed}")
     return result.metrics
 
 
