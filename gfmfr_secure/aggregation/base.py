@@ -39,6 +39,15 @@ class Aggregator(ABC):
         #: cost of the last round: bytes per client up and down, client and server seconds
         self.last_cost: dict[str, float] = {}
 
+    def min_reporting(self, n: int) -> int:
+        """The fewest of ``n`` uploads that can reach a sum this backend releases.
+
+        Distributed DP sizes each client's noise share for this many reporting clients
+        (:meth:`gfmfr_secure.privacy.plan.UserLevelDP.share_std`): shares of clients that
+        drop out never reach the sum. Backends without dropouts return ``n``.
+        """
+        return int(n)
+
     @abstractmethod
     def aggregate(
         self,

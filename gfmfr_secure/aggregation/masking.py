@@ -37,6 +37,20 @@ class MaskingAggregator(Aggregator):
 
     exposure = Exposure.GROUP_SUMS
 
+    def _threshold(self, n: int, hood: int) -> int:
+        frac = 0.6 if self.settings is None else self.settings.threshold_fraction
+        return max(2, math.ceil(frac * hood)) if n > 1 else 1
+
+    def min_reporting(self, n: int) -> int:
+        """``ceil(threshold_fraction * n)`` (at least 2): the fewest survivors whose sum is released.
+
+        With a complete graph this is the Shamir threshold below which the round cannot
+        be unmasked; with SecAgg+ neighbourhoods the protocol could recover from fewer,
+        and :meth:`aggregate` refuses to release such a sum when it carries DP noise
+        shares (they were sized for this many survivors).
+        """
+        return self._threshold(n, n)
+
     def aggregate(
         self,
         update: CohortUpdate,
@@ -65,8 +79,7 @@ class MaskingAggregator(Aggregator):
         k = 0 if st is None else st.neighbours
         neighbours = None if (k == 0 or k >= n - 1) else k
         hood = n if neighbours is None else neighbours + 1
-        frac = 0.6 if st is None else st.threshold_fraction
-        threshold = max(2, math.ceil(frac * hood)) if n > 1 else 1
+        threshold = self._threshold(n, hood)
         drop_frac = 0.0 if st is None else st.dropout
         dropped = np.flatnonzero(numpy_rng(self.seed, "dropout", t_round).random(n) < drop_frac).tolist() if drop_frac else []
         result = secure_sum(
@@ -81,6 +94,12 @@ class MaskingAggregator(Aggregator):
         )
         c = result.costs
         survivors = np.asarray(result.survivors)
+        if noise is not None and noise.shares is not None and survivors.size < self.min_reporting(n):
+            raise ConfigError(
+                f"aggregation.backend=masking: only {survivors.size} of {n} clients survived, but the distributed DP "
+                f"noise shares were sized for at least {self.min_reporting(n)} survivors; the sum would carry less noise "
+                "than accounted and is not released: lower aggregation.dropout or raise aggregation.threshold_fraction"
+            )
         agg = decode_sum(result.total, layout, n_clients=int(survivors.size), grouped=groups is not None)
         self.last_cost = {
             "bytes_up_per_client": float(np.mean(c.bytes_up[survivors])),

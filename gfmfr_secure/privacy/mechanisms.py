@@ -20,10 +20,12 @@ __all__ = [
     "adaptive_clip_step",
     "add_central_noise",
     "clip_sparse_updates",
+    "clipped_count_query",
     "clip_updates",
     "clip_updates_per_tensor",
     "distributed_noise_std",
     "gaussian_noise_like",
+    "noisy_unclipped_fraction",
     "split_noise_multiplier",
 ]
 
@@ -290,6 +292,43 @@ def split_noise_multiplier(noise_multiplier: float, count_stddev: float, expecte
             f"(needs 2 * sigma_b > z); raise privacy.clip_count_stddev"
         )
     return (z ** -2 - (2.0 * sigma_b) ** -2) ** -0.5
+
+
+def clipped_count_query(norms: Tensor, clip: float) -> float:
+    """The count adaptive clipping releases, before noise: ``sum_i (b_i - 1/2)``.
+
+    ``b_i = 1`` when client i's update norm is at most C. Each client contributes
+    ``b_i - 1/2 = +-1/2`` (Andrew et al. 2021, section 3), so adding or removing one
+    client moves the query by exactly 1/2: the sensitivity :func:`split_noise_multiplier`
+    assumes. (The unshifted count ``sum_i b_i`` would move by up to 1.)
+
+    Parameters
+    ----------
+    norms : [n] update norms before clipping.
+    clip : C.
+    """
+    b = (norms <= float(clip)).to(torch.float64)
+    return float((b - 0.5).sum())
+
+
+def noisy_unclipped_fraction(norms: Tensor, clip: float, count_noise: float, expected_clients: float) -> float:
+    """Andrew et al. (2021): ``b~ = (sum_i (b_i - 1/2) + N(0, sigma_b^2)) / m + 1/2``.
+
+    Parameters
+    ----------
+    norms : [n] update norms before clipping.
+    clip : C.
+    count_noise : the Gaussian draw N(0, sigma_b^2) added to :func:`clipped_count_query`.
+    expected_clients : m, the expected cohort size (public under Poisson sampling).
+
+    Returns
+    -------
+    float
+        The noised fraction of clients whose norm was at most C (post-processing of the
+        noised query).
+    """
+    m = max(float(expected_clients), 1.0)
+    return (clipped_count_query(norms, clip) + float(count_noise)) / m + 0.5
 
 
 def adaptive_clip_step(clip: float, noisy_unclipped_fraction: float, target_quantile: float, lr: float) -> float:

@@ -12,12 +12,20 @@ Mechanisms (DESIGN section 4):
 
 - ``central``: noise std ``sigma * Delta`` added once to each released sum by the
   party that releases it; accounted with sigma at sampling rate q.
-- ``distributed``: each of the ``n`` reporting clients adds a share of std
-  ``sigma * Delta / sqrt(m)``, ``m = ceil(honest_fraction * n)``, so any ``m``
-  honest shares carry the full noise; accounted like ``central``.
-- ``local``: each client adds std ``2 C sigma`` to its own upload (replacing one
-  user's data moves its clipped update by at most 2C); accounted per client with
-  q = 1 (the server sees every upload), i.e. protection against the server.
+- ``distributed``: each of the ``n`` clients adds a share of std
+  ``sigma * Delta / sqrt(m)``, with ``m`` the fewest honest shares that can reach
+  the sum: ``m = r - (n - ceil(honest_fraction * n))``, where ``r`` is the fewest
+  uploads the aggregation backend releases a sum of (``n`` without dropouts; the
+  masking threshold with them, see :meth:`Aggregator.min_reporting`), less every
+  client that may be dishonest. Any ``m`` honest shares carry the full noise
+  ``sigma * Delta``; accounted like ``central``.
+- ``local``: each client adds std ``sigma * S`` to its own upload, with ``S`` the
+  largest change of one upload when the user's data is replaced: ``2 C`` within one
+  block, ``C * sqrt(2 (1 + count_scale^2))`` when the client moves to another
+  group's block (its update and its count coordinate leave one block and enter
+  another), so ``S = C * max(2, sqrt(2 (1 + count_scale^2)))`` with several
+  blocks; accounted per client with q = 1 (the server sees every upload), i.e.
+  protection against the server.
 """
 
 from __future__ import annotations
@@ -76,9 +84,10 @@ class UserLevelDP:
     calibrated: bool
     ledger: PrivacyLedger = field(default_factory=PrivacyLedger)
     clip_history: list[float] = field(default_factory=list)
+    n_blocks: int = 1
 
     @classmethod
-    def from_config(cls, cfg: Any, *, sample_rate: float, rounds: int, expected_clients: float) -> UserLevelDP:
+    def from_config(cls, cfg: Any, *, sample_rate: float, rounds: int, expected_clients: float, n_blocks: int = 1) -> UserLevelDP:
         """Plan the run: calibrate sigma when needed and split it for adaptive clipping.
 
         Parameters
@@ -87,6 +96,8 @@ class UserLevelDP:
         sample_rate : Poisson rate q of client sampling.
         rounds : the most rounds the run may take (calibration horizon).
         expected_clients : q times the number of eligible clients.
+        n_blocks : group blocks a client may write its upload into (G under oblivious
+            grouping, else 1); sets the local-DP sensitivity.
         """
         if cfg.mechanism not in USER_MECHANISMS:
             raise ConfigError(f"privacy.mechanism={cfg.mechanism!r} is not user-level; known: {', '.join(USER_MECHANISMS)}")
@@ -116,6 +127,7 @@ class UserLevelDP:
             update_multiplier=update_sigma,
             count_stddev=count_std,
             calibrated=calibrated,
+            n_blocks=int(n_blocks),
         )
 
     # ---------------------------------------------------------------- noise sizes
@@ -132,6 +144,46 @@ class UserLevelDP:
             return math.inf
         return self.clip * math.sqrt(1.0 + self.count_scale**2)
 
+    @property
+    def local_sensitivity(self) -> float:
+        """S: L2 change of one client's own upload when its data is replaced (local DP).
+
+        Within one block the update moves by at most ``2C`` and the count coordinate
+        stays. Moving from block g to block g' clears ``[u ; kappa]`` in g and writes
+        ``[u' ; kappa]`` in g': ``sqrt(|u|^2 + kappa^2 + |u'|^2 + kappa^2) <=
+        C sqrt(2 (1 + count_scale^2))``.
+        """
+        if math.isinf(self.clip):
+            return math.inf
+        within = 2.0 * self.clip
+        if self.n_blocks <= 1:
+            return within
+        return max(within, self.clip * math.sqrt(2.0 * (1.0 + self.count_scale**2)))
+
+    def honest_reporting(self, n_clients: int, min_reporting: int | None = None) -> int:
+        """m: the fewest honest noise shares that reach the sum of a round of ``n_clients``.
+
+        ``min_reporting`` (default ``n_clients``) is the fewest uploads the backend
+        releases a sum of; at most ``n_clients - ceil(honest_fraction * n_clients)``
+        clients are dishonest, and in the worst case all of them are among the survivors.
+
+        Raises
+        ------
+        ConfigError
+            If no honest share is guaranteed to reach the sum.
+        """
+        n = int(n_clients)
+        r = n if min_reporting is None else int(min_reporting)
+        dishonest = n - math.ceil(self.honest_fraction * n)
+        m = r - dishonest
+        if m < 1:
+            raise ConfigError(
+                f"distributed DP: of {n} clients as few as {r} may reach the sum and up to {dishonest} may be dishonest, "
+                "so no honest noise share is guaranteed to reach it; raise privacy.honest_fraction or "
+                "aggregation.threshold_fraction"
+            )
+        return m
+
     def _std(self, multiplier: float) -> float:
         if multiplier == 0.0:
             return 0.0
@@ -141,13 +193,20 @@ class UserLevelDP:
         """Std of the central draw (0 unless the mechanism is ``central``)."""
         return self._std(self.update_multiplier) if self.mechanism == "central" else 0.0
 
-    def share_std(self, n_reporting: int) -> float:
-        """Std of each client's own noise share this round (0 for ``central``)."""
+    def share_std(self, n_clients: int, min_reporting: int | None = None) -> float:
+        """Std of each client's own noise share this round (0 for ``central``).
+
+        ``distributed``: ``sigma * Delta / sqrt(m)`` with ``m`` :meth:`honest_reporting`;
+        ``min_reporting`` is the backend's :meth:`Aggregator.min_reporting` (shares of
+        clients that drop out never reach the sum). ``local``: ``sigma * S``
+        (:attr:`local_sensitivity`).
+        """
         if self.mechanism == "distributed":
-            m = max(1, math.ceil(self.honest_fraction * n_reporting))
-            return self._std(self.update_multiplier) / math.sqrt(m)
+            if self.update_multiplier == 0.0:
+                return 0.0
+            return self._std(self.update_multiplier) / math.sqrt(self.honest_reporting(n_clients, min_reporting))
         if self.mechanism == "local":
-            return 0.0 if self.noise_multiplier == 0.0 else 2.0 * self.clip * self.noise_multiplier
+            return 0.0 if self.noise_multiplier == 0.0 else self.noise_multiplier * self.local_sensitivity
         return 0.0
 
     # ---------------------------------------------------------------- budget
@@ -169,10 +228,13 @@ class UserLevelDP:
         self.clip_history.append(self.clip)
         self.ledger.append(PrivacyEvent(round=round_idx, noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate))
 
-    def adapt_clip(self, noisy_unclipped: float, expected_clients: float) -> None:
-        """Adaptive clipping: move C from the noised count of unclipped clients."""
-        frac = float(noisy_unclipped) / max(float(expected_clients), 1.0)
-        self.clip = adaptive_clip_step(self.clip, frac, self.target_quantile, self.clip_lr)
+    def adapt_clip(self, noisy_fraction: float) -> None:
+        """Adaptive clipping: move C from the noised fraction of unclipped clients.
+
+        ``noisy_fraction`` must come from :func:`~gfmfr_secure.privacy.mechanisms.noisy_unclipped_fraction`
+        (the centred count, sensitivity 1/2, that :func:`split_noise_multiplier` accounts for).
+        """
+        self.clip = adaptive_clip_step(self.clip, float(noisy_fraction), self.target_quantile, self.clip_lr)
 
     def horizon_epsilon(self, rounds: int) -> float:
         """Epsilon after ``rounds`` rounds at this plan's sigma and q."""

@@ -22,7 +22,23 @@ from gfmfr_secure.rng import SecretSource
 from gfmfr_secure.server.grouping import SERVER_GROUPING
 from gfmfr_secure.types import LocalHyper
 
-__all__ = ["RecordLevelDP", "clip_upload", "plan_privacy", "privacy_report"]
+__all__ = ["DP_HISTORY_FIELDS", "RecordLevelDP", "clip_upload", "plan_privacy", "privacy_report"]
+
+#: What history.json holds per round under user-level DP, and why each field may be there.
+#: Statistics of the raw individual updates (mean training loss, median update norm, the
+#: exact cohort size, the plain backend's mean upload size) are not written under DP.
+DP_HISTORY_FIELDS: dict[str, str] = {
+    "round": "round index (public)",
+    "dp": "clip in force (from released, noised counts) and epsilon spent (from the ledger)",
+    "group_sizes": "released group counts (noised)",
+    "fusion_loss": "server fusion loss on the noised group sums (post-processing)",
+    "cost": "protocol bytes and seconds of the secure backends (sizes fixed by the layout); dropouts are simulated from public randomness",
+    "client_s": "wall-clock seconds, an operator diagnostic (not released by a deployment)",
+    "server_s": "wall-clock seconds, an operator diagnostic (not released by a deployment)",
+    "grouping_s": "wall-clock seconds, an operator diagnostic (not released by a deployment)",
+    "fusion_s": "wall-clock seconds, an operator diagnostic (not released by a deployment)",
+    "val": "validation metrics of the released model on users' held-out items: the experimenter's evaluation, outside the release the epsilon covers",
+}
 
 
 class RecordLevelDP:
@@ -107,7 +123,9 @@ def plan_privacy(cfg: Any, n_eligible: int) -> UserLevelDP | None:
     if cfg.train.weighting != "uniform":
         raise ConfigError("user-level DP bounds each client's contribution: set train.weighting=uniform (sample weights change the sensitivity)")
     tc = cfg.train
-    return UserLevelDP.from_config(pc, sample_rate=tc.client_fraction, rounds=tc.rounds, expected_clients=tc.client_fraction * n_eligible)
+    # a client picks its own block only under oblivious grouping (local DP must cover moving between blocks)
+    blocks = int(cfg.grouping.num_groups) if cfg.distill.enabled and cfg.grouping.method == "oblivious" else 1
+    return UserLevelDP.from_config(pc, sample_rate=tc.client_fraction, rounds=tc.rounds, expected_clients=tc.client_fraction * n_eligible, n_blocks=blocks)
 
 
 def clip_upload(update: Any, dp: UserLevelDP | None, cfg: Any) -> tuple[Any, torch.Tensor]:
@@ -143,12 +161,14 @@ def privacy_report(cfg: Any, dp: UserLevelDP | None, grouping: str, n_groups: in
         "clipping": pc.clipping,
         "adaptive_clip": dp.adaptive,
         "count_scale": dp.count_scale,
-        "sensitivity_factor": float(np.sqrt(1.0 + dp.count_scale**2)),
+        # sensitivity / C: of the released sum, or (local DP) of one client's own upload
+        "sensitivity_factor": float(dp.local_sensitivity / dp.clip) if dp.mechanism == "local" and np.isfinite(dp.clip) else float(np.sqrt(1.0 + dp.count_scale**2)),
         "sample_rate": dp.sample_rate,
         "rounds": len(dp.ledger),
         "covers": covers,
         "not_covered": not_covered,
         "ledger": dp.ledger.to_dict(),
+        "history_fields": dict(DP_HISTORY_FIELDS),
     }
     if not_covered:
         report["epsilon_withheld_because"] = "; ".join(not_covered)

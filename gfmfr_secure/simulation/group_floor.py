@@ -79,7 +79,7 @@ def count_phase(
     noise = None
     if dp is not None:
         layout = ReleaseLayout(n_groups, 0, d, 0, dp.count_value)  # blocks of one coordinate: the count
-        share_std = dp.share_std(n)
+        share_std = dp.share_std(n, aggregator.min_reporting(n))  # shares of dropped clients never arrive
         shares = NoiseShares(source.key("dp-count-share", round_idx), round_idx, upload.clients, share_std, layout) if share_std > 0 else None
         noise = ReleaseNoise(layout, central_noise(layout, dp.central_std(), source.key("dp-count-central", round_idx)), shares)
     agg = aggregator.aggregate(counts_only, n_items=0, weights=np.ones(n), groups=np.asarray(groups, dtype=np.int64), n_groups=n_groups, noise=noise)

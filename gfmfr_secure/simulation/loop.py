@@ -28,6 +28,7 @@ from gfmfr_secure.client.state import ClientStateStore
 from gfmfr_secure.data import Split, sample_training
 from gfmfr_secure.errors import ConfigError
 from gfmfr_secure.metrics import evaluate_ranking
+from gfmfr_secure.privacy.mechanisms import noisy_unclipped_fraction
 from gfmfr_secure.models import get_backbone, init_shared_params
 from gfmfr_secure.privacy.release import (
     NoiseShares,
@@ -198,7 +199,8 @@ def run_federated(
             log.info("round %d would exceed the privacy budget (epsilon %.4g of %.4g spent): training stops", t, dp.epsilon(), dp.target_epsilon)
             break
         cohort = _sample_cohort(eligible, tc.client_fraction, seed, t)
-        rec["cohort"] = int(cohort.size)
+        if dp is None:  # under user-level DP the exact cohort size is not released (the noised counts are)
+            rec["cohort"] = int(cohort.size)
         if cohort.size == 0:
             if dp is not None:  # the round happened (sampling is data-independent); account for it
                 dp.record(t)
@@ -295,7 +297,7 @@ def run_federated(
         release_noise = shares = None
         if dp is not None and not server_grouped:  # groups are the clients' own: noise goes into the backend
             layout = ReleaseLayout(max(n_groups, 1), n_items, d, head_size, dp.count_value, write_count=phase_counts is None)
-            share_std = dp.share_std(len(upload))
+            share_std = dp.share_std(len(upload), aggregator.min_reporting(len(upload)))
             shares = NoiseShares(secret_source.key("dp-share", t), t, upload.clients, share_std, layout) if share_std > 0 else None
             release_noise = ReleaseNoise(layout, central_noise(layout, dp.central_std(), secret_source.key("dp-central", t)), shares)
         agg = aggregator.aggregate(upload, n_items=n_items, weights=weights, groups=client_groups, n_groups=max(n_groups, 1), noise=release_noise)
@@ -307,6 +309,8 @@ def run_federated(
             if smallest is not None and (floor_stats["smallest"] is None or smallest < floor_stats["smallest"]):
                 floor_stats["smallest"] = smallest
         rec["cost"] = dict(aggregator.last_cost)
+        if dp is not None and aggregator.exposure == Exposure.PER_CLIENT:
+            rec["cost"].pop("bytes_up_per_client", None)  # plain: the mean count of touched rows, a raw statistic
         rec["cost"].update({f"count_phase_{k}": v for k, v in rec.pop("count_cost", {}).items()})
         rec["cost"]["broadcast_bytes_per_client"] = float(4 * (server.shared.item_table.numel() + head_size + (0 if server.teacher is None else server.teacher.numel()) + (0 if centroids is None else centroids.size)))
         regroup = bool(n_groups) and not (grouping in SERVER_GROUPING and len(update) < n_groups)
@@ -343,11 +347,11 @@ def run_federated(
             agg = noise_release(agg, noise, layout)
         if dp is not None:
             dp.record(t)
-            rec["dp"] = {"clip": dp.clip, "epsilon": dp.epsilon(), "median_norm": float(norms.median())}
+            # only released, noised quantities: no statistic of the raw updates (their median norm) goes to history
+            rec["dp"] = {"clip": dp.clip, "epsilon": dp.epsilon()}
             if dp.adaptive:
-                unclipped = float((norms <= dp.clip).sum())
-                noisy = unclipped + float(secret_normal(secret_source.key("dp-count", t), (1,))[0]) * dp.count_stddev
-                dp.adapt_clip(noisy, tc.client_fraction * eligible.size)
+                count_noise = float(secret_normal(secret_source.key("dp-count", t), (1,))[0]) * dp.count_stddev
+                dp.adapt_clip(noisy_unclipped_fraction(norms, dp.clip, count_noise, tc.client_fraction * eligible.size))
 
         # ---- server: FedAvg, centroids, fusion and teacher
         before = server.shared.clone()
@@ -375,7 +379,10 @@ def run_federated(
         t2 = time.perf_counter()
         for cb in callbacks:
             _emit_views(cb, t, aggregator, agg, server, upload, shares, dp, before, client_groups if client_groups is not None else labels, grouping)
-        rec.update(loss=float(np.mean(update.loss)), client_s=t1 - t0, server_s=t2 - t1)
+        rec.update(client_s=t1 - t0, server_s=t2 - t1)
+        mean_loss = float(np.mean(update.loss))  # of the raw local training: logged, kept out of history under DP
+        if dp is None and record_dp is None:
+            rec["loss"] = mean_loss
         timing["client"].append(t1 - t0)
         timing["server"].append(t2 - t1)
 
@@ -384,8 +391,8 @@ def run_federated(
             val = evaluate_ranking(scorer(server.shared, store), split, "val", ks=ks, chunk_size=cfg.eval.chunk_users)
             timing["eval"].append(time.perf_counter() - t3)
             rec["val"] = val
-            bar.set_postfix(loss=f"{rec['loss']:.4f}", ndcg10=f"{val['NDCG@10']:.4f}")
-            log.info("round %d: loss %.4f val HR@10 %.4f NDCG@10 %.4f (client %.2fs, server %.2fs)", t, rec["loss"], val["HR@10"], val["NDCG@10"], rec["client_s"], rec["server_s"])
+            bar.set_postfix(loss=f"{mean_loss:.4f}", ndcg10=f"{val['NDCG@10']:.4f}")
+            log.info("round %d: loss %.4f val HR@10 %.4f NDCG@10 %.4f (client %.2fs, server %.2fs)", t, mean_loss, val["HR@10"], val["NDCG@10"], rec["client_s"], rec["server_s"])
             if selector.observe(t, val, lambda: (server.shared.clone(), store.snapshot())):
                 history.append(rec)
                 log.info("early stop after round %d (best round %d)", t, selector.best_round)
