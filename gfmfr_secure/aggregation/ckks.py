@@ -39,7 +39,7 @@ def ckks_params_for(value_bound: float, max_summands: int) -> Any:
     A sum of ``max_summands`` values of magnitude ``<= value_bound`` must stay below half
     the 68-bit data modulus: scale bits ``<= 67 - log2(max_summands * value_bound)``, at
     most 56. Two data primes keep the flooding noise small (1024 summands of ``|x| <= 8``:
-    scale 2**53, flooding std 9.7e-3 on a sum of D = 549,915 values; see
+    scale 2**53, flooding std 9.9e-3 on a sum of D = 579,850 values; see
     :meth:`gfmfr_secure.secagg.ckks.CKKSParams.flooding_std`).
     """
     from gfmfr_secure.secagg.ckks import CKKSParams

@@ -132,7 +132,7 @@ drawn from a 256-bit secret key through ChaCha20 in float64:
 At the backend's parameters (``(34, 34, 41)``, ``Delta = 2**53`` for 1024
 summands of ``|x| <= 8``) the lattice term is ``4.9e-12`` and the
 floating-point term ``1.3e-11`` per value, so for a default ML-100K release
-(D = 549,915) ``sigma_flood = 9.6e-3`` on each value of a sum, ``1e-5`` on a
+(D = 579,850) ``sigma_flood = 9.9e-3`` on each value of a sum, ``1e-5`` on a
 mean over 943 clients. A single 42-bit prime (the previous parameters) would
 need ``sigma_flood ~ 1e5``: useless, hence the second data prime.
 

@@ -237,7 +237,7 @@ def test_flooded_release_defeats_the_attack_and_stays_accurate(custody: str) -> 
 
 def test_flooding_bound_gives_40_bits_for_a_round() -> None:
     """KL(real || ideal) = ||delta||^2 / (2 sigma^2) <= 2^-40 at the bound on ||delta||, and the noise stays small."""
-    params, dim = BACKEND, 549_915  # the default ML-100K layout: 5 groups x (1682 * 64 + head + count)
+    params, dim = BACKEND, 579_850  # the default ML-100K layout: 5 groups x (1682 * 64 + 8321 head + 1 count)
     sigma = params.flooding_std(dim)
     n_max = params.max_summands
     fp = (np.log2(N) + 2) * 2.0**-53 * n_max * params.max_abs_value
