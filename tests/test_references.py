@@ -190,7 +190,7 @@ def test_evaluate_ease_reports_the_chosen_lambda(ml_folder, monkeypatch, capsys)
     assert status == 0
     out = json.loads(capsys.readouterr().out)
     assert out["settings"]["lambda"] in (1.0, 10.0)
-    assert set(out["settings"]["val NDCG@10 per lambda"]) == {"1", "10"}
+    assert set(out["settings"]["val_ndcg10_by_lambda"]) == {"1", "10"}
     assert out["users"] >= 1
 
 
@@ -199,3 +199,13 @@ def test_evaluate_rejects_a_flag_for_another_scorer(ml_folder, capsys) -> None:
     assert status == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --mf-lr configures --scorer mf")
+
+
+def test_evaluate_mf_chooses_among_several_settings(ml_folder, monkeypatch, capsys) -> None:
+    monkeypatch.delenv(DATA_ENV_VAR, raising=False)
+    argv = ["evaluate", "--data", str(ml_folder), "--scorer", "mf", "--mf-lr", "0.01", "0.1", "--mf-epochs", "10", "--seed", "2", "--json"]
+    assert cli.main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["settings"]["lr"] in (0.01, 0.1)
+    assert set(out["settings"]["val_ndcg10_by_setting"]) == {"lr=0.01 wd=0.003", "lr=0.1 wd=0.003"}
+    assert (out["settings"]["seed"], out["settings"]["dim"]) == (2, 64)

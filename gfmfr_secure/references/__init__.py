@@ -144,7 +144,7 @@ def _ease(split: Split, options: ReferenceOptions) -> ReferenceFit:
     chosen = select_ease_lambda(split, options.ease_lambdas, ks=options.ks, chunk_size=options.chunk_users)
     settings = {
         "lambda": chosen.lam,
-        "val NDCG@10 per lambda": {f"{lam:g}": round(ndcg, 4) for lam, ndcg in chosen.grid},
+        "val_ndcg10_by_lambda": {f"{lam:g}": round(ndcg, 4) for lam, ndcg in chosen.grid},
     }
     return ReferenceFit(ease_scorer(split, chosen.weights), settings)
 
@@ -163,7 +163,7 @@ def _mf(split: Split, options: ReferenceOptions) -> ReferenceFit:
         "seed": options.seed,
     }
     if len(chosen.grid) > 1:
-        settings["val NDCG@10 per (lr, weight_decay)"] = {
-            f"{lr:g}, {wd:g}": f"{ndcg:.4f} (epoch {epoch})" for lr, wd, ndcg, epoch in chosen.grid
+        settings["val_ndcg10_by_setting"] = {
+            f"lr={lr:g} wd={wd:g}": f"{ndcg:.4f} (epoch {epoch})" for lr, wd, ndcg, epoch in chosen.grid
         }
     return ReferenceFit(best.model.scorer(), settings)
