@@ -38,6 +38,7 @@ DP_HISTORY_FIELDS: dict[str, str] = {
     "grouping_s": "wall-clock seconds, an operator diagnostic (not released by a deployment)",
     "fusion_s": "wall-clock seconds, an operator diagnostic (not released by a deployment)",
     "val": "validation metrics of the released model on users' held-out items: the experimenter's evaluation, outside the release the epsilon covers",
+    "skipped": "why a round released no sums (group floor); the test on the exact cohort size is one bit about who was sampled, outside the release the epsilon covers",
 }
 
 
