@@ -80,6 +80,7 @@ __all__ = [
     "IMIA_SCORES",
     "dense_to_csr",
     "imia_row_scores",
+    "dot_imia_row_scores",
     "imia_scores",
     "row_magnitude_scores",
     "row_norms",
@@ -479,3 +480,47 @@ def imia_scores(
     if fill_value is None:
         fill_value = -2.0 if score == "cosine" else (float(s.min()) - 1.0 if s.size else -1.0)
     return scatter_rows(ptr, it, s, n_items, fill_value)
+
+
+def dot_imia_row_scores(row_ptr: np.ndarray, item_delta: np.ndarray, *, pos_fraction: float, iterations: int = 30) -> np.ndarray:
+    """IMIA against the ``dot`` scorer: every uploaded row moves along the client's user vector.
+
+    With ``logit = v . x + b`` (``v = e_u + w2``), one SGD step moves a row by
+    ``-lr (p - y) v``: a positive along ``+v``, a negative along ``-v``. The attacker
+    does not know ``e_u`` but every row of a client shares the direction, so the
+    client's dominant direction (top right-singular vector of its rows, found by
+    power iteration over all clients at once) estimates ``v``; each row is scored by
+    its projection on it, and the sign of a client's scores is chosen so that the
+    share of positive scores is closest to ``pos_fraction`` (the protocol's
+    ``1 / (1 + num_negatives)``, which the server knows).
+
+    Parameters
+    ----------
+    row_ptr : int64 [n + 1] each client's range of rows.
+    item_delta : float [R, d] uploaded row minus broadcast row.
+
+    Returns
+    -------
+    float64 [R] scores (higher = more likely a positive).
+    """
+    ptr = np.asarray(row_ptr, dtype=np.int64)
+    delta = torch.as_tensor(np.asarray(item_delta), dtype=torch.float64)
+    n = ptr.size - 1
+    owner = torch.from_numpy(np.repeat(np.arange(n), np.diff(ptr)))
+    # start from each client's row of largest norm (never orthogonal to the dominant direction)
+    norms = delta.norm(dim=1)
+    start = torch.zeros(n, delta.shape[1], dtype=torch.float64)
+    best = torch.full((n,), -1.0, dtype=torch.float64).scatter_reduce(0, owner, norms, reduce="amax")
+    first = (norms == best[owner]).nonzero().squeeze(1)
+    start[owner[first]] = delta[first]
+    v = start / start.norm(dim=1, keepdim=True).clamp(min=1e-300)
+    for _ in range(iterations):
+        proj = (delta * v[owner]).sum(1, keepdim=True)  # [R, 1]
+        v = torch.zeros_like(v).index_add_(0, owner, proj * delta)
+        v = v / v.norm(dim=1, keepdim=True).clamp(min=1e-300)
+    score = (delta * v[owner]).sum(1)  # [R]
+    counts = torch.bincount(owner, minlength=n).clamp(min=1).double()
+    share = torch.zeros(n, dtype=torch.float64).index_add_(0, owner, (score > 0).double()) / counts
+    flip = (1.0 - share - pos_fraction).abs() < (share - pos_fraction).abs()
+    sign = torch.where(flip, -1.0, 1.0).double()
+    return (score * sign[owner]).numpy()

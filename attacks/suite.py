@@ -37,7 +37,7 @@ import torch
 from attacks.attribute import age_bracket, attribute_inference
 from attacks.base import AttackResult
 from attacks.grouping import group_inference
-from attacks.interaction import imia_row_scores
+from attacks.interaction import dot_imia_row_scores, imia_row_scores
 from attacks.metrics import attack_metrics
 from gfmfr_secure.models.params import unflatten_heads
 from gfmfr_secure.privacy.release import NoiseShares, ReleaseLayout
@@ -153,10 +153,13 @@ def _imia(per_client: dict[str, Any], broadcast: dict[str, Any], n_items: int, p
     d = int(broadcast["latent_dim"])
     w1u, w1i, b1, w2, b2 = (t[0] for t in unflatten_heads(broadcast["head"].unsqueeze(0), d))
     items = np.asarray(per_client["row_items"])[idx]
-    scores = imia_row_scores(
-        sub_ptr, items, per_client["item_delta"][torch.from_numpy(idx)].numpy(), broadcast["item_table"].numpy(),
-        w1u.numpy(), w1i.numpy(), b1.numpy(), w2.numpy(), float(b2), seed=seed, pos_fraction=pos_fraction,
-    )
+    if not bool(w1i.any()):  # the dot scorer (its first layer is unused and zero): rows move along e_u + w2
+        scores = dot_imia_row_scores(sub_ptr, per_client["item_delta"][torch.from_numpy(idx)].numpy(), pos_fraction=pos_fraction)
+    else:
+        scores = imia_row_scores(
+            sub_ptr, items, per_client["item_delta"][torch.from_numpy(idx)].numpy(), broadcast["item_table"].numpy(),
+            w1u.numpy(), w1i.numpy(), b1.numpy(), w2.numpy(), float(b2), seed=seed, pos_fraction=pos_fraction,
+        )
     out = np.full((len(positions), n_items), -np.inf)
     owner = np.repeat(np.arange(len(positions)), np.diff(sub_ptr))
     out[owner, items] = scores

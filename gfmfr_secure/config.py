@@ -148,14 +148,28 @@ class ModelConfig:
         ``fedncf``, ``pfedrec``); checked by the runner, not here.
     latent_dim : int
         Size d of user and item embeddings.
+    scorer : {"dot", "mlp"}
+        ``dot``: the logit is ``(e_u + w2) . (C[i] + P_u[i]) + b2``, the user vector
+        scoring the item vector as in FedRAP and matrix factorisation (``w2``, the
+        output layer, is the shared part of the user vector and the teacher's group
+        vector); ``mlp``: the GFMFR authors' ``w2 . relu(W1 [e_u ; C[i] + P_u[i]] + b1) + b2``.
+    user_init_std, item_init_std : float
+        Standard deviations of the normal initial user embeddings and shared item table.
     """
 
     backbone: str = "fedrap"
     latent_dim: int = 64
+    scorer: Literal["dot", "mlp"] = "dot"
+    user_init_std: float = 0.1
+    item_init_std: float = 0.1
 
     def __post_init__(self) -> None:
         _require(bool(self.backbone), "model.backbone", "a non-empty name", self.backbone)
         _require(self.latent_dim >= 1, "model.latent_dim", ">= 1", self.latent_dim)
+        _require(self.scorer in ("dot", "mlp"), "model.scorer", "'dot' or 'mlp'", self.scorer)
+        for key in ("user_init_std", "item_init_std"):
+            value = getattr(self, key)
+            _require(0 <= value < math.inf, "model." + key, ">= 0 and finite", value)
 
 
 @dataclass(frozen=True)
@@ -179,8 +193,19 @@ class TrainConfig:
     item_lr_scale : float
         Item-table lr is ``lr * item_lr_scale``; 0 means ``lr * n_items``.
     item_lr_decay : float
-        Multiplicative per-round decay of the item-table lr, in (0, 1].
+        Multiplicative per-round decay of the item-table lr and of ``user_lr``, in (0, 1].
     weight_decay : float
+        L2 weight decay of the MLP head (``mlp`` scorer).
+    user_lr : float
+        ``dot`` scorer: learning rate of the user vector (``e_u`` and ``w2``) and ``b2``.
+    embedding_weight_decay : float
+        ``dot`` scorer: L2 on the user vector and on every item row of a batch (shared
+        and personal), as in matrix factorisation.
+    item_aggregation : {"sum", "mean"}
+        How the server applies the cohort's item-table deltas: their sum (with one local
+        step and full participation this is exactly centralised gradient descent on the
+        sum of the users' losses) or their mean over the cohort (FedAvg, which divides
+        the step of a row by the cohort size whether or not a client touched it).
     alpha, beta : float
         FedRAP regularisers; ``alpha_t = alpha * tanh(t / 10)`` (same for beta).
     client_fraction : float
@@ -206,9 +231,14 @@ class TrainConfig:
     # the authors use 0.002 on ML-100K (their code diverges at 0.01, ours does not)
     lr: float = 0.01
     lr_decay: float = 0.8
-    item_lr_scale: float = 0.0
-    item_lr_decay: float = 0.9
+    # item and user-vector lr 0.5 at lr 0.01, decaying 5% a round: selected on validation
+    # (docs/baselines.md); the authors' lr * n_items with 0.9 decay is item_lr_scale 0
+    item_lr_scale: float = 50.0
+    item_lr_decay: float = 0.95
     weight_decay: float = 1.0e-4
+    user_lr: float = 0.5
+    embedding_weight_decay: float = 0.01
+    item_aggregation: Literal["sum", "mean"] = "sum"
     alpha: float = 0.1
     beta: float = 0.1
     client_fraction: float = 1.0
@@ -238,6 +268,14 @@ class TrainConfig:
             ">= 0 and finite",
             self.weight_decay,
         )
+        _require(0 < self.user_lr < math.inf, p + "user_lr", "> 0 and finite", self.user_lr)
+        _require(
+            0 <= self.embedding_weight_decay < math.inf,
+            p + "embedding_weight_decay",
+            ">= 0 and finite",
+            self.embedding_weight_decay,
+        )
+        _require(self.item_aggregation in ("sum", "mean"), p + "item_aggregation", "'sum' or 'mean'", self.item_aggregation)
         _require(0 <= self.alpha < math.inf, p + "alpha", ">= 0 and finite", self.alpha)
         _require(0 <= self.beta < math.inf, p + "beta", ">= 0 and finite", self.beta)
         _require(

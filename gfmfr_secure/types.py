@@ -26,6 +26,9 @@ class LocalHyper:
     max_ratio : cap on each batch's base/KL ratio before it enters the running mean.
     batch_size, epochs : local minibatch size and epochs.
     shuffle_seed : per-round seed of the counter-based shuffle (identical for both paths).
+    scorer : ``dot`` or ``mlp`` (:class:`~gfmfr_secure.config.ModelConfig`).
+    lr_user : ``dot``: learning rate of the user vector ``e_u + w2`` and of ``b2``.
+    embedding_weight_decay : ``dot``: L2 on the user vector and the batch's item rows.
     """
 
     lr_network: float
@@ -39,6 +42,9 @@ class LocalHyper:
     batch_size: int
     epochs: int
     shuffle_seed: int
+    scorer: str = "mlp"
+    lr_user: float = 0.0
+    embedding_weight_decay: float = 0.0
 
 
 @dataclass(frozen=True, eq=False)

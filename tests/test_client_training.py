@@ -36,20 +36,22 @@ def _hyper(**kw) -> LocalHyper:
     return LocalHyper(**base)
 
 
-def _setup(name: str):
-    return make_setup(name, U, I, D)
+def _setup(name: str, scorer: str = "mlp"):
+    return make_setup(name, U, I, D, scorer)
 
 
+@pytest.mark.parametrize("scorer", ["mlp", "dot"])
 @pytest.mark.parametrize("backbone", ["fedrap", "fedncf", "pfedrec"])
 @pytest.mark.parametrize("distill", [False, True])
 @pytest.mark.parametrize("workers", [1, 3])
-def test_cohort_equals_per_client_path(backbone: str, distill: bool, workers: int) -> None:
+def test_cohort_equals_per_client_path(backbone: str, distill: bool, workers: int, scorer: str) -> None:
     """The cohort path (compiled loops, hand-derived gradients) gives the autograd
-    per-client update, on one worker thread or several."""
-    spec, shared, store_a = _setup(backbone)
+    per-client update, on one worker thread or several, for both scorers."""
+    spec, shared, store_a = _setup(backbone, scorer)
     store_b = store_a.snapshot()
     indptr, items, labels = _samples()
-    hyper = _hyper(distill=0.7 if distill else 0.0)
+    extra = {"scorer": "dot", "lr_user": 0.3, "embedding_weight_decay": 0.05} if scorer == "dot" else {}
+    hyper = _hyper(distill=0.7 if distill else 0.0, **extra)
     teacher = torch.rand(3, I, generator=torch.Generator().manual_seed(3)) if distill else None
     groups = np.array([0, 1, 2, -1, 0, 1, 2])
     clients = np.array([3, 0, 5, 6, 1, 2, 4])

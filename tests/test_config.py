@@ -36,7 +36,8 @@ def test_default_file_is_the_schema_defaults():
 def test_defaults_match_gfmfr_on_ml100k():
     cfg = ExperimentConfig()
     assert (cfg.method, cfg.seed, cfg.model.latent_dim, cfg.train.rounds) == ("gfmfr", 0, 64, 100)
-    assert (cfg.train.lr, cfg.train.lr_decay, cfg.train.item_lr_decay) == (0.01, 0.8, 0.9)
+    assert (cfg.train.lr, cfg.train.lr_decay, cfg.train.item_lr_decay) == (0.01, 0.8, 0.95)
+    assert (cfg.model.scorer, cfg.train.item_aggregation, cfg.train.item_lr_scale) == ("dot", "sum", 50.0)
     assert (cfg.grouping.num_groups, cfg.fusion.embedding_dim) == (5, 512)
     assert cfg.fusion.modalities == ("text", "image")
     assert cfg.eval.ks == (10, 20, 50)

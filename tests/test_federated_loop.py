@@ -16,7 +16,7 @@ from gfmfr_secure.simulation.loop import run_federated
 from gfmfr_secure.simulation.runner import METHODS, check_method
 
 SMALL = [
-    "train.rounds=3", "train.local_epochs=2", "train.batch_size=16", "train.lr=0.05", "train.item_lr_scale=20",
+    "train.rounds=3", "train.local_epochs=2", "train.batch_size=16", "train.lr=0.05", "train.item_lr_scale=4", "train.user_lr=0.2",
     "fusion.server_epochs=2", "fusion.embedding_dim=16", "model.latent_dim=8", "grouping.num_groups=3",
     "eval.ks=[5,10,20,50]",
 ]
@@ -144,7 +144,7 @@ def test_fixed_negatives_are_reused(tiny_synthetic, split, monkeypatch) -> None:
 def test_diverging_clients_fail_loudly_before_aggregation(method: str, tiny_synthetic, split) -> None:
     """An absurd learning rate overflows local training: the round names it, nothing reaches the server."""
     with pytest.raises(FloatingPointError, match=r"round 0: local training diverged .* lower train.lr"):
-        run_federated(cfg_for(method, "train.lr=1e30"), tiny_synthetic, split, progress=False)
+        run_federated(cfg_for(method, "train.lr=1e30", "train.user_lr=1e30"), tiny_synthetic, split, progress=False)
 
 
 def test_finite_check_names_the_clients_of_bad_rows() -> None:

@@ -182,6 +182,7 @@ def train_cohort(
         emb.numpy(), ema.numpy(), loss_sum, step_count, int(hyper.batch_size), float(hyper.lr_network),
         float(hyper.lr_items), float(hyper.weight_decay), float(alpha), float(beta), float(hyper.distill),
         float(hyper.ema_decay), float(hyper.max_ratio), has_personal, bool(backbone.user_embedding),
+        hyper.scorer == "dot", float(hyper.lr_user), float(hyper.embedding_weight_decay),
     )
     # Clients with the most samples first, in small batches of clients that the threads
     # take as they free up; BLAS runs single-threaded inside each.

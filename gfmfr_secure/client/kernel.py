@@ -82,6 +82,9 @@ def train_clients(
     max_ratio,
     has_personal,
     train_embedding,
+    dot,
+    lr_u,
+    wd_emb,
 ):
     """Train the clients ``sel`` for one round, in place.
 
@@ -127,6 +130,10 @@ def train_clients(
     decay = np.float32(1.0 - lr_n * weight_decay)
     lr_n32 = np.float32(lr_n)
     lr_i32 = np.float32(lr_i)
+    lr_u32 = np.float32(lr_u)
+    decay_u = np.float32(1.0 - lr_u * wd_emb)
+    wd_rows = np.float32(wd_emb)
+    v = np.empty(d, dtype=np.float32)
     for t in range(sel.size):
         c = sel[t]
         start = sample_ptr[c]
@@ -158,25 +165,35 @@ def train_clients(
                         for i in range(d):
                             X[j, i] = Cb[j, i]
                 Xn = X[:n]
-                # forward
-                for k in range(h):
-                    acc = bias1[k]
-                    for i in range(d):
-                        acc += w1u[k, i] * e[i]
-                    u[k] = acc
-                Z = np.dot(Xn, w1i.T)  # [n, h]
                 bias2 = b2[c]
+                # forward
+                if dot:  # the user vector v = e + w2 scores the item vectors
+                    for i in range(d):
+                        v[i] = e[i] + out[i]
+                    Z = A[:n]  # unused by the dot scorer
+                else:
+                    for k in range(h):
+                        acc = bias1[k]
+                        for i in range(d):
+                            acc += w1u[k, i] * e[i]
+                        u[k] = acc
+                    Z = np.dot(Xn, w1i.T)  # [n, h]
                 bce = 0.0
                 kl = 0.0
                 reg_mse = 0.0
                 reg_abs = 0.0
+                reg_l2 = 0.0
                 for j in range(n):
                     acc = bias2
-                    for k in range(h):
-                        v = Z[j, k] + u[k]
-                        v = v if v > 0.0 else np.float32(0.0)
-                        A[j, k] = v
-                        acc += out[k] * v
+                    if dot:
+                        for i in range(d):
+                            acc += v[i] * Xn[j, i]
+                    else:
+                        for k in range(h):
+                            zk = Z[j, k] + u[k]
+                            zk = zk if zk > 0.0 else np.float32(0.0)
+                            A[j, k] = zk
+                            acc += out[k] * zk
                     logit[j] = acc
                     lj = float(acc)
                     s = orders[epoch, start + b0 + j]
@@ -190,6 +207,13 @@ def train_clients(
                             diff = Pb[j, i] - Cb[j, i]
                             sq += diff * diff
                         reg_mse += sq
+                    if dot and wd_rows != 0.0:
+                        sq = 0.0
+                        for i in range(d):
+                            sq += Cb[j, i] * Cb[j, i]
+                            if has_personal:
+                                sq += Pb[j, i] * Pb[j, i]
+                        reg_l2 += sq
                     if beta != 0.0:
                         ab = 0.0
                         for i in range(d):
@@ -200,6 +224,8 @@ def train_clients(
                     base -= alpha * reg_mse / (n * d)
                 if beta != 0.0:
                     base += beta * reg_abs / (n * d)
+                if dot and wd_rows != 0.0:
+                    base += 0.5 * wd_rows * reg_l2 / n
                 loss = base
                 lam = 0.0
                 if dist:
@@ -228,22 +254,37 @@ def train_clients(
                     g *= inv_n
                     gl[j] = g
                     g_b2 += g
-                    for k in range(h):
-                        a = A[j, k]
-                        g_w2[k] += g * a
-                        m = g * out[k] if a > 0.0 else np.float32(0.0)
-                        A[j, k] = m
-                        g_b1[k] += m
-                M = A[:n]
-                g_w1i = np.dot(M.T, Xn)  # [h, d]
-                GX = np.dot(M, w1i)  # [n, d]
-                for i in range(d):
-                    acc = np.float32(0.0)
-                    for k in range(h):
-                        acc += w1u[k, i] * g_b1[k]
-                    g_e[i] = acc
+                    if not dot:
+                        for k in range(h):
+                            a = A[j, k]
+                            g_w2[k] += g * a
+                            m = g * out[k] if a > 0.0 else np.float32(0.0)
+                            A[j, k] = m
+                            g_b1[k] += m
+                if dot:  # dl/dv = sum_j g_j x_j (for e and w2 alike); dl/dx_j = g_j v
+                    for i in range(d):
+                        acc = np.float32(0.0)
+                        for j in range(n):
+                            acc += gl[j] * Xn[j, i]
+                        g_e[i] = acc
+                        g_w2[i] = acc
+                    GX = np.empty((n, d), dtype=np.float32)
+                    for j in range(n):
+                        for i in range(d):
+                            GX[j, i] = gl[j] * v[i]
+                    g_w1i = np.empty((0, 0), dtype=np.float32)
+                else:
+                    M = A[:n]
+                    g_w1i = np.dot(M.T, Xn)  # [h, d]
+                    GX = np.dot(M, w1i)  # [n, d]
+                    for i in range(d):
+                        acc = np.float32(0.0)
+                        for k in range(h):
+                            acc += w1u[k, i] * g_b1[k]
+                        g_e[i] = acc
                 # item rows: every gradient from the step's starting rows, then subtract
                 two_a = np.float32(2.0 * alpha / (n * d))
+                wd_n = wd_rows * inv_n  # L2 on the batch's rows, a mean over the batch like the loss
                 bsc = np.float32(beta / (n * d))
                 for j in range(n):
                     r = rows[j]
@@ -254,14 +295,23 @@ def train_clients(
                         if has_personal:
                             diff = Pb[j, i] - Cb[j, i]
                             gc += two_a * diff
-                            P[pr, i] -= lr_i32 * (gx - two_a * diff)
+                            P[pr, i] -= lr_i32 * (gx - two_a * diff + (wd_n * Pb[j, i] if dot else np.float32(0.0)))
                         cv = Cb[j, i]
+                        if dot:
+                            gc += wd_n * cv
                         if cv > 0.0:
                             gc += bsc
                         elif cv < 0.0:
                             gc -= bsc
                         C[r, i] -= lr_i32 * gc
                 # head and embedding: p <- p (1 - lr wd) - lr grad
+                if dot:  # the user vector's two parts and the bias, at the embedding lr
+                    for i in range(d):
+                        out[i] = out[i] * decay_u - lr_u32 * g_w2[i]
+                        if train_embedding:
+                            e[i] = e[i] * decay_u - lr_u32 * g_e[i]
+                    b2[c] = b2[c] - lr_u32 * g_b2
+                    continue
                 for k in range(h):
                     gb = g_b1[k]
                     for i in range(d):

@@ -66,14 +66,18 @@ def train_client(
     w1u, w1i, b1, w2, b2 = (torch.nn.Parameter(t) for t in head)
     emb = torch.nn.Parameter(store.user_embedding[client].clone())
 
-    dense = [w1u, w1i, b1, w2, b2] + ([emb] if backbone.user_embedding else [])
     tables = [c_loc] + ([p_loc] if p_loc is not None else [])
-    opt = torch.optim.SGD(
-        [
-            {"params": dense, "lr": hyper.lr_network, "weight_decay": hyper.weight_decay},
-            {"params": tables, "lr": hyper.lr_items, "weight_decay": 0.0},
+    dot = hyper.scorer == "dot"
+    if dot:  # the user vector e + w2 and the bias at the user lr; the unused first layer stays out
+        user_vec = [w2] + ([emb] if backbone.user_embedding else [])
+        groups = [
+            {"params": user_vec, "lr": hyper.lr_user, "weight_decay": hyper.embedding_weight_decay},
+            {"params": [b2], "lr": hyper.lr_user, "weight_decay": 0.0},
         ]
-    )
+    else:
+        dense = [w1u, w1i, b1, w2, b2] + ([emb] if backbone.user_embedding else [])
+        groups = [{"params": dense, "lr": hyper.lr_network, "weight_decay": hyper.weight_decay}]
+    opt = torch.optim.SGD(groups + [{"params": tables, "lr": hyper.lr_items, "weight_decay": 0.0}])
     distilling = teacher_row is not None and hyper.distill > 0 and group >= 0
     q_all = teacher_row[torch.from_numpy(items)].float() if distilling else None
     alpha, beta = (hyper.alpha, hyper.beta) if backbone.fedrap_regularisers else (0.0, 0.0)
@@ -88,9 +92,15 @@ def train_client(
         y = y_all[s]
         c_b = c_loc[rows]
         x = c_b + p_loc[rows] if p_loc is not None else c_b
-        z = x @ w1i.T + (w1u @ emb + b1)
-        logit = torch.relu(z) @ w2 + b2
+        if dot:
+            logit = x @ (emb + w2) + b2
+        else:
+            z = x @ w1i.T + (w1u @ emb + b1)
+            logit = torch.relu(z) @ w2 + b2
         base = F.binary_cross_entropy_with_logits(logit, y)
+        if dot and hyper.embedding_weight_decay:  # L2 on the batch's rows, a mean like the loss
+            sq = (c_b**2).sum(1) + ((p_loc[rows] ** 2).sum(1) if p_loc is not None else 0.0)
+            base = base + 0.5 * hyper.embedding_weight_decay * sq.mean()
         if alpha and p_loc is not None:
             base = base - alpha * F.mse_loss(p_loc[rows], c_b)
         if beta:

@@ -66,12 +66,25 @@ def head_size(latent_dim: int, hidden: int | None = None) -> int:
     return 2 * h * latent_dim + 2 * h + 1
 
 
-def init_shared_params(n_items: int, latent_dim: int, generator: torch.Generator, item_std: float = 0.01) -> SharedParams:
-    """Initial shared parameters, as the GFMFR authors initialise them.
+def init_shared_params(
+    n_items: int,
+    latent_dim: int,
+    generator: torch.Generator,
+    item_std: float = 0.01,
+    *,
+    scorer: str = "mlp",
+    user_std: float = 0.1,
+) -> SharedParams:
+    """Initial shared parameters.
 
-    First layer: Kaiming-normal (fan-in ``2d``, ReLU gain); output layer: Xavier-uniform;
-    biases zero; item table ``N(0, item_std^2)``.
+    ``mlp`` scorer, as the GFMFR authors initialise it: first layer Kaiming-normal
+    (fan-in ``2d``, ReLU gain); output layer Xavier-uniform; biases zero; item table
+    ``N(0, item_std^2)``. ``dot`` scorer: the output layer ``w2`` is the shared part of
+    the user vector, ``N(0, user_std^2)``; the first layer, unused, is zero (and stays
+    zero: it receives no gradient), so every backbone keeps one head layout.
     """
+    if scorer not in ("mlp", "dot"):
+        raise ValueError(f"unknown scorer {scorer!r}; known: dot, mlp")
     if n_items < 1 or latent_dim < 1:
         raise ValueError(f"n_items and latent_dim must be positive, got {n_items}, {latent_dim}")
     d = latent_dim
@@ -80,6 +93,9 @@ def init_shared_params(n_items: int, latent_dim: int, generator: torch.Generator
     bound = math.sqrt(6.0 / (d + 1))
     w2 = (torch.rand(d, generator=generator) * 2 - 1) * bound
     table = torch.randn(n_items, d, generator=generator) * item_std
+    if scorer == "dot":
+        w1 = torch.zeros_like(w1)
+        w2 = torch.randn(d, generator=generator) * user_std
     return SharedParams(
         item_table=table,
         w1_user=w1[:, :d].contiguous(),

@@ -60,11 +60,23 @@ def _single_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def apply_fedavg_(shared: SharedParams, agg: AggregateResult) -> None:
-    """FedAvg: add the weighted mean delta of the item table and head to ``shared`` (in place)."""
+def apply_fedavg_(shared: SharedParams, agg: AggregateResult, *, items: str = "mean") -> None:
+    """Apply the cohort's deltas to ``shared`` (in place).
+
+    The head moves by the weighted mean of its deltas (FedAvg). The item table moves
+    by the mean (``items="mean"``) or by the sum (``"sum"``) of the item deltas: a
+    row's delta is nonzero only for the clients that touched it, so the mean shrinks
+    each row's step by the cohort size, while the sum is what centralised gradient
+    descent on the sum of the users' losses would take (``train.item_aggregation``).
+    """
     if agg.weight_total <= 0:
         raise ValueError(f"aggregation weights sum to {agg.weight_total}; nothing to average")
-    shared.item_table.add_(agg.item_sum / agg.weight_total)
+    if items == "sum":  # with sample weights: the weighted mean times the cohort size
+        shared.item_table.add_(agg.item_sum * (agg.n_clients / agg.weight_total))
+    elif items == "mean":
+        shared.item_table.add_(agg.item_sum / agg.weight_total)
+    else:
+        raise ValueError(f"unknown item aggregation {items!r}; known: mean, sum")
     if agg.head_sum is not None:
         shared.set_head_flat_(shared.head_flat() + agg.head_sum / agg.weight_total)
 

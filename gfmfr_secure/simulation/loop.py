@@ -135,7 +135,10 @@ def run_federated(
     if cfg.distill.enabled and backbone.private_head:
         raise ConfigError("distill.enabled needs a shared output layer; backbone 'pfedrec' keeps its head private")
 
-    shared = init_shared_params(n_items, d, torch_generator(seed, "init", "shared"))
+    mc = cfg.model
+    shared = init_shared_params(
+        n_items, d, torch_generator(seed, "init", "shared"), mc.item_init_std, scorer=mc.scorer, user_std=mc.user_init_std
+    )
     store = ClientStateStore.create(
         n_users,
         n_items,
@@ -144,7 +147,7 @@ def run_federated(
         personal_items=backbone.personal_items,
         private_head=shared.head_flat() if backbone.private_head else None,
         generator=torch_generator(seed, "init", "users"),
-        user_std=float(__import__('os').environ.get('XUSTD', '1.0')),
+        user_std=mc.user_init_std,
     )
     n_groups = _n_groups(cfg)
     server = ServerState(shared=shared, fusion=_make_fusion(cfg, data, n_groups, seed), teacher=None, assignment=np.full(n_users, -1, dtype=np.int64), n_groups=n_groups)
@@ -186,7 +189,7 @@ def run_federated(
     centroids: np.ndarray | None = None  # oblivious grouping: [G, H] mean head update of each group
 
     def scorer(sh: Any, st: ClientStateStore) -> Callable[[torch.Tensor], torch.Tensor]:
-        return lambda users: score_users(sh, st, backbone, users)
+        return lambda users: score_users(sh, st, backbone, users, scorer=mc.scorer)
 
     selector = ValidationSelector(tc.patience, mode=tc.selection)
     history: list[dict[str, Any]] = []
@@ -228,6 +231,9 @@ def run_federated(
             batch_size=tc.batch_size,
             epochs=tc.local_epochs,
             shuffle_seed=derive_seed(seed, "shuffle", t),
+            scorer=mc.scorer,
+            lr_user=schedules.item_lr(t, tc.user_lr, 1.0, n_items, tc.item_lr_decay),
+            embedding_weight_decay=tc.embedding_weight_decay,
         )
         if record_dp is None:
             update = train_cohort(
@@ -355,7 +361,7 @@ def run_federated(
 
         # ---- server: FedAvg, centroids, fusion and teacher
         before = server.shared.clone()
-        apply_fedavg_(server.shared, agg)
+        apply_fedavg_(server.shared, agg, items=tc.item_aggregation)
         if regroup:
             if grouping == "oblivious" and agg.group_head_sum is not None:
                 centroids = _update_centroids(centroids, agg)
@@ -451,7 +457,8 @@ def _check_finite(update: CohortUpdate, round_idx: int, hyper: LocalHyper) -> No
         raise FloatingPointError(
             f"round {round_idx}: local training diverged (non-finite loss or update) for "
             f"{int(bad.sum())} of {len(update)} clients, e.g. users {update.clients[bad][:5].tolist()}; "
-            f"lower train.lr (network lr this round {hyper.lr_network:g}, item-table lr {hyper.lr_items:g})"
+            f"lower train.lr, train.item_lr_scale or train.user_lr (network lr this round {hyper.lr_network:g}, "
+            f"item-table lr {hyper.lr_items:g}, user-vector lr {hyper.lr_user:g})"
         )
 
 

@@ -16,12 +16,15 @@ __all__ = ["score_users"]
 
 
 @torch.no_grad()
-def score_users(shared: SharedParams, store: ClientStateStore, backbone: BackboneSpec, users: torch.Tensor) -> torch.Tensor:
+def score_users(
+    shared: SharedParams, store: ClientStateStore, backbone: BackboneSpec, users: torch.Tensor, *, scorer: str = "mlp"
+) -> torch.Tensor:
     """Predicted interaction logits of ``users`` for every item.
 
     Parameters
     ----------
     users : int64 [B] user ids.
+    scorer : ``dot`` or ``mlp`` (:class:`~gfmfr_secure.config.ModelConfig`).
 
     Returns
     -------
@@ -30,6 +33,10 @@ def score_users(shared: SharedParams, store: ClientStateStore, backbone: Backbon
     users = users.to(torch.long)
     table = shared.item_table  # [I, d]
     emb = store.user_embedding[users]  # [B, d]
+    if scorer == "dot":
+        return _score_dot(shared, store, backbone, users, emb)
+    if scorer != "mlp":
+        raise ValueError(f"unknown scorer {scorer!r}; known: dot, mlp")
     if backbone.private_head:
         w1u, w1i, b1, w2, b2 = unflatten_heads(store.heads[users], shared.latent_dim)
         z = torch.matmul(table.unsqueeze(0), w1i.transpose(1, 2))  # [B, I, h]
@@ -43,3 +50,19 @@ def score_users(shared: SharedParams, store: ClientStateStore, backbone: Backbon
         if owner.size:
             z[torch.from_numpy(owner), torch.from_numpy(items)] += values @ shared.w1_item.T
     return torch.relu_(z) @ shared.w2 + shared.b2
+
+
+def _score_dot(shared: SharedParams, store: ClientStateStore, backbone: BackboneSpec, users: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    """``(e_u + w2) . (C[i] + P_u[i]) + b2`` for every item: [B, I]."""
+    if backbone.private_head:
+        _, _, _, w2, b2 = unflatten_heads(store.heads[users], shared.latent_dim)  # [B, d], [B]
+    else:
+        w2, b2 = shared.w2.unsqueeze(0), shared.b2.reshape(1)
+    vec = emb + w2  # [B, d]
+    scores = vec @ shared.item_table.T + b2.reshape(-1, 1)  # [B, I]
+    if backbone.personal_items and store.personal is not None and len(store.personal):
+        owner, items, values = store.personal.user_rows(users.numpy())
+        if owner.size:
+            o = torch.from_numpy(owner)
+            scores[o, torch.from_numpy(items)] += (values * vec[o]).sum(dim=1)
+    return scores
