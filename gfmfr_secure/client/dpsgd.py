@@ -7,21 +7,15 @@ over *all* trained parameters (flat clipping), summed, perturbed with Gaussian n
 of std ``noise_multiplier * max_grad_norm`` and divided by the expected batch size;
 batches are drawn by Poisson sampling (each example independently, at rate ``q``).
 
-Model, per example ``j`` with item row ``r_j`` (see :mod:`gfmfr_secure.client.cohort`)::
-
-    c_j = C[r_j]  (nn.Embedding over the client's local item rows, lr_items)
-    p_j = P[r_j]  (nn.Embedding, FedRAP only, lr_items)
-    e   = E[0]    (1-row nn.Embedding, the private user embedding, lr_network)
-    z_j = W1u e + W1i (c_j + p_j) + b1     (two nn.Linear layers, lr_network)
-    l_j = w2 . relu(z_j) + b2              (nn.Linear(h, 1), lr_network)
-    loss_j = BCE(l_j, y_j) - alpha mean_d (p_j - c_j)^2 + beta mean_d |c_j|
-             + lambda KL([q_j, 1 - q_j] || [sigmoid(l_j), sigmoid(-l_j)])
-
-Every term of ``loss_j`` depends on example ``j`` alone, so Opacus's per-example
-gradients are exact. They are materialised densely (``[B, R, d]`` per embedding table and
-step), which makes this path one to two orders of magnitude slower than ``train_client``.
-Weight decay (network group only) is applied by the wrapped ``torch.optim.SGD`` after
-clipping and noise; it does not touch the data.
+The model and its per-example loss are :class:`~gfmfr_secure.models.recommender.Recommender`'s
+(either scorer), built by :func:`gfmfr_secure.client.local.client_model` over the
+client's local item rows; its parameters live in ``nn.Embedding`` and ``nn.Linear``
+layers, whose per-example gradients Opacus computes. Every term of the loss depends on
+example ``j`` alone, so Opacus's per-example gradients are exact. They are materialised
+densely (``[B, R, d]`` per embedding table and step), which makes this path one to two
+orders of magnitude slower than ``train_client``. Weight decay (of the head and user
+embedding under ``mlp``, of the user vector under ``dot``) is applied by the wrapped
+``torch.optim.SGD`` after clipping and noise; it does not touch the data.
 
 Distillation weight. The reference trainer keeps a running ratio of base to KL loss
 (``store.ema_ratio``) updated from every batch's losses. Under DP-SGD that ratio would
@@ -73,10 +67,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from gfmfr_secure.client.cohort import cohort_samples
+from gfmfr_secure.client.local import client_model, client_sgd, client_update
 from gfmfr_secure.client.state import ClientStateStore
 from gfmfr_secure.errors import ConfigError
 from gfmfr_secure.models.backbones import BackboneSpec
-from gfmfr_secure.models.params import SharedParams, flatten_heads, unflatten_heads
+from gfmfr_secure.models.params import SharedParams
+from gfmfr_secure.models.recommender import RecBatch, Recommender
 from gfmfr_secure.privacy.accounting import PrivacyEvent, PrivacyLedger, _check_delta, epsilon_for
 from gfmfr_secure.privacy.accounting import _check_noise_multiplier as _check_sigma
 from gfmfr_secure.rng import torch_generator
@@ -198,101 +194,31 @@ def _local_rows(items: np.ndarray, rows: np.ndarray | None, n_items: int) -> tup
 # --------------------------------------------------------------------------- model
 
 
-def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    """``nn.Linear`` holding copies of ``weight`` [out, in] and ``bias`` [out] (no RNG drawn)."""
-    layer = nn.utils.skip_init(nn.Linear, weight.shape[1], weight.shape[0], bias=bias is not None)
-    with torch.no_grad():
-        layer.weight.copy_(weight)
-        if bias is not None:
-            layer.bias.copy_(bias)
-    return layer
-
-
-def _embedding(table: torch.Tensor, trainable: bool = True) -> nn.Embedding:
-    """``nn.Embedding`` over a copy of ``table`` [R, d] (no RNG drawn)."""
-    return nn.Embedding.from_pretrained(table.detach().clone(), freeze=not trainable)
-
-
-class _ClientModel(nn.Module):
-    """One client's model over its local item rows; ``forward`` returns per-example losses.
+class _PerExampleLoss(nn.Module):
+    """Opacus's view of a client's model: ``forward`` returns the per-example losses.
 
     Parameters
     ----------
-    item_rows : [R, d] shared item-table rows ``C`` the client trains.
-    personal_rows : [R, d] personal rows ``P`` (FedRAP), or None.
-    user : [d] user embedding ``e``; trained when ``train_user``.
-    head : ``(w1u [h, d], w1i [h, d], b1 [h], w2 [h], b2 [1])``.
-    alpha, beta, lam : regulariser and distillation weights (0 = term off).
+    model : the client's :class:`Recommender` (user slot 0).
+    lam : the round's fixed distillation weight (0 = no KL term).
     """
 
-    def __init__(
-        self,
-        item_rows: torch.Tensor,
-        personal_rows: torch.Tensor | None,
-        user: torch.Tensor,
-        head: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
-        *,
-        train_user: bool,
-        alpha: float,
-        beta: float,
-        lam: float,
-    ) -> None:
+    def __init__(self, model: Recommender, lam: float) -> None:
         super().__init__()
-        w1u, w1i, b1, w2, b2 = head
-        self.items = _embedding(item_rows)
-        self.personal = _embedding(personal_rows) if personal_rows is not None else None
-        self.user = _embedding(user.reshape(1, -1), trainable=train_user)
-        self.user_layer = _linear(w1u, None)
-        self.item_layer = _linear(w1i, b1)
-        self.out = _linear(w2.reshape(1, -1), b2.reshape(1))
-        self.alpha, self.beta, self.lam = float(alpha), float(beta), float(lam)
+        self.model = model
+        self.lam = float(lam)
 
     def forward(self, rows: torch.Tensor, y: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        """Per-example loss.
-
-        Parameters
-        ----------
-        rows : int64 [B] local item row of each example.
-        y : float32 [B] labels.
-        q : float32 [B] teacher preference of each example's item (ignored when ``lam`` is 0).
-
-        Returns
-        -------
-        torch.Tensor
-            float32 [B] ``loss_j`` (see the module docstring).
-        """
-        c = self.items(rows)  # [B, d]
-        p = self.personal(rows) if self.personal is not None else None
-        x = c + p if p is not None else c
-        e = self.user(torch.zeros_like(rows))  # [B, d]
-        z = self.user_layer(e) + self.item_layer(x)  # [B, h]
-        logit = self.out(torch.relu(z)).squeeze(-1)  # [B]
-        loss = F.binary_cross_entropy_with_logits(logit, y, reduction="none")
-        if self.alpha and p is not None:
-            loss = loss - self.alpha * (p - c).square().mean(1)
-        if self.beta:
-            loss = loss + self.beta * c.abs().mean(1)
-        if self.lam:
-            kl = torch.xlogy(q, q) + torch.xlogy(1 - q, 1 - q) - q * F.logsigmoid(logit) - (1 - q) * F.logsigmoid(-logit)
-            loss = loss + self.lam * kl
-        return loss
-
-    def head_flat(self) -> torch.Tensor:
-        """The head as one [1, H] row (order of ``SharedParams.head_flat``)."""
-        return flatten_heads(
-            self.user_layer.weight.detach()[None],
-            self.item_layer.weight.detach()[None],
-            self.item_layer.bias.detach()[None],
-            self.out.weight.detach().reshape(1, -1),
-            self.out.bias.detach().reshape(1),
-        )
+        """float32 [B] per-example losses of local rows ``rows`` [B], labels ``y`` [B] and teacher ``q`` [B]."""
+        batch = RecBatch(torch.zeros_like(rows), rows, y, q if self.lam else None)
+        return self.model.per_example_loss(batch, self.lam)
 
 
 # --------------------------------------------------------------------------- training
 
 
 def _run_dpsgd(
-    model: _ClientModel,
+    model: _PerExampleLoss,
     groups: list[dict[str, Any]],
     data: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     *,
@@ -390,8 +316,10 @@ def train_client_dpsgd(
     backbone : which parameters exist and are shared.
     client : user id.
     items, labels : int64 [m], float32 [m] this round's records (positives + negatives).
-    hyper : this round's hyperparameters; ``lr_items`` for the item rows, ``lr_network`` and
-        ``weight_decay`` for the rest, ``epochs`` passes, ``batch_size`` the default batch.
+    hyper : this round's hyperparameters: ``scorer``; ``lr_items`` for the item rows; under
+        ``mlp`` ``lr_network`` and ``weight_decay`` for the head and user embedding, under
+        ``dot`` ``lr_user`` and ``embedding_weight_decay`` for the user vector (and
+        ``lr_user`` for ``b2``); ``epochs`` passes, ``batch_size`` the default batch.
     noise_multiplier : sigma >= 0 (0 = no noise, epsilon ``inf``).
     max_grad_norm : per-example L2 clipping bound over all trained parameters, > 0.
     seed : derives this client's sampling and noise streams from ``(seed, client)``.
@@ -433,48 +361,22 @@ def train_client_dpsgd(
     batch = hyper.batch_size if expected_batch_size is None else expected_batch_size
     if n:
         batch = _check_batch(batch, n, client)
-    d, n_items = shared.latent_dim, shared.n_items
-    local_items, sample_row = _local_rows(items, rows, n_items)
-    li = torch.from_numpy(local_items)
+    local_items, sample_row = _local_rows(items, rows, shared.n_items)
 
-    personal = store.personal.gather(client * n_items + local_items) if backbone.personal_items else None
-    if backbone.private_head:
-        if store.heads is None:
-            raise ValueError("backbone has a private head but the client store holds none")
-        head = tuple(t[0] for t in unflatten_heads(store.heads[client : client + 1], d))
-    else:
-        head = (shared.w1_user, shared.w1_item, shared.b1, shared.w2, shared.b2)
     distilling = teacher_row is not None and hyper.distill > 0 and group >= 0
     ema = float(store.ema_ratio[client])
     lam = hyper.distill * (1.0 if math.isnan(ema) else ema) if distilling else 0.0
-    alpha, beta = (hyper.alpha, hyper.beta) if backbone.fedrap_regularisers else (0.0, 0.0)
-    model = _ClientModel(
-        shared.item_table[li],
-        personal,
-        store.user_embedding[client],
-        head,
-        train_user=backbone.user_embedding,
-        alpha=alpha,
-        beta=beta,
-        lam=lam,
-    )
+    model = client_model(shared, store, backbone, client, local_items, hyper)
 
     sample_rate, expected, steps, epsilon = 0.0, 0, 0, 0.0
     batch_sizes: list[int] = []
     losses: list[float] = []
     if n:
-        tables = [model.items.weight] + ([model.personal.weight] if model.personal is not None else [])
-        dense = [model.user_layer.weight, model.item_layer.weight, model.item_layer.bias, model.out.weight, model.out.bias]
-        dense += [model.user.weight] if backbone.user_embedding else []
-        groups = [
-            {"params": dense, "lr": hyper.lr_network, "weight_decay": hyper.weight_decay},
-            {"params": tables, "lr": hyper.lr_items, "weight_decay": 0.0},
-        ]
         q_all = teacher_row[torch.from_numpy(items)].float() if distilling else torch.zeros(n)
         data = (torch.from_numpy(sample_row), torch.from_numpy(labels_np), q_all)
         acc, sample_rate, expected, batch_sizes, losses = _run_dpsgd(
-            model,
-            groups,
+            _PerExampleLoss(model, lam),
+            client_sgd(model, hyper),
             data,
             batch_size=batch,
             epochs=hyper.epochs,
@@ -493,25 +395,8 @@ def train_client_dpsgd(
         else:
             epsilon = float(acc.get_epsilon(delta=delta))
 
-    with torch.no_grad():
-        head_after = model.head_flat()
-        if backbone.user_embedding:
-            store.user_embedding[client] = model.user.weight.detach()[0]
-        if model.personal is not None:
-            store.personal.put(client * n_items + local_items, model.personal.weight.detach())
-        if backbone.private_head:
-            store.heads[client] = head_after[0]
-        item_delta = model.items.weight.detach() - shared.item_table[li]
-    update = CohortUpdate(
-        clients=np.array([client], dtype=np.int64),
-        n_samples=np.array([n], dtype=np.int64),
-        row_ptr=np.array([0, local_items.size], dtype=np.int64),
-        row_items=local_items,
-        item_delta=item_delta,
-        head_delta=None if backbone.private_head else head_after - shared.head_flat()[None],
-        head_after=head_after,
-        group=np.array([group], dtype=np.int64),
-        loss=np.array([np.mean(losses) if losses else 0.0]),
+    update = client_update(
+        model, shared, store, backbone, client, local_items, n_samples=n, group=group, loss=float(np.mean(losses)) if losses else 0.0
     )
     report = DPSGDReport(
         client=client,
