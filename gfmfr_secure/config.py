@@ -306,7 +306,7 @@ class DistillConfig:
     enabled: bool = True
     ema_decay: float = 0.9
     schedule: Literal["cosine", "constant"] = "cosine"
-    max_ratio: float = 20.0
+    max_ratio: float = 1.0
 
     def __post_init__(self) -> None:
         _require(0 <= self.ema_decay < 1, "distill.ema_decay", "in [0, 1)", self.ema_decay)
