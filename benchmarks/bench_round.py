@@ -56,7 +56,7 @@ def main() -> int:
     times = []
     for _ in range(3):
         t = time.perf_counter()
-        evaluate_ranking(lambda u: score_users(run.shared, run.store, loop.get_backbone(cfg.model.backbone), u), split, "test", chunk_size=cfg.eval.chunk_users)
+        evaluate_ranking(lambda u: score_users(run.shared, run.store, loop.get_backbone(cfg.model.backbone), u, scorer=cfg.model.scorer), split, "test", chunk_size=cfg.eval.chunk_users)
         times.append(time.perf_counter() - t)
     _print_arithmetic(cfg, split, data)
     rounds = run.history[1:] or run.history  # round 0 has no distillation; report steady state

@@ -105,19 +105,22 @@ class LossTerms:
     kl: torch.Tensor | None
 
 
-def _table(values: torch.Tensor, trainable: bool) -> nn.Embedding:
-    """``nn.Embedding`` over a copy of ``values`` [n, d] (no RNG drawn)."""
-    return nn.Embedding.from_pretrained(values.detach().clone().float(), freeze=not trainable)
+def _own(t: torch.Tensor, copy: bool) -> torch.Tensor:
+    t = t.detach().float()
+    return t.clone() if copy else t
 
 
-def _linear(weight: torch.Tensor, bias: torch.Tensor | None, trainable: bool) -> nn.Linear:
-    """``nn.Linear`` holding copies of ``weight`` [out, in] and ``bias`` [out] (no RNG drawn)."""
-    layer = nn.utils.skip_init(nn.Linear, weight.shape[1], weight.shape[0], bias=bias is not None)
-    with torch.no_grad():
-        layer.weight.copy_(weight)
-        if bias is not None:
-            layer.bias.copy_(bias)
-    layer.requires_grad_(trainable)
+def _table(values: torch.Tensor, trainable: bool, copy: bool) -> nn.Embedding:
+    """``nn.Embedding`` over ``values`` [n, d] (a copy unless ``copy`` is False; no RNG drawn)."""
+    return nn.Embedding.from_pretrained(_own(values, copy), freeze=not trainable)
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None, trainable: bool, copy: bool) -> nn.Linear:
+    """``nn.Linear`` holding ``weight`` [out, in] and ``bias`` [out] (copies unless ``copy`` is False; no RNG drawn)."""
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    layer.weight = nn.Parameter(_own(weight, copy), requires_grad=trainable)
+    if bias is not None:
+        layer.bias = nn.Parameter(_own(bias, copy), requires_grad=trainable)
     return layer
 
 
@@ -139,6 +142,9 @@ class Recommender(nn.Module):
         ``user * R + row`` (strictly increasing), or None; required iff the backbone has
         personal items. Keys not stored read as zero rows.
     weights : loss weights (:class:`LossWeights`).
+    copy : the module trains copies of the given tensors (default). False: its parameters
+        are the given tensors themselves, for scoring without copying; an optimiser step
+        would then write into them.
 
     Raises
     ------
@@ -157,6 +163,7 @@ class Recommender(nn.Module):
         *,
         personal: tuple[torch.Tensor, torch.Tensor] | None = None,
         weights: LossWeights = LossWeights(),
+        copy: bool = True,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -175,11 +182,11 @@ class Recommender(nn.Module):
         if (personal is not None) != backbone.personal_items:
             raise ConfigError(f"backbone {backbone.name!r} {'needs' if backbone.personal_items else 'has no'} personal item rows")
         self.n_rows, self.latent_dim = int(n_rows), int(d)
-        self.item_embedding = _table(item_rows, True)
-        self.user_embedding = _table(user_embedding, backbone.user_embedding)
-        self.user_layer = _linear(w1u, None, not self.dot)
-        self.item_layer = _linear(w1i, b1, not self.dot)
-        self.output_layer = _linear(w2.reshape(1, -1), b2.reshape(1), True)
+        self.item_embedding = _table(item_rows, True, copy)
+        self.user_embedding = _table(user_embedding, backbone.user_embedding, copy)
+        self.user_layer = _linear(w1u, None, not self.dot, copy)
+        self.item_layer = _linear(w1i, b1, not self.dot, copy)
+        self.output_layer = _linear(w2.reshape(1, -1), b2.reshape(1), True, copy)
         self.personal_embedding: nn.Embedding | None = None
         if personal is not None:
             keys, values = personal
@@ -189,7 +196,7 @@ class Recommender(nn.Module):
             if keys.numel() and (bool((keys[1:] <= keys[:-1]).any()) or int(keys[0]) < 0 or int(keys[-1]) >= user_embedding.shape[0] * n_rows):
                 raise ConfigError(f"personal keys must be strictly increasing in [0, U * R) = [0, {user_embedding.shape[0] * n_rows})")
             self.register_buffer("personal_keys", keys, persistent=False)
-            self.personal_embedding = _table(values, True)
+            self.personal_embedding = _table(values, True, copy)
         fedrap = backbone.fedrap_regularisers
         self.alpha = float(weights.alpha) if fedrap and personal is not None else 0.0
         self.beta = float(weights.beta) if fedrap else 0.0
@@ -272,36 +279,57 @@ class Recommender(nn.Module):
         """Logits of the pairs ``(users[j], items[j])``: [B] (RecBole's ``predict``)."""
         return self.forward(users, items)
 
-    def full_sort_predict(self, users: torch.Tensor) -> torch.Tensor:
+    def full_sort_predict(
+        self,
+        users: torch.Tensor,
+        heads: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """Logits of ``users`` [B] (user slots) for every item row: [B, R].
 
         Written as matrix products over the whole table (the personal rows are added
         where stored), so that scoring every item costs one ``[B, d] x [d, R]`` product
         (``dot``) or one ``[B, R, h]`` activation (``mlp``); a test holds it to
         :meth:`predict`.
+
+        Parameters
+        ----------
+        users : int64 [B] user slots, distinct.
+        heads : the users' own heads ``(W1u [B, h, d], W1i [B, h, d], b1 [B, h], w2 [B, h],
+            b2 [B])``, to score many clients that each keep a private head at once; None =
+            the module's head.
         """
         users = users.to(torch.long)
+        if heads is None:
+            w1u, w1i = self.user_layer.weight, self.item_layer.weight  # [h, d]
+            b1, w2, b2 = self.item_layer.bias, self.output_layer.weight.reshape(-1), self.output_layer.bias  # [h], [h], [1]
+        else:
+            w1u, w1i, b1, w2, b2 = heads
+            if w1i.shape[0] != users.numel():
+                raise ConfigError(f"heads hold {w1i.shape[0]} users' heads for {users.numel()} users")
+            b2 = b2.reshape(-1, 1)  # [B, 1]
         table = self.item_embedding.weight  # [R, d]
         e = self.user_embedding(users)  # [B, d]
         owner = items = values = None
         if self.personal_embedding is not None and self.personal_keys.numel():
             slot_of = torch.full((self.user_embedding.num_embeddings,), -1, dtype=torch.long)
             slot_of[users] = torch.arange(users.numel())
-            key_user = self.personal_keys // self.n_rows
-            owner = slot_of[key_user]
+            owner = slot_of[self.personal_keys // self.n_rows]
             keep = owner >= 0
             owner, items, values = owner[keep], (self.personal_keys % self.n_rows)[keep], self.personal_embedding.weight[keep]
-        b2 = self.output_layer.bias
         if self.dot:
-            vec = e + self.output_layer.weight  # [B, d]
+            vec = e + w2  # [B, d]
             scores = vec @ table.T + b2  # [B, R]
-            if owner is not None and owner.numel():
-                scores = scores.index_put((owner, items), (values * vec[owner]).sum(1), accumulate=True)
+            if owner is not None:
+                scores[owner, items] += (values * vec[owner]).sum(1)
             return scores
-        z = (table @ self.item_layer.weight.T).unsqueeze(0) + (self.user_layer(e) + self.item_layer.bias).unsqueeze(1)  # [B, R, h]
-        if owner is not None and owner.numel():
-            z = z.index_put((owner, items), values @ self.item_layer.weight.T, accumulate=True)
-        return torch.relu(z) @ self.output_layer.weight.reshape(-1) + b2
+        item_term = torch.matmul(table if heads is None else table.unsqueeze(0), w1i.transpose(-1, -2))  # [R, h] or [B, R, h]
+        user_term = torch.matmul(w1u, e.unsqueeze(-1)).squeeze(-1) + b1  # [B, h]
+        # [B, R, h], written once
+        z = item_term.add_(user_term.unsqueeze(-2)) if item_term.ndim == 3 else item_term + user_term.unsqueeze(-2)
+        if owner is not None:
+            w1i_rows = w1i if heads is None else w1i[owner]  # [h, d] or [n, h, d]
+            z[owner, items] += torch.matmul(w1i_rows, values.unsqueeze(-1)).squeeze(-1)
+        return torch.matmul(torch.relu_(z), w2.unsqueeze(-1)).squeeze(-1) + b2
 
     # ------------------------------------------------------------------ loss
 

@@ -144,4 +144,4 @@ def load_scorer(run_dir: str | Path) -> tuple[Callable[[torch.Tensor], torch.Ten
         heads=state["heads"],
         group=np.full(split.n_users, -1, dtype=np.int64),
     )
-    return (lambda users: score_users(shared, store, backbone, users)), split
+    return (lambda users: score_users(shared, store, backbone, users, scorer=cfg.model.scorer)), split
