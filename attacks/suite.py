@@ -28,6 +28,7 @@ items for group inference (an outsider who knows a user's history), and labels o
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +40,18 @@ from attacks.base import AttackResult
 from attacks.grouping import group_inference
 from attacks.interaction import dot_imia_row_scores, imia_row_scores
 from attacks.metrics import attack_metrics
+from attacks.reconstruction import (
+    decide_by_count,
+    decide_by_sign,
+    fixed_direction_row_scores,
+    positives_from_row_count,
+    reconstruction_metrics,
+)
 from gfmfr_secure.models.params import unflatten_heads
 from gfmfr_secure.privacy.release import NoiseShares, ReleaseLayout
 from gfmfr_secure.simulation.views import load_view
 
-__all__ = ["client_row_norms", "interaction_targets", "run_view_attacks"]
+__all__ = ["client_row_norms", "interaction_targets", "reconstruction_results", "run_view_attacks"]
 
 
 def interaction_targets(split: Any, clients: np.ndarray, seed: int, n_bins: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -166,6 +174,76 @@ def _imia(per_client: dict[str, Any], broadcast: dict[str, Any], n_items: int, p
     return out
 
 
+def _uploaded_truth(per_client: dict[str, Any], split: Any, clients: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per uploaded row, whether it is the client's training positive; per client, positives not uploaded.
+
+    Returns
+    -------
+    row_ptr int64 [n + 1], truth bool [R], missed int64 [n].
+    """
+    n_items = split.n_items
+    ptr = np.asarray(per_client["row_ptr"], dtype=np.int64)
+    items = np.asarray(per_client["row_items"], dtype=np.int64)
+    n = ptr.size - 1
+    owner = np.repeat(np.arange(n), np.diff(ptr))
+    own = [split.train_of(int(u)) for u in clients]
+    train_keys = np.concatenate([j * np.int64(n_items) + o for j, o in enumerate(own)] or [np.zeros(0, np.int64)])
+    truth = np.isin(owner * np.int64(n_items) + items, train_keys)
+    missed = np.asarray([o.size for o in own], dtype=np.int64) - np.bincount(owner, truth, minlength=n).astype(np.int64)
+    return ptr, truth, missed
+
+
+def _reconstruction_result(name: str, ptr: np.ndarray, scores: np.ndarray, truth: np.ndarray, missed: np.ndarray, n_pos: np.ndarray, details: dict[str, Any]) -> AttackResult:
+    """Count and sign decisions from row scores, their set metrics, and the AUC among uploaded rows."""
+    sign = reconstruction_metrics(ptr, decide_by_sign(scores), truth, missed)
+    count = reconstruction_metrics(ptr, decide_by_count(ptr, scores, n_pos), truth, missed)
+    true_pos = np.bincount(np.repeat(np.arange(ptr.size - 1), np.diff(ptr)), truth, minlength=ptr.size - 1) + missed
+    metrics = {**{k: float(v) for k, v in sign.items()}, **{f"count_{k}": float(v) for k, v in count.items() if k != "clients"}}
+    metrics["count_estimate_exact"] = float(np.mean(n_pos == true_pos)) if n_pos.size else 0.0
+    metrics["rows"] = float(truth.size)
+    if truth.any() and not truth.all():
+        metrics.update({f"uploaded_{k}": v for k, v in scalar_metrics(attack_metrics(truth.astype(np.int8), scores)).items()})
+        metrics["auc"] = metrics["uploaded_auc"]  # the table's AUC column: among uploaded rows
+    return AttackResult(name=name, observer="server", metrics=metrics, n_targets=int(truth.size), details={**details, "roc": (truth.astype(np.int8), scores)})
+
+
+def reconstruction_results(
+    per_client: dict[str, Any] | None,
+    broadcast: dict[str, Any],
+    split: Any,
+    clients: np.ndarray,
+    *,
+    num_negatives: int,
+    note: dict[str, Any],
+) -> list[AttackResult]:
+    """Exact reconstruction of every client's training set from its uploaded rows (:mod:`attacks.reconstruction`).
+
+    ``interaction-reconstruction``: the direction attack (``dot`` scorer) or the fixed
+    projection on ``W1i^T w2`` (``mlp``), rows scored above 0 taken as positives;
+    ``count_*`` metrics keep instead each client's top rows, as many as its row total
+    implies (``count_estimate_exact``: fraction of clients whose count is right); ``auc``
+    is the score's AUC among uploaded rows. ``interaction-uploaded``: whether a row was
+    uploaded at all, as a score on :func:`interaction_targets` pairs (the baseline every
+    per-row score starts from). Without per-client data (secure backends) the server has
+    no per-client rows: one result with nothing recovered.
+    """
+    if per_client is None:
+        nothing = {"precision": 0.0, "recall": 0.0, "f1": 0.0, "exact_recovery": 0.0, "clients": 0.0}
+        return [AttackResult(name="interaction-reconstruction", observer="server", metrics=nothing, n_targets=0, details={**note, "source": "released sums only: no per-client rows"})]
+    ptr, truth, missed = _uploaded_truth(per_client, split, clients)
+    delta = per_client["item_delta"].double().numpy()
+    d = int(broadcast["latent_dim"])
+    _, w1i, _, w2, _ = (t[0] for t in unflatten_heads(broadcast["head"].unsqueeze(0), d))
+    if not bool(w1i.any()):
+        scores = dot_imia_row_scores(ptr, delta, pos_fraction=1.0 / (1 + num_negatives))
+        method = "dot scorer: each client's dominant row direction (power iteration), sign by class balance"
+    else:
+        scores = fixed_direction_row_scores(delta, w1i.double().numpy(), w2.double().numpy())
+        method = "mlp scorer: projection on the broadcast W1_item^T w2"
+    n_pos = positives_from_row_count(np.diff(ptr), num_negatives, split.n_items)
+    return [_reconstruction_result("interaction-reconstruction", ptr, scores, truth, missed, n_pos, {**note, "source": "each client's upload", "method": method})]
+
+
 def run_view_attacks(
     views_dir: str | Path,
     round_idx: int,
@@ -211,9 +289,24 @@ def run_view_attacks(
             note = {**label_note, "clients": int(chosen.size), "source": "uploaded rows only"}
             results.append(_result("interaction-imia-uploaded", "server", up_y, sc[up_pos, up_items], note))
             results.append(_result("interaction-magnitude-uploaded", "server", up_y, norms[chosen[up_pos], up_items], note))
+            if bool(unflatten_heads(received["broadcast"]["head"].unsqueeze(0), int(received["broadcast"]["latent_dim"]))[1].any()):
+                # mlp scorer: IMIA's scores turned into a set, beside the fixed projection
+                sub_ptr = np.concatenate([[0], np.cumsum(ptr[chosen + 1] - ptr[chosen])]).astype(np.int64)
+                sub_truth = up_y.astype(bool)
+                missed = np.asarray([split.train_of(int(clients[j])).size for j in chosen]) - np.bincount(up_pos, sub_truth, minlength=chosen.size).astype(np.int64)
+                n_pos = positives_from_row_count(np.diff(sub_ptr), num_negatives, n_items)
+                results.append(_reconstruction_result("interaction-reconstruction-imia", sub_ptr, sc[up_pos, up_items], sub_truth, missed, n_pos, {**note, "method": "IMIA-style fitted user embedding"}))
+        if received.get("upload_format", "sparse") == "sparse":
+            results += reconstruction_results(per_client, received["broadcast"], split, clients, num_negatives=num_negatives, note=label_note)
+            uploaded = np.zeros((clients.size, n_items), dtype=np.float64)
+            ptr_all = np.asarray(per_client["row_ptr"])
+            uploaded[np.repeat(np.arange(clients.size), np.diff(ptr_all)), np.asarray(per_client["row_items"])] = 1.0
+            results.append(_result("interaction-uploaded", "server", y, uploaded[pos, items], {**label_note, "source": "whether the row was uploaded at all (baseline)"}))
+            results[-2] = dataclasses.replace(results[-2], metrics={**results[-2].metrics, "uploaded_indicator_auc": results[-1].metrics["auc"]})
     else:
         row = received["item_sum"].norm(dim=1).numpy()
         results.append(_result("interaction-magnitude", "server", y, row[items], {**label_note, "source": "released sum (no per-client data)"}))
+        results += reconstruction_results(None, received["broadcast"], split, clients, num_negatives=num_negatives, note=label_note)
 
     # ---- attribute inference (server)
     attrs = getattr(data, "user_attributes", None)
