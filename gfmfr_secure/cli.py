@@ -53,6 +53,7 @@ PLUGIN_MODULES: tuple[str, ...] = (
     "gfmfr_secure.encoders.cli",
     "gfmfr_secure.privacy.cli",
     "evaluations.cli",
+    "evaluations.sweep_cli",
     "attacks.cli",
 )
 
