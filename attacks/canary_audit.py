@@ -1,54 +1,67 @@
-"""DP audit with crafted canary updates (in the spirit of Andrew et al., 2024).
+"""One-run DP audit with crafted canary clients (Steinke, Nasr and Jagielski, 2023).
 
-Each round, ``n_canaries`` synthetic clients are each included with probability 1/2;
-an included canary uploads a crafted update: a fresh random unit direction ``v`` over
-the item table, scaled to the clip C (the largest contribution DP allows). The adversary
-is the server: it reads the released sum of item-table deltas from its recorded view
-and scores every canary, in or out, by ``<released sum, v> / C``. With a high-dimensional
-table, other clients' updates are nearly orthogonal to ``v``, so the score is about 1
-when the canary was in and about 0 when out, blurred by the DP noise (std sigma * Delta / C
-along ``v``) and by the other clients' projection. The in/out scores of all canaries and
-rounds give :func:`attacks.audit.empirical_epsilon`, a Clopper-Pearson lower bound on
-epsilon, checked against the accountant's epsilon (:func:`attacks.audit.check_audit`).
+``m`` synthetic canary clients are each included in the run independently with
+probability 1/2 (the coin flips are drawn once, before training). Every canary has a
+fixed random unit direction ``v_k`` over the item table and a fixed group block
+``g_k``; an included canary uploads ``C * v_k`` (the clip C: the largest contribution
+the mechanism's sensitivity allows) in every round in which it takes part: every
+round at ``train.client_fraction = 1``, else in each round independently with
+probability ``client_fraction``, as the accountant's Poisson sampling assumes of any
+user. A canary is thus one user of the run, and its score is compared with the
+epsilon of the *whole run* (user-level, every round composed).
 
-Caveat, as for every multi-canary audit: canaries of one run share noise draws, so the
-confidence level is approximate; rounds compose, so the per-round bound is compared with
-the epsilon of the whole run (a conservative comparison for the accountant).
+The adversary is the server. It reads the released, noised sums from its view, and
+scores canary ``k`` by ``sum_t <S_t[g_k], v_k> / C``: the projection of its own
+group block ``S_t[g_k]`` (the released sum of group ``g_k``'s item deltas; the
+global sum when no groups are released) on its direction, summed over rounds. Only
+that block's noise blurs the score, not the noise of every block. Other clients'
+updates are nearly orthogonal to a random direction of the ``I * d``-dimensional
+table.
+
+The guesses (top ``k`` in, bottom ``k`` out) and the bound are those of
+:func:`attacks.audit.one_run_audit`: a valid ``1 - beta`` lower bound on epsilon
+from a single run. ``attainable`` is the bound a perfect attacker would reach with
+this many canaries; when it is below the claimed epsilon the audit cannot fail,
+and a warning says so.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Any
 
 import numpy as np
 import torch
 
-from attacks.audit import check_audit, empirical_epsilon
-from gfmfr_secure.rng import derive_seed, numpy_rng, torch_generator
+from attacks.audit import one_run_audit
+from gfmfr_secure.rng import numpy_rng, torch_generator
 from gfmfr_secure.simulation.loop import run_federated
 from gfmfr_secure.types import AdversaryView, CohortUpdate
 
-__all__ = ["canary_directions", "gradient_canary_audit"]
+__all__ = ["AuditPowerWarning", "canary_directions", "gradient_canary_audit"]
 
 
-def canary_directions(seed: int, round_idx: int, n_canaries: int, n_items: int, dim: int) -> torch.Tensor:
-    """[K, I, d] unit-norm random directions of one round's canaries (each over the whole table)."""
-    v = torch.randn((n_canaries, n_items, dim), generator=torch_generator(seed, "canary-dir", round_idx))
+class AuditPowerWarning(UserWarning):
+    """The canaries cannot give a bound above the claimed epsilon: the audit cannot fail."""
+
+
+def canary_directions(seed: int, n_canaries: int, n_items: int, dim: int) -> torch.Tensor:
+    """float32 [m, I, d] unit-norm random directions, one per canary, fixed for the run."""
+    v = torch.randn((n_canaries, n_items, dim), generator=torch_generator(seed, "canary-dir"))
     return v / v.flatten(1).norm(dim=1).view(-1, 1, 1)
 
 
-def _append_canaries(upload: CohortUpdate, dirs: torch.Tensor, members: np.ndarray, clip: float, first_id: int, groups_rng: np.random.Generator, n_groups: int) -> CohortUpdate:
-    """The cohort's uploads plus one dense upload ``clip * v_k`` per member canary."""
-    idx = np.flatnonzero(members)
+def _append_canaries(upload: CohortUpdate, dirs: torch.Tensor, idx: np.ndarray, clip: float, first_id: int, groups: np.ndarray) -> CohortUpdate:
+    """The cohort's uploads plus one dense upload ``clip * v_k`` for each canary in ``idx``."""
     if idx.size == 0:
         return upload
     k, n_items, d = idx.size, dirs.shape[1], dirs.shape[2]
     rows = np.tile(np.arange(n_items, dtype=np.int64), k)
     ptr = np.concatenate([upload.row_ptr, upload.row_ptr[-1] + n_items * np.arange(1, k + 1)]).astype(np.int64)
     head = None if upload.head_delta is None else torch.cat([upload.head_delta, torch.zeros(k, upload.head_delta.shape[1])])
-    groups = groups_rng.integers(0, max(n_groups, 1), size=k) if (upload.group >= 0).any() else np.full(k, -1)
+    own = groups[idx] if (upload.group >= 0).any() else np.full(k, -1)
     return dataclasses.replace(
         upload,
         clients=np.concatenate([upload.clients, first_id + idx]).astype(np.int64),
@@ -58,26 +71,44 @@ def _append_canaries(upload: CohortUpdate, dirs: torch.Tensor, members: np.ndarr
         item_delta=torch.cat([upload.item_delta, (clip * dirs[torch.from_numpy(idx)]).reshape(-1, d)]),
         head_delta=head,
         head_after=None,
-        group=np.concatenate([upload.group, groups.astype(np.int64)]),
+        group=np.concatenate([upload.group, own.astype(np.int64)]),
         loss=np.concatenate([upload.loss, np.zeros(k)]),
     )
 
 
-def gradient_canary_audit(
-    cfg: Any, data: Any, split: Any, *, n_canaries: int = 50, seed: int = 0, alpha: float = 0.05, scale: float = 1.0
-) -> dict[str, Any]:
-    """Run ``cfg`` once with canary updates inserted every round and audit its claimed epsilon.
+def _claimed(privacy: dict[str, Any], cfg_delta: float) -> tuple[float, str, float]:
+    """(epsilon, where it came from, delta) the run claims for one user over all its rounds."""
+    if privacy.get("mechanism", "none") == "none":
+        return math.inf, "no DP", float(cfg_delta)
+    if privacy.get("epsilon") is not None:
+        return float(privacy["epsilon"]), "accountant", float(privacy["delta"])
+    return float(privacy.get("epsilon_if_covered", math.inf)), "accountant (withheld: coverage)", float(privacy["delta"])
 
-    Needs ``grouping.method`` oblivious or none (canaries choose their group at random)
-    and uniform weighting. Raises :class:`attacks.audit.AuditViolation` when the empirical
-    lower bound exceeds the accountant's epsilon. ``scale`` multiplies the canary's norm; it
-    must be at most 1 under DP (a canary above the clip C would break the sensitivity the
-    accountant assumes), and may be larger without DP to show the audit's power.
+
+def gradient_canary_audit(
+    cfg: Any, data: Any, split: Any, *, n_canaries: int = 200, seed: int = 0, beta: float = 0.05, scale: float = 1.0
+) -> dict[str, Any]:
+    """Train ``cfg`` once with canaries inserted and audit its claimed epsilon.
+
+    Needs client-side grouping (``oblivious`` or ``none``) and uniform weighting (the
+    loop refuses synthetic clients otherwise). ``scale`` multiplies the canary's norm;
+    it must be at most 1 under DP (a canary above the clip C would break the
+    sensitivity the accountant assumes), and may be larger without DP.
 
     Returns
     -------
-    dict with the bound (``eps_lower``), the claimed epsilon and its source, counts, and
-    the in/out scores.
+    dict (JSON-ready except the ``scores`` and ``included`` arrays): ``eps_lower``,
+    ``eps_claimed`` and its ``claimed_source``, ``delta``, ``passed``
+    (``eps_lower <= eps_claimed``), ``attainable`` and ``can_fail``
+    (``attainable > eps_claimed``), the guesses (``k``, ``r``, ``v``), counts and the
+    mean scores of included and excluded canaries. A violation does not raise: the
+    numbers are returned with ``passed = False``.
+
+    Warns
+    -----
+    AuditPowerWarning
+        ``attainable <= eps_claimed`` for a finite claim: more canaries are needed for the
+        audit to be able to fail.
     """
     if n_canaries < 2:
         raise ValueError(f"n_canaries must be >= 2, got {n_canaries}")
@@ -88,53 +119,70 @@ def gradient_canary_audit(
     clip = (float(pc.clip) if (dp_on and math.isfinite(pc.clip)) else 1.0) * float(scale)
     n_items, d = split.n_items, cfg.model.latent_dim
     first_id = split.n_users  # canary ids follow the real users
-    members: dict[int, np.ndarray] = {}
-    released: dict[int, torch.Tensor] = {}
-    n_groups = cfg.grouping.num_groups if cfg.distill.enabled else 1
+    n_groups = max(int(cfg.grouping.num_groups), 1) if (cfg.distill.enabled and cfg.grouping.method != "none") else 1
+    included = numpy_rng(seed, "canary-in").random(n_canaries) < 0.5
+    groups = numpy_rng(seed, "canary-group").integers(0, n_groups, size=n_canaries)
+    dirs = canary_directions(seed, n_canaries, n_items, d)
+    fraction = float(cfg.train.client_fraction)
+    scores = np.zeros(n_canaries)
+    rounds: list[int] = []
 
     def hook(upload: CohortUpdate, t: int) -> CohortUpdate:
-        m = numpy_rng(seed, "canary-in", t).random(n_canaries) < 0.5
-        members[t] = m
-        dirs = canary_directions(seed, t, n_canaries, n_items, d)
-        return _append_canaries(upload, dirs, m, clip, first_id, numpy_rng(seed, "canary-group", t), n_groups)
+        take = included & ((numpy_rng(seed, "canary-sample", t).random(n_canaries) < fraction) if fraction < 1.0 else True)
+        return _append_canaries(upload, dirs, np.flatnonzero(take), clip, first_id, groups)
 
     def record(view: AdversaryView) -> None:
-        if view.observer == "server":
-            released[view.round] = view.received["item_sum"].clone()
+        if view.observer != "server":
+            return
+        rec = view.received
+        block_of = groups.copy()
+        truth_groups = view.truth.get("groups")
+        if truth_groups is not None:  # a canary's block after any merge of small groups (the auditor's own clients)
+            ids = np.asarray(view.truth["clients"])
+            tg = np.asarray(truth_groups)
+            if tg.shape != ids.shape:
+                raise ValueError(f"round {view.round}: {tg.size} group labels for {ids.size} clients")
+            mine = ids >= first_id
+            block_of[ids[mine] - first_id] = tg[mine]
+        g_sum = rec.get("group_item_sum")
+        if g_sum is not None and g_sum.shape[0] > 1:
+            for g in range(g_sum.shape[0]):  # each canary on its own group's block
+                sel = torch.from_numpy(np.flatnonzero(block_of == g))
+                scores[sel.numpy()] += (dirs[sel].flatten(1) @ g_sum[g].flatten().to(dirs.dtype)).double().numpy() / clip
+        else:
+            scores[:] += (dirs.flatten(1) @ rec["item_sum"].flatten().to(dirs.dtype)).double().numpy() / clip
+        rounds.append(view.round)
 
     run = run_federated(cfg, data, split, progress=False, upload_hook=hook, callbacks=[record])
-    scores_in, scores_out = [], []
-    for t, m in members.items():
-        if t not in released:
-            continue
-        dirs = canary_directions(seed, t, n_canaries, n_items, d)
-        s = (dirs * released[t].unsqueeze(0)).flatten(1).sum(1).numpy() / clip
-        scores_in.append(s[m])
-        scores_out.append(s[~m])
-    s_in, s_out = np.concatenate(scores_in), np.concatenate(scores_out)
-    p = run.metrics["privacy"]
-    if p.get("mechanism", "none") == "none":
-        claimed, source, delta = math.inf, "no DP", float(pc.delta)
-    elif p.get("epsilon") is not None:
-        claimed, source, delta = float(p["epsilon"]), "accountant", float(p["delta"])
-    else:
-        claimed, source, delta = float(p.get("epsilon_if_covered", math.inf)), "accountant (withheld: coverage)", float(p["delta"])
-    audit = empirical_epsilon(s_in, s_out, delta, alpha=alpha)
-    check_audit(audit, claimed)
+    claimed, source, delta = _claimed(run.metrics["privacy"], float(pc.delta))
+    audit = one_run_audit(scores, included, delta, beta=beta)
+    can_fail = audit.attainable > claimed
+    if not can_fail and math.isfinite(claimed):
+        warnings.warn(
+            f"{n_canaries} canaries can give an epsilon lower bound of at most {audit.attainable:.3f}, not above the claimed "
+            f"{claimed:.3f}: this audit cannot fail; use more canaries",
+            AuditPowerWarning,
+            stacklevel=2,
+        )
     return {
         "eps_lower": float(audit.eps_lb),
         "eps_claimed": claimed,
         "claimed_source": source,
         "delta": delta,
-        "n_in": int(s_in.size),
-        "n_out": int(s_out.size),
-        "mean_in": float(s_in.mean()),
-        "mean_out": float(s_out.mean()),
-        "std_out": float(s_out.std()),
-        "rounds": len(released),
-        "passed": True,
+        "beta": float(beta),
+        "passed": bool(audit.eps_lb <= claimed),
+        "attainable": float(audit.attainable),
+        "can_fail": bool(can_fail),
+        "m": int(n_canaries),
+        "k": int(audit.k),
+        "r": int(audit.r),
+        "v": int(audit.v),
+        "n_in": int(included.sum()),
+        "n_out": int((~included).sum()),
+        "mean_in": float(scores[included].mean()) if included.any() else 0.0,
+        "mean_out": float(scores[~included].mean()) if (~included).any() else 0.0,
+        "rounds": len(rounds),
         "seed": seed,
-        "derived_seed": derive_seed(seed, "canary-audit"),
-        "scores_in": s_in,
-        "scores_out": s_out,
+        "scores": scores,
+        "included": included,
     }
