@@ -34,8 +34,8 @@ def _hyper(**kw) -> LocalHyper:
     return LocalHyper(**base)
 
 
-def _setup(name: str):
-    return make_setup(name, U, I, D)
+def _setup(name: str, scorer: str = "mlp"):
+    return make_setup(name, U, I, D, scorer)
 
 
 def _client_samples(m: int = 30, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -62,18 +62,21 @@ def _flat_params(shared, store, spec, client: int, row_items: np.ndarray, item_r
     return torch.cat(parts)
 
 
+@pytest.mark.parametrize("scorer", ["mlp", "dot"])
 @pytest.mark.parametrize("backbone", ["fedrap", "fedncf", "pfedrec"])
 @pytest.mark.parametrize("distill", [False, True])
-def test_full_batch_without_noise_equals_reference(backbone: str, distill: bool) -> None:
-    """sigma = 0, no effective clipping, q = 1: DP-SGD is full-batch GD, i.e. ``train_client`` with one batch.
+def test_full_batch_without_noise_equals_reference(backbone: str, distill: bool, scorer: str) -> None:
+    """sigma = 0, no effective clipping, q = 1: DP-SGD is full-batch GD, i.e. ``train_client`` with one batch,
+    for both scorers (dot: user lr, the user vector's weight decay and the rows' L2 included).
 
     With ``ema_decay = 1`` the reference keeps the preset ratio fixed, which is the DP path's fixed lambda.
     """
-    spec, shared, store_a = _setup(backbone)
+    spec, shared, store_a = _setup(backbone, scorer)
     store_a.ema_ratio[CLIENT] = 0.8
     store_b = store_a.snapshot()
     items, labels = _client_samples()
-    hyper = _hyper(distill=0.7 if distill else 0.0, ema_decay=1.0, batch_size=items.size, epochs=3)
+    extra = {"scorer": "dot", "lr_user": 0.3, "embedding_weight_decay": 0.05} if scorer == "dot" else {}
+    hyper = _hyper(distill=0.7 if distill else 0.0, ema_decay=1.0, batch_size=items.size, epochs=3, **extra)
     teacher = torch.rand(I, generator=torch.Generator().manual_seed(3)) if distill else None
     group = 1 if distill else -1
     up, rep = train_client_dpsgd(
@@ -98,6 +101,9 @@ def test_full_batch_without_noise_equals_reference(backbone: str, distill: bool)
         np.testing.assert_array_equal(store_a.personal.keys, store_b.personal.keys)
         torch.testing.assert_close(store_a.personal.values, store_b.personal.values, atol=2e-6, rtol=1e-5)
     assert store_a.ema_ratio[CLIENT].item() == 0.8  # the running ratio is not updated under DP-SGD
+    if scorer == "dot":  # the unused first layer stays zero; the user vector w2 trains
+        assert not up.head_after[0, : 2 * D * D + D].any()
+        assert not torch.equal(up.head_after[0, 2 * D * D + D : -1], shared.w2)
 
 
 @pytest.mark.parametrize("backbone", ["fedrap", "pfedrec"])

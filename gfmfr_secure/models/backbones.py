@@ -1,14 +1,16 @@
 """Backbones of the client recommender, as declarative specifications.
 
-All backbones share one scoring function, the NCF-style head of FedRAP::
+All backbones share one model, :class:`~gfmfr_secure.models.recommender.Recommender`,
+scoring with the user vector (``dot``) or the NCF-style head of FedRAP (``mlp``)::
 
-    y_hat(u, i) = sigmoid(w2 . relu(W1u e_u + W1i (P_u[i] + C[i]) + b1) + b2)
+    dot:  y_hat(u, i) = sigmoid((e_u + w2) . (P_u[i] + C[i]) + b2)
+    mlp:  y_hat(u, i) = sigmoid(w2 . relu(W1u e_u + W1i (P_u[i] + C[i]) + b1) + b2)
 
 with ``e_u`` the private user embedding [d], ``P_u`` the private personal item
 table [I, d] (FedRAP only; zero otherwise), ``C`` the shared item table [I, d] and
 the head ``(W1u, W1i, b1, w2, b2)``. A backbone says which parts exist, which are
-shared and whether FedRAP's regularisers apply; the client trainers read these flags
-instead of branching on names.
+shared and whether FedRAP's regularisers apply; the model and the trainers read these
+flags instead of branching on names.
 """
 
 from __future__ import annotations
