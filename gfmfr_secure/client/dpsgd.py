@@ -63,7 +63,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from gfmfr_secure.client.cohort import cohort_samples
