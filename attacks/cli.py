@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from gfmfr_secure.errors import GfmfrError
+
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
@@ -167,7 +169,7 @@ def _cmd_membership(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_attack_outputs(out: Path, round_idx: int, results: list[Any], curves: dict[str, Any]) -> Path:
+def _write_attack_outputs(out: Path, round_idx: int, results: list[Any], curves: dict[str, Any], run_dir: Path | None = None) -> Path:
     from attacks.metrics import plot_roc
 
     out.mkdir(parents=True, exist_ok=True)
@@ -177,7 +179,8 @@ def _write_attack_outputs(out: Path, round_idx: int, results: list[Any], curves:
         rec["details"] = {k: v for k, v in rec["details"].items() if k != "roc"}
         records.append(rec)
     (out / f"round{round_idx}.json").write_text(json.dumps(records, indent=2, default=float), encoding="utf-8")
-    lines = ["| attack | adversary | AUC | TPR@1%FPR | TPR@0.1%FPR | accuracy | baseline | source |", "|---|---|---|---|---|---|---|---|"]
+    head = [f"Attacks on run `{run_dir}`, round {round_idx}.", ""] if run_dir is not None else [f"Attacks on round {round_idx}.", ""]
+    lines = [*head, "| attack | adversary | AUC | TPR@1%FPR | TPR@0.1%FPR | accuracy | baseline | source |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
         m = r.metrics
         lines.append(
@@ -208,14 +211,31 @@ def attack_run(run_dir: Path, round_idx: int, data_dir: str | None, seed: int, i
     data, split = loaded if loaded is not None else prepare_data(cfg)
     results = run_view_attacks(run_dir / "views", round_idx, data, split, seed=seed, imia_clients=imia_clients, num_negatives=cfg.train.num_negatives)
     curves = {f"{r.name} ({r.observer})": r.details["roc"] for r in results if "roc" in r.details}
-    _write_attack_outputs(run_dir / "attacks", round_idx, results, curves)
+    _write_attack_outputs(run_dir / "attacks", round_idx, results, curves, run_dir)
     return results
+
+
+class AttackInputError(GfmfrError):
+    """A run folder that cannot be attacked (no config, or no recorded views for the round)."""
+
+
+def _check_attackable(run_dir: Path, round_idx: int) -> None:
+    """Raise :class:`AttackInputError` unless ``run_dir`` holds a config and both views of ``round_idx``."""
+    from gfmfr_secure.simulation.views import view_path
+
+    if not (run_dir / "config.yaml").is_file():
+        raise AttackInputError(f"{run_dir} is not a run folder (no config.yaml)")
+    views = run_dir / "views"
+    missing = [o for o in ("server", "outsider") if not view_path(views, round_idx, o).is_file()]
+    if missing:
+        have = sorted({p.name.split("-")[0] for p in views.glob("round*-*.pt")}) if views.is_dir() else []
+        recorded = ", ".join(have) if have else "none (train with record.views_rounds=[...])"
+        raise AttackInputError(f"{run_dir}: no recorded {' and '.join(missing)} view of round {round_idx}; recorded rounds: {recorded}")
 
 
 def _cmd_attack(args: argparse.Namespace) -> int:
     run_dir = Path(args.run)
-    if not (run_dir / "config.yaml").is_file():
-        raise SystemExit(f"{run_dir} is not a run folder (no config.yaml)")
+    _check_attackable(run_dir, args.round)
     attack_run(run_dir, args.round, args.data, args.seed, args.imia_clients)
     print((run_dir / "attacks" / "summary.md").read_text(encoding="utf-8"))
     return 0

@@ -45,3 +45,18 @@ def test_attack_table_with_outsider_membership(ml100k_dir, tmp_path, capsys) -> 
     table = (tmp_path / "attacks.md").read_text()
     assert "user-membership-lira | masking-nodp | outsider" in table
     assert "interaction-magnitude | masking-nodp | server" in table
+
+
+def test_attack_errors_exit_2_without_views(tmp_path, capsys) -> None:
+    assert main(["attack", "--run", str(tmp_path / "nothing")]) == 2
+    assert "error: " in capsys.readouterr().err
+    run = tmp_path / "r"
+    (run / "views").mkdir(parents=True)
+    (run / "config.yaml").write_text("method: gfmfr\n")
+    assert main(["attack", "--run", str(run), "--round", "0"]) == 2
+    assert "recorded rounds: none" in capsys.readouterr().err
+    (run / "views" / "round1-server.pt").write_bytes(b"")
+    (run / "views" / "round1-outsider.pt").write_bytes(b"")
+    assert main(["attack", "--run", str(run), "--round", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "round 3" in err and "round1" in err and "Traceback" not in err
