@@ -18,6 +18,11 @@ Non-private cells: a cell whose ``privacy.epsilon`` is ``.inf`` runs with
 ``epsilon: [.inf, 8]`` x ``mechanism: [central, local]`` gives one non-private
 cell per seed, the reference the private cells are compared with.
 
+A ``method`` axis: each value also sets the ``model.backbone`` and
+``distill.enabled`` its name implies in the runner's method registry, so
+``method: [fedrap, gfmfr]`` over one base config gives two valid cells; any
+other setting the methods differ in goes under ``set`` or its own axis.
+
 A cell whose training diverges (``FloatingPointError``) is a result too: its
 folder holds ``diverged.json`` instead of ``metrics.json``, and the report lists it.
 """
@@ -37,6 +42,7 @@ import os
 import re
 import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -360,6 +366,15 @@ def _nonprivate(values: dict[str, Any], base: ExperimentConfig) -> tuple[list[st
     return [f"{k}={_yaml_value(v)}" for k, v in values.items()], values
 
 
+def _method_settings(method: Any, registry: Mapping[str, Any]) -> list[str]:
+    """A ``method`` axis value brings the backbone and distillation its name implies (runner registry)."""
+    spec = registry.get(method) if isinstance(method, str) else None
+    if spec is None:
+        return []
+    out = [] if spec.backbone is None else [f"model.backbone={spec.backbone}"]
+    return out + ([] if spec.distill is None else [f"distill.enabled={str(spec.distill).lower()}"])
+
+
 def _apply(base: ExperimentConfig, overrides: list[str]) -> ExperimentConfig:
     """``with_overrides`` whose error message drops the echo of the overrides (it names the key)."""
     try:
@@ -397,6 +412,7 @@ def expand_cells(spec: SweepSpec, data: str | None = None, environ: Mapping[str,
     for combo in combos:
         values = dict(zip(spec.axis_keys, combo, strict=True))
         overrides, values = _nonprivate(values, base)
+        overrides = _method_settings(values.get("method"), getattr(runner, "METHODS", {})) + overrides
         try:
             cfg = _apply(base, overrides)
         except ConfigError as err:
@@ -432,6 +448,7 @@ class CellTask:
     keep_model: bool
     keep_views: bool
     command: tuple[str, ...]
+    runner: str = "gfmfr_secure.simulation.runner"
 
 
 def cell_is_finished(folder: Path) -> bool:
@@ -443,9 +460,10 @@ def run_cell(task: CellTask) -> str:
     """Train, evaluate and attack one cell inside a partial run folder; returns the cell name.
 
     Mirrors :func:`gfmfr_secure.simulation.record.train_and_record` (same files), with the
-    attacks, the cell record and the clean-up done before the folder is renamed.
+    attacks, the cell record and the clean-up done before the folder is renamed. The
+    runner module is looked up by name when the cell runs, so tests can stand in another.
     """
-    runner = importlib.import_module("gfmfr_secure.simulation.runner")
+    runner = importlib.import_module(task.runner)
     cell, cfg = task.cell, task.cell.config
     record: dict[str, Any] = {
         "seed": cfg.seed,
@@ -573,11 +591,14 @@ def run_sweep(
     progress: bool = True,
     command: Sequence[str] = (),
     on_cell: Callable[[str], None] | None = None,
+    runner: str = "gfmfr_secure.simulation.runner",
 ) -> SweepOutcome:
     """Run every unfinished cell of ``spec`` under ``out_dir/cells``; finished cells are skipped.
 
     ``jobs > 1`` runs cells in that many spawned processes; ``jobs == 1`` runs them in
     this process. The reference scores are written to ``out_dir/references.json``.
+    ``on_cell`` is called with each cell's name before it runs in this process;
+    ``runner`` names the module whose ``run_training`` trains a cell.
 
     Raises
     ------
@@ -612,7 +633,7 @@ def run_sweep(
                 shutil.rmtree(stale)
             todo.append(cell)
         _write_references(out, spec, cells)
-        tasks = [CellTask(str(cells_dir), c, spec.attacks, spec.keep_model, spec.keep_views, tuple(command)) for c in todo]
+        tasks = [CellTask(str(cells_dir), c, spec.attacks, spec.keep_model, spec.keep_views, tuple(command), runner) for c in todo]
         _execute(tasks, jobs, progress, len(cells), len(outcome.skipped), outcome, on_cell)
     return outcome
 
@@ -688,6 +709,11 @@ def _run_or_fail(fn: Callable[[], Any], name: str) -> Any:
         return fn()
     except GfmfrError as err:
         raise SweepError(f"cell {name!r} failed: {err} (finished cells are kept; re-run the same command to resume)") from err
+    except BrokenProcessPool as err:
+        raise SweepError(
+            f"the worker process running cell {name!r} died (killed, or out of memory: try fewer --jobs); "
+            "finished cells are kept; re-run the same command to resume"
+        ) from err
 
 
 def _worker_init(jobs: int) -> None:

@@ -27,7 +27,8 @@ from evaluations.sweep import CELL_FILE, CELLS_DIR, SweepError
 __all__ = ["UTILITY", "collect_rows", "write_report"]
 
 UTILITY = ("NDCG@10", "HR@10", "NDCG@20", "HR@20", "NDCG@50", "HR@50")
-ATTACK_METRICS = ("auc", "tpr_at_fpr_0.01", "exact_recovery_rate")
+ATTACK_METRICS = ("auc", "tpr_at_fpr_0.01", "exact_recovery")
+_ATTACK_TITLES = {"auc": "AUC", "tpr_at_fpr_0.01": "TPR at 1% FPR", "exact_recovery": "exact-recovery rate"}
 _PLOTS = ("utility_vs_epsilon", "attacks_vs_epsilon", "frontier", "cost")
 
 
@@ -217,12 +218,12 @@ def write_report(out_dir: str | Path, *, command: str = "") -> Path:
     if refs:
         lines += ["", "Reference scorers on the same split (test): " + "; ".join(f"{n} NDCG@10 {m.get('NDCG@10', math.nan):.4f}, HR@10 {m.get('HR@10', math.nan):.4f}" for n, m in refs.items()) + "."]
     if attack_keys:
-        lines += ["", "## Attacks (mean ± std over seeds)", "", "| configuration | attack | adversary | AUC | TPR@1%FPR |", "|---|---|---|---|---|"]
+        lines += ["", "## Attacks (mean ± std over seeds)", "", "| configuration | attack | adversary | AUC | TPR@1%FPR | exact recovery |", "|---|---|---|---|---|---|"]
         for g in groups:
             for a, o in attack_keys:
-                auc, tpr = g.values(f"attack:{a}:{o}:auc"), g.values(f"attack:{a}:{o}:tpr_at_fpr_0.01")
-                if auc or tpr:
-                    lines.append(f"| {g.label} | {a} | {o} | {_fmt(*_mean_std(auc)) if auc else '-'} | {_fmt(*_mean_std(tpr)) if tpr else '-'} |")
+                found = [g.values(f"attack:{a}:{o}:{m}") for m in ATTACK_METRICS]
+                if any(found):
+                    lines.append(f"| {g.label} | {a} | {o} | " + " | ".join(_fmt(*_mean_std(v)) if v else "-" for v in found) + " |")
     lines += ["", "## Cost per backend (mean over cells)", "", "| backend | cells | s / round | bytes up / client | broadcast bytes / client |", "|---|---|---|---|---|"]
     for backend, rs in _by_backend(rows).items():
         lines.append(f"| {backend} | {len(rs)} | {_mean_of(rs, 's_per_round', '.3f')} | {_mean_of(rs, 'bytes_up_per_client', '.4g')} | {_mean_of(rs, 'broadcast_bytes_per_client', '.4g')} |")
@@ -270,10 +271,16 @@ def _private(groups: Sequence[Group]) -> dict[str, list[Group]]:
     return series
 
 
-def _epsilon_axis(ax: Any) -> None:
+def _epsilon_axis(ax: Any, series: Mapping[str, Sequence[Group]]) -> None:
+    """Log-scale epsilon axis ticked at the swept values."""
+    from matplotlib.ticker import NullLocator
+
+    ticks = sorted({g.facts["epsilon_target"] for gs in series.values() for g in gs})
     ax.set_xscale("log")
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xlabel("target epsilon (user-level)")
-    ax.grid(True, which="both", alpha=0.3)
+    ax.grid(True, alpha=0.3)
 
 
 def _plot_utility(out: Path, groups: Sequence[Group], refs: Mapping[str, Mapping[str, float]]) -> str:
@@ -295,19 +302,21 @@ def _plot_utility(out: Path, groups: Sequence[Group], refs: Mapping[str, Mapping
         for g in nonprivate:
             mean, std = _mean_std(g.values(metric))
             shown = g.series if g.series else g.label
-            ax.axhline(mean, color="black", linestyle="--", linewidth=1, label=f"non-private ({shown})")
+            colour = "black" if len(nonprivate) == 1 else None
+            line = ax.axhline(mean, color=colour, linestyle="--", linewidth=1, label=f"non-private ({shown})")
             if not math.isnan(std):
-                ax.axhspan(mean - std, mean + std, color="black", alpha=0.08)
+                ax.axhspan(mean - std, mean + std, color=line.get_color(), alpha=0.08)
         for name, m in refs.items():
             if metric in m:
                 ax.axhline(m[metric], color="grey", linestyle=styles.get(name, ":"), linewidth=1, label=f"{name} (centralised)" if name in ("ease", "mf") else name)
         if series:
-            _epsilon_axis(ax)
+            _epsilon_axis(ax, series)
         else:
             ax.set_xticks([])
         ax.set_ylabel(f"test {metric}")
     axes[0].legend(fontsize=7, loc="best")
     fig.suptitle("utility against the privacy budget (mean ± std over seeds; dots: seeds)")
+    fig.tight_layout()
     return _save(fig, out, "utility_vs_epsilon")
 
 
@@ -315,11 +324,13 @@ def _plot_attacks(out: Path, groups: Sequence[Group], keys: Sequence[tuple[str, 
     import matplotlib.pyplot as plt
 
     adversaries = sorted({o for _, o in keys})
-    fig, axes = plt.subplots(2, len(adversaries), figsize=(5.5 * len(adversaries), 7), squeeze=False)
+    present = [m for m in ATTACK_METRICS if any(k.endswith(f":{m}") for g in groups for r in g.rows for k in r)]
+    fig, axes = plt.subplots(len(present), len(adversaries), figsize=(5.5 * len(adversaries), 3.5 * len(present)), squeeze=False)
     series = _private(groups)
     nonprivate = [g for g in groups if g.facts["mechanism"] == "none"]
     for col, adversary in enumerate(adversaries):
-        for row, (metric, title) in enumerate((("auc", "AUC"), ("tpr_at_fpr_0.01", "TPR at 1% FPR"))):
+        for row, metric in enumerate(present):
+            title = _ATTACK_TITLES[metric]
             ax = axes[row][col]
             for a, o in keys:
                 if o != adversary:
@@ -332,13 +343,16 @@ def _plot_attacks(out: Path, groups: Sequence[Group], keys: Sequence[tuple[str, 
                 for g in nonprivate:
                     if g.values(key):
                         ax.axhline(_mean_std(g.values(key))[0], linestyle="--", linewidth=1, color="black", alpha=0.6)
-            ax.axhline(0.5 if metric == "auc" else 0.01, color="grey", linestyle=":", linewidth=1)
+            if metric in ("auc", "tpr_at_fpr_0.01"):
+                ax.axhline(0.5 if metric == "auc" else 0.01, color="grey", linestyle=":", linewidth=1)
             if series:
-                _epsilon_axis(ax)
+                _epsilon_axis(ax, series)
             ax.set_ylabel(title)
-            ax.set_title(f"{adversary}: {title} (dashed: non-private; dotted: chance)", fontsize=9)
+            ax.set_title(f"{adversary}: {title}", fontsize=9)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=6)
+    fig.suptitle("attack success against the privacy budget (mean ± std over seeds; dashed: non-private; dotted: chance)", fontsize=9)
+    fig.tight_layout()
     return _save(fig, out, "attacks_vs_epsilon")
 
 
@@ -390,4 +404,5 @@ def _plot_cost(out: Path, groups: Sequence[Group]) -> str:
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("aggregation backend")
     fig.suptitle("cost per backend (mean ± std over cells; plain DP runs withhold upload sizes)")
+    fig.tight_layout()
     return _save(fig, out, "cost")

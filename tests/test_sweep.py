@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from evaluations.sweep import SweepError, expand_cells, load_spec, run_sweep, spec_from_dict
-from evaluations.sweep_report import write_report
+from evaluations.sweep_report import collect_rows
 from gfmfr_secure import cli
 from gfmfr_secure.config import DATA_ENV_VAR
 
@@ -21,27 +21,36 @@ RUNNER = "gfmfr_secure.simulation.runner"
 REPORT_FILES = ("results.csv", "results.json", "report.md", "utility_vs_epsilon.png", "utility_vs_epsilon.svg", "cost.png", "cost.svg")
 
 
+def run_training(cfg, run, *, progress=True):
+    """Stand-in for the runner's run_training: metrics are a function of the config.
+
+    Module level, so spawned worker processes import it (``run_sweep(runner=__name__)``).
+    """
+    run.path("model.pt").write_bytes(b"weights")
+    eps = cfg.privacy.epsilon if cfg.privacy.mechanism != "none" else math.inf
+    ndcg = 0.3 - (0.1 / eps if math.isfinite(eps) else 0.0) + 0.01 * cfg.seed
+    return {
+        "test": {"NDCG@10": ndcg, "HR@10": 2 * ndcg},
+        "val": {"NDCG@10": ndcg},
+        "privacy": {"mechanism": cfg.privacy.mechanism, "epsilon": None if math.isinf(eps) else eps},
+        "timing": {"client_s_per_round": 0.5, "server_s_per_round": 0.1},
+        "cost": {"bytes_up_per_client": 100.0 if cfg.aggregation.backend == "plain" else 300.0},
+    }
+
+
+def check_method(cfg):
+    return None
+
+
 class CountingRunner:
-    """Stand-in for the runner: metrics are a function of the config; every call is counted."""
+    """The stand-in runner, counting the cells it trains in this process."""
 
     def __init__(self) -> None:
         self.calls: list[str] = []
 
-    def check_method(self, cfg):
-        return None
-
     def run_training(self, cfg, run, *, progress=True):
         self.calls.append(run.name)
-        run.path("model.pt").write_bytes(b"weights")
-        eps = cfg.privacy.epsilon if cfg.privacy.mechanism != "none" else math.inf
-        ndcg = 0.3 - (0.1 / eps if math.isfinite(eps) else 0.0) + 0.01 * cfg.seed
-        return {
-            "test": {"NDCG@10": ndcg, "HR@10": 2 * ndcg},
-            "val": {"NDCG@10": ndcg},
-            "privacy": {"mechanism": cfg.privacy.mechanism, "epsilon": None if math.isinf(eps) else eps},
-            "timing": {"client_s_per_round": 0.5, "server_s_per_round": 0.1},
-            "cost": {"bytes_up_per_client": 100.0 if cfg.aggregation.backend == "plain" else 300.0},
-        }
+        return run_training(cfg, run, progress=progress)
 
 
 @pytest.fixture
@@ -49,7 +58,7 @@ def runner(monkeypatch):
     fake = CountingRunner()
     module = types.ModuleType(RUNNER)
     module.run_training = fake.run_training
-    module.check_method = fake.check_method
+    module.check_method = check_method
     monkeypatch.setitem(sys.modules, RUNNER, module)
     return fake
 
@@ -164,16 +173,14 @@ def test_sweep_writes_every_cell_and_the_report_then_skips_them(runner, data_dir
     assert "4 cells run, 0 already finished" in capsys.readouterr().out
     mtimes = {p: p.stat().st_mtime_ns for p in (out / "cells").rglob("*")}
 
-    assert cli.main(argv) == 0  # a second run trains nothing and rewrites no cell
-    assert len(runner.calls) == 4
+    again = run_sweep(load_spec(spec), out, data=str(data_dir), progress=False)  # trains nothing, rewrites no cell
+    assert len(runner.calls) == 4 and len(again.skipped) == 4 and again.ran == []
     assert {p: p.stat().st_mtime_ns for p in (out / "cells").rglob("*")} == mtimes
-    assert "0 cells run, 4 already finished" in capsys.readouterr().out
 
 
 def test_interrupted_sweep_resumes_and_matches_an_uninterrupted_one(runner, data_dir, tmp_path) -> None:
     spec = load_spec(_spec(tmp_path, seeds=[0, 1]))
     whole = run_sweep(spec, tmp_path / "whole", data=str(data_dir), progress=False)
-    write_report(tmp_path / "whole")
 
     out = tmp_path / "cut"
     third = whole.cells[2].name
@@ -188,15 +195,26 @@ def test_interrupted_sweep_resumes_and_matches_an_uninterrupted_one(runner, data
     with pytest.raises(KeyboardInterrupt):
         run_sweep(spec, out, data=str(data_dir), progress=False, on_cell=kill)
     assert len(list((out / "cells").iterdir())) == 3  # two finished cells and the partial one
-    write_report(out)  # the report reads only finished cells
-    assert len(json.loads((out / "results.json").read_text())) == 2
+    assert len(collect_rows(out)[0]) == 2  # the report reads only finished cells
 
     calls = len(runner.calls)
     resumed = run_sweep(spec, out, data=str(data_dir), progress=False)
     assert len(resumed.skipped) == 2 and len(runner.calls) - calls == len(whole.cells) - 2
     assert not list((out / "cells").glob(".*partial*"))
-    write_report(out)
-    assert (out / "results.csv").read_text() == (tmp_path / "whole" / "results.csv").read_text()
+    assert collect_rows(out) == collect_rows(tmp_path / "whole")
+
+
+def test_parallel_workers_resume_to_the_same_results(runner, data_dir, tmp_path) -> None:
+    """--jobs 2: spawned processes run the cells; a cell killed mid-run is redone, the rest kept."""
+    spec, out = load_spec(_spec(tmp_path)), tmp_path / "out"
+    first = run_sweep(spec, out, data=str(data_dir), jobs=2, progress=False, runner=__name__)
+    assert sorted(first.ran) == sorted(c.name for c in first.cells) and len(first.ran) == 4
+    rows = collect_rows(out)
+    killed = first.cells[1].name
+    (out / "cells" / killed).rename(out / "cells" / f".{killed}.partial-dead")
+    again = run_sweep(spec, out, data=str(data_dir), jobs=2, progress=False, runner=__name__)
+    assert again.ran == [killed] and len(again.skipped) == 3
+    assert collect_rows(out) == rows
 
 
 def test_a_changed_spec_does_not_reuse_cells(runner, data_dir, tmp_path) -> None:
@@ -206,17 +224,42 @@ def test_a_changed_spec_does_not_reuse_cells(runner, data_dir, tmp_path) -> None
         run_sweep(load_spec(_spec(tmp_path, rounds=3)), out, data=str(data_dir), progress=False)
 
 
-def test_report_regenerates_from_finished_cells_only(runner, data_dir, tmp_path, capsys) -> None:
+def _fake_attacks(cfg, views, attacks):
+    auc = 0.5 + (0.4 if cfg.privacy.mechanism == "none" else 0.1)
+    return [
+        {"attack": "interaction-magnitude", "adversary": "server", "round": attacks.round, "n_targets": 10, "metrics": {"auc": auc + 0.01 * cfg.seed, "tpr_at_fpr_0.01": auc / 10}},
+        {"attack": "interaction-reconstruction", "adversary": "server", "round": attacks.round, "n_targets": 10, "metrics": {"exact_recovery": auc - 0.5}},
+        {"attack": "group-inference", "adversary": "outsider", "round": attacks.round, "n_targets": 10, "metrics": {"auc": 0.55}},
+    ]
+
+
+def test_report_regenerates_from_finished_cells_only(runner, data_dir, tmp_path, capsys, monkeypatch) -> None:
+    import evaluations.sweep as sweep
+
+    monkeypatch.setattr(sweep, "_attack", _fake_attacks)
     out = tmp_path / "out"
-    run_sweep(load_spec(_spec(tmp_path)), out, data=str(data_dir), progress=False)
+    run_sweep(load_spec(_spec(tmp_path, seeds=[0, 1], attacks={"round": 1})), out, data=str(data_dir), progress=False)
+    assert all(c.config.record.views_rounds == (1,) for c in expand_cells(load_spec(_spec(tmp_path, attacks={"round": 1})), str(data_dir)))
     (out / ".stale").mkdir()
     (out / "cells" / ".epsilon-2_seed-0.partial-1234").mkdir()
-    for name in REPORT_FILES:
+    files = (*REPORT_FILES, "attacks_vs_epsilon.png", "attacks_vs_epsilon.svg", "frontier.png", "frontier.svg")
+    for name in files:
         (out / name).unlink(missing_ok=True)
     assert cli.main(["report", str(out)]) == 0
-    for name in REPORT_FILES:
+    for name in files:
         assert (out / name).is_file(), name
     report = (out / "report.md").read_text()
-    assert "4 finished cells (4 configurations)" in report and "![utility_vs_epsilon](utility_vs_epsilon.png)" in report
+    assert "8 finished cells (4 configurations)" in report and "![frontier](frontier.png)" in report
+    assert "| interaction-magnitude | server | 0.9050 ± 0.0071 | 0.0900 ± 0.0000 | - |" in report
+    rows = json.loads((out / "results.json").read_text())
+    assert sorted({round(r["attack:interaction-reconstruction:server:exact_recovery"], 9) for r in rows}) == [0.1, 0.4]
     assert cli.main(["report", str(tmp_path / "nothing")]) == 2
     assert "no sweep cells" in capsys.readouterr().err
+
+
+
+def test_a_method_axis_brings_the_settings_its_name_implies(data_dir, tmp_path) -> None:
+    spec = load_spec(_spec(tmp_path, set={"train.selection": "last", "grouping.method": "oblivious"}, axes={"method": ["fedrap", "gfmfr"]}))
+    cells = {c.axes["method"]: c.config for c in expand_cells(spec, str(data_dir))}
+    assert (cells["fedrap"].distill.enabled, cells["gfmfr"].distill.enabled) == (False, True)
+    assert cells["gfmfr"].model.backbone == "fedrap" and cells["gfmfr"].grouping.method == "oblivious"
