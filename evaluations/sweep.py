@@ -11,7 +11,9 @@ Resuming: a cell whose folder exists is finished and is skipped (its
 ``config.yaml`` must equal the config the spec gives now, else the sweep stops);
 a killed cell leaves only a hidden ``.NAME.partial-XXXX`` folder, which the next
 run deletes before redoing the cell. An exclusive lock on ``OUT/.sweep.lock``
-keeps two sweeps from writing into one folder.
+keeps two sweeps from writing into one folder, and one per running cell
+(``OUT/.locks/NAME.lock``) keeps a sweep from deleting the partial folder of a
+worker that outlived an interrupted sweep.
 
 Non-private cells: a cell whose ``privacy.epsilon`` is ``.inf`` runs with
 ``privacy.mechanism: none`` (a user-level mechanism needs a finite epsilon), so
@@ -474,7 +476,7 @@ def run_cell(task: CellTask) -> str:
         "finished_at": None,
         "environment": environment_info(),
     }
-    with create_run(task.cells_dir, cell.name, console=False) as run:
+    with _cell_lock(Path(task.cells_dir), cell.name), create_run(task.cells_dir, cell.name, console=False) as run:
         run.write_text("config.yaml", config_to_yaml(cfg))
         run.write_json("run.json", record)
         run.logger.info("sweep cell %s: method=%s seed=%d data=%s", cell.name, cfg.method, cfg.seed, cfg.data.path)
@@ -556,17 +558,29 @@ def _json_default(obj: Any) -> Any:
 
 
 @contextmanager
-def _locked(out: Path) -> Iterator[None]:
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / ".sweep.lock", "a", encoding="utf-8") as fh:
+def _flock(path: Path, busy: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created if missing); raise SweepError(busy) if another process holds it."""
+    with open(path, "a", encoding="utf-8") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise SweepError(f"another sweep is writing into {str(out)!r}; wait for it or choose another --out") from None
+            raise SweepError(busy) from None
         try:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _locked(out: Path) -> Any:
+    out.mkdir(parents=True, exist_ok=True)
+    return _flock(out / ".sweep.lock", f"another sweep is writing into {str(out)!r}; wait for it or choose another --out")
+
+
+def _cell_lock(cells_dir: Path, name: str) -> Any:
+    """Held while a cell runs, so an orphaned worker of a killed sweep is never raced."""
+    locks = cells_dir.parent / ".locks"
+    locks.mkdir(exist_ok=True)
+    return _flock(locks / f"{name}.lock", f"cell {name!r} is still being run by another process (a worker of an interrupted sweep?); wait for it to end")
 
 
 def _stale_partials(cells_dir: Path, name: str) -> list[Path]:
@@ -629,8 +643,11 @@ def run_sweep(
                 continue
             if folder.exists():
                 raise SweepError(f"{str(folder)!r} exists but is not a finished sweep cell; delete it to redo the cell")
-            for stale in _stale_partials(cells_dir, cell.name):  # left by a killed run; we hold the lock
-                shutil.rmtree(stale)
+            stale = _stale_partials(cells_dir, cell.name)  # left by a killed run
+            if stale:
+                with _cell_lock(cells_dir, cell.name):
+                    for folder_ in stale:
+                        shutil.rmtree(folder_)
             todo.append(cell)
         _write_references(out, spec, cells)
         tasks = [CellTask(str(cells_dir), c, spec.attacks, spec.keep_model, spec.keep_views, tuple(command), runner) for c in todo]

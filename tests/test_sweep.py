@@ -263,3 +263,30 @@ def test_a_method_axis_brings_the_settings_its_name_implies(data_dir, tmp_path) 
     cells = {c.axes["method"]: c.config for c in expand_cells(spec, str(data_dir))}
     assert (cells["fedrap"].distill.enabled, cells["gfmfr"].distill.enabled) == (False, True)
     assert cells["gfmfr"].model.backbone == "fedrap" and cells["gfmfr"].grouping.method == "oblivious"
+
+
+def test_a_cell_still_run_by_an_orphaned_worker_is_not_touched(runner, data_dir, tmp_path) -> None:
+    import fcntl
+
+    from evaluations.sweep import CELLS_DIR
+
+    spec, out = load_spec(_spec(tmp_path)), tmp_path / "out"
+    name = expand_cells(spec, str(data_dir))[0].name
+    (out / CELLS_DIR).mkdir(parents=True)
+    partial = out / CELLS_DIR / f".{name}.partial-live"
+    partial.mkdir()
+    (out / ".locks").mkdir()
+    with open(out / ".locks" / f"{name}.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(SweepError, match="still being run by another process"):
+            run_sweep(spec, out, data=str(data_dir), progress=False)
+    assert partial.is_dir() and runner.calls == []
+
+
+def test_help_lists_the_options(capsys) -> None:
+    for argv, words in ((["sweep", "--help"], ["--out", "--data", "--jobs", "example:"]), (["report", "--help"], ["DIR", "example:"])):
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(argv)
+        assert exit_.value.code == 0
+        text = capsys.readouterr().out
+        assert all(w in text for w in words)
