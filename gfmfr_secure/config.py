@@ -243,7 +243,7 @@ class TrainConfig:
     beta: float = 0.1
     client_fraction: float = 1.0
     eval_every: int = 1
-    patience: int = 5
+    patience: int = 10
     weighting: Literal["uniform", "samples"] = "uniform"
     selection: Literal["best-val", "last"] = "best-val"
 
