@@ -320,6 +320,16 @@ def _plot_utility(out: Path, groups: Sequence[Group], refs: Mapping[str, Mapping
     return _save(fig, out, "utility_vs_epsilon")
 
 
+#: above this many series, the attack plot shows each series' strongest attack only (report.md lists every attack)
+_MAX_SERIES_PER_ATTACK = 2
+
+
+def _strongest(g: Group, attacks: Sequence[str], adversary: str, metric: str) -> tuple[float, float] | None:
+    """(mean, std) over seeds of the attack with the highest mean ``metric``, or None if none was run."""
+    stats = [_mean_std(g.values(f"attack:{a}:{adversary}:{metric}")) for a in attacks if g.values(f"attack:{a}:{adversary}:{metric}")]
+    return max(stats, key=lambda st: st[0]) if stats else None
+
+
 def _plot_attacks(out: Path, groups: Sequence[Group], keys: Sequence[tuple[str, str]]) -> str:
     import matplotlib.pyplot as plt
 
@@ -332,17 +342,20 @@ def _plot_attacks(out: Path, groups: Sequence[Group], keys: Sequence[tuple[str, 
         for row, metric in enumerate(present):
             title = _ATTACK_TITLES[metric]
             ax = axes[row][col]
-            for a, o in keys:
-                if o != adversary:
-                    continue
-                key = f"attack:{a}:{o}:{metric}"
-                for name, gs in series.items():
-                    pts = [(g.facts["epsilon_target"], _mean_std(g.values(key))) for g in gs if g.values(key)]
+            names = [a for a, o in keys if o == adversary]
+            # one line per attack and series; with many series, one per series: its strongest attack
+            per_attack = len(series) <= _MAX_SERIES_PER_ATTACK
+            for name, gs in series.items():
+                for a in names if per_attack else [None]:
+                    pts = [(g.facts["epsilon_target"], _strongest(g, [a] if a else names, adversary, metric)) for g in gs]
+                    pts = [(x, st) for x, st in pts if st is not None]
                     if pts:
-                        ax.errorbar([p[0] for p in pts], [p[1][0] for p in pts], yerr=[0.0 if math.isnan(p[1][1]) else p[1][1] for p in pts], marker="o", capsize=3, label=f"{a} ({name})")
-                for g in nonprivate:
-                    if g.values(key):
-                        ax.axhline(_mean_std(g.values(key))[0], linestyle="--", linewidth=1, color="black", alpha=0.6)
+                        ax.errorbar([x for x, _ in pts], [st[0] for _, st in pts], yerr=[0.0 if math.isnan(st[1]) else st[1] for _, st in pts], marker="o", capsize=3, label=f"{a or 'strongest attack'} ({name})")
+            for g in nonprivate:
+                for a in names if per_attack else [None]:
+                    st = _strongest(g, [a] if a else names, adversary, metric)
+                    if st is not None:
+                        ax.axhline(st[0], linestyle="--", linewidth=1, color="black", alpha=0.6)
             if metric in ("auc", "tpr_at_fpr_0.01"):
                 ax.axhline(0.5 if metric == "auc" else 0.01, color="grey", linestyle=":", linewidth=1)
             if series:

@@ -236,7 +236,10 @@ def _fake_attacks(cfg, views, attacks):
 def test_report_regenerates_from_finished_cells_only(runner, data_dir, tmp_path, capsys, monkeypatch) -> None:
     import evaluations.sweep as sweep
 
+    import evaluations.sweep_report as sweep_report
+
     monkeypatch.setattr(sweep, "_attack", _fake_attacks)
+    monkeypatch.setattr(sweep_report, "_MAX_SERIES_PER_ATTACK", 1)  # the attack plot draws each series' strongest attack
     out = tmp_path / "out"
     run_sweep(load_spec(_spec(tmp_path, seeds=[0, 1], attacks={"round": 1})), out, data=str(data_dir), progress=False)
     assert all(c.config.record.views_rounds == (1,) for c in expand_cells(load_spec(_spec(tmp_path, attacks={"round": 1})), str(data_dir)))
