@@ -83,7 +83,7 @@ CELLS_DIR = "cells"
 CELL_FILE = "cell.json"
 #: reference scorers a spec may ask for (computed once per dataset)
 REFERENCE_NAMES = ("popularity", "random", "ease", "mf")
-_SPEC_KEYS = ("name", "base", "set", "axes", "seeds", "rounds", "attacks", "references", "keep")
+_SPEC_KEYS = ("name", "base", "set", "axes", "exclude", "seeds", "rounds", "attacks", "references", "keep")
 _NAME_CHARS = re.compile(r"[^A-Za-z0-9.+-]+")
 
 
@@ -124,6 +124,10 @@ class SweepSpec:
         ``dotted.key=value`` applied to every cell, after the base files.
     axes : tuple of (str, tuple)
         Dotted config key and its values, in spec order.
+    exclude : tuple of dict
+        Axis combinations not to run: a cell whose axis values match every pair of
+        one entry is left out (e.g. ``{privacy.mechanism: central, aggregation.backend:
+        masking}``, which the masking backend refuses).
     seeds : tuple of int
         Root seeds; every axis combination runs once per seed.
     rounds : int or None
@@ -141,6 +145,7 @@ class SweepSpec:
     base: tuple[Path, ...]
     overrides: tuple[str, ...] = ()
     axes: tuple[tuple[str, tuple[Any, ...]], ...] = ()
+    exclude: tuple[Mapping[str, Any], ...] = ()
     seeds: tuple[int, ...] = (0,)
     rounds: int | None = None
     attacks: AttackSpec | None = None
@@ -225,6 +230,19 @@ def spec_from_dict(data: Any, source: str | Path = "<spec>", base_dir: str | Pat
             raise _fail(f"axes.{key}", "is also fixed under 'set'", "remove it from one of them")
         axes.append((key, tuple(values)))
 
+    exclude_raw = data.get("exclude") or []
+    axis_values = dict(axes)
+    if not isinstance(exclude_raw, list):
+        raise _fail("exclude", f"expected a list of mappings from axis keys to values, got {exclude_raw!r}", "write e.g. exclude: [{privacy.mechanism: central, aggregation.backend: masking}]")
+    for i, entry in enumerate(exclude_raw):
+        if not isinstance(entry, dict) or not entry:
+            raise _fail(f"exclude[{i}]", f"expected a non-empty mapping from axis keys to values, got {entry!r}", "write e.g. {aggregation.backend: masking}")
+        for key, value in entry.items():
+            if key not in axis_values:
+                raise _fail(f"exclude[{i}].{key}", "is not an axis", f"use one of: {', '.join(axis_values) or '(no axes)'}")
+            if _yaml_value(value) not in {_yaml_value(v) for v in axis_values[key]}:
+                raise _fail(f"exclude[{i}].{key}", f"{value!r} is not one of the axis values {list(axis_values[key])}", "use a value listed under axes")
+
     seeds_raw = data.get("seeds", [0])
     if isinstance(seeds_raw, int) and not isinstance(seeds_raw, bool):
         seeds_raw = [seeds_raw]
@@ -266,6 +284,7 @@ def spec_from_dict(data: Any, source: str | Path = "<spec>", base_dir: str | Pat
         base=tuple(base),
         overrides=overrides,
         axes=tuple(axes),
+        exclude=tuple(dict(e) for e in exclude_raw),
         seeds=seeds,
         rounds=rounds,
         attacks=attacks,
@@ -413,6 +432,8 @@ def expand_cells(spec: SweepSpec, data: str | None = None, environ: Mapping[str,
     combos = itertools.product(*(values for _, values in spec.axes)) if spec.axes else iter([()])
     for combo in combos:
         values = dict(zip(spec.axis_keys, combo, strict=True))
+        if any(all(_yaml_value(values[k]) == _yaml_value(v) for k, v in entry.items()) for entry in spec.exclude):
+            continue
         overrides, values = _nonprivate(values, base)
         overrides = _method_settings(values.get("method"), getattr(runner, "METHODS", {})) + overrides
         try:
@@ -661,6 +682,7 @@ def _write_spec(out: Path, spec: SweepSpec, cells: Sequence[Cell]) -> None:
         "base": [str(p) for p in spec.base],
         "set": list(spec.overrides),
         "axes": {k: list(v) for k, v in spec.axes},
+        "exclude": [dict(e) for e in spec.exclude],
         "seeds": list(spec.seeds),
         "rounds": spec.rounds,
         "attacks": None if spec.attacks is None else dataclasses.asdict(spec.attacks),

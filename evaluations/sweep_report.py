@@ -338,6 +338,7 @@ def _plot_attacks(out: Path, groups: Sequence[Group], keys: Sequence[tuple[str, 
     fig, axes = plt.subplots(len(present), len(adversaries), figsize=(5.5 * len(adversaries), 3.5 * len(present)), squeeze=False)
     series = _private(groups)
     nonprivate = [g for g in groups if g.facts["mechanism"] == "none"]
+    all_attacks = sorted({a for a, _ in keys})
     for col, adversary in enumerate(adversaries):
         for row, metric in enumerate(present):
             title = _ATTACK_TITLES[metric]
@@ -345,12 +346,16 @@ def _plot_attacks(out: Path, groups: Sequence[Group], keys: Sequence[tuple[str, 
             names = [a for a, o in keys if o == adversary]
             # one line per attack and series; with many series, one per series: its strongest attack
             per_attack = len(series) <= _MAX_SERIES_PER_ATTACK
-            for name, gs in series.items():
-                for a in names if per_attack else [None]:
+            for si, (name, gs) in enumerate(series.items()):
+                for ai, a in enumerate(names if per_attack else [None]):
                     pts = [(g.facts["epsilon_target"], _strongest(g, [a] if a else names, adversary, metric)) for g in gs]
                     pts = [(x, st) for x, st in pts if st is not None]
-                    if pts:
-                        ax.errorbar([x for x, _ in pts], [st[0] for _, st in pts], yerr=[0.0 if math.isnan(st[1]) else st[1] for _, st in pts], marker="o", capsize=3, label=f"{a or 'strongest attack'} ({name})")
+                    if pts:  # the same colour for an attack (or, for strongest attacks, a series) in every panel
+                        ax.errorbar(
+                            [x for x, _ in pts], [st[0] for _, st in pts], yerr=[0.0 if math.isnan(st[1]) else st[1] for _, st in pts],
+                            marker="os^vD"[si % 5] if per_attack else "o", linestyle=("-", "--", ":", "-.")[si % 4] if per_attack else "-",
+                            color=f"C{(all_attacks.index(a) if a else si) % 10}", capsize=3, label=f"{a or 'strongest attack'} ({name})",
+                        )
             for g in nonprivate:
                 for a in names if per_attack else [None]:
                     st = _strongest(g, [a] if a else names, adversary, metric)

@@ -105,6 +105,9 @@ def _spec(tmp_path: Path, **extra) -> Path:
         ({"attacks": {"rnd": 0}}, "'attacks'", "imia_clients"),
         ({"references": ["oracle"]}, "'references'", "popularity"),
         ({"keep": {"model": "yes"}}, "'keep.model'", "false"),
+        ({"exclude": [{"privacy.clip": 1}]}, "'exclude[0].privacy.clip'", "use one of"),
+        ({"exclude": [{"aggregation.backend": "ckks"}]}, "'exclude[0].aggregation.backend'", "listed under axes"),
+        ({"exclude": {"aggregation.backend": "plain"}}, "'exclude'", "write e.g."),
     ],
 )
 def test_spec_errors_name_the_key_and_the_fix(tmp_path, patch, key, fix) -> None:
@@ -146,7 +149,8 @@ def test_non_private_cells_merge_and_presets_expand(runner, data_dir, tmp_path) 
     names = [c.name for c in expand_cells(spec, str(data_dir))]
     assert names == ["epsilon-inf_mechanism-none_seed-0", "epsilon-8_mechanism-central_seed-0", "epsilon-8_mechanism-local_seed-0"]
     paper = expand_cells(load_spec(REPO / "configs" / "sweeps" / "paper.yaml"), str(data_dir))
-    assert len(paper) == 3 * 2 * (1 + 4 * 3)  # seeds x backends x (non-private + epsilons x mechanisms)
+    assert len(paper) == 3 * ((1 + 4 * 3) + (1 + 4 * 2))  # seeds x (plain: all mechanisms; masking: no central)
+    assert not [c for c in paper if c.config.privacy.mechanism == "central" and c.config.aggregation.backend == "masking"]
     quick = expand_cells(load_spec(REPO / "configs" / "sweeps" / "quick.yaml"), str(data_dir))
     for cell in paper + quick:
         assert cell.config.train.selection == "last" and cell.config.train.weighting == "uniform"
