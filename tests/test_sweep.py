@@ -297,3 +297,21 @@ def test_help_lists_the_options(capsys) -> None:
         assert exit_.value.code == 0
         text = capsys.readouterr().out
         assert all(w in text for w in words)
+
+
+def test_a_diverged_cell_is_kept_as_a_result_and_listed(runner, data_dir, tmp_path, monkeypatch) -> None:
+    def diverge_at_eps2(cfg, run, *, progress=True):
+        if cfg.privacy.mechanism == "central":
+            raise FloatingPointError("round 1: local training diverged")
+        return run_training(cfg, run)
+
+    monkeypatch.setattr(sys.modules[RUNNER], "run_training", diverge_at_eps2)
+    out = tmp_path / "out"
+    spec = load_spec(_spec(tmp_path, axes={"privacy.epsilon": [".inf", 2], "privacy.mechanism": ["central"]}))
+    run_sweep(spec, out, data=str(data_dir), progress=False)
+    folder = out / "cells" / "epsilon-2_mechanism-central_seed-0"
+    assert (folder / "diverged.json").is_file() and not (folder / "metrics.json").exists()
+    assert run_sweep(spec, out, data=str(data_dir), progress=False).ran == []  # a result: not redone
+    rows, diverged = collect_rows(out)
+    assert [r["cell"] for r in rows] == ["epsilon-inf_mechanism-none_seed-0"]
+    assert diverged[0]["error"] == "round 1: local training diverged"
