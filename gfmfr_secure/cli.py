@@ -459,6 +459,57 @@ def _cmd_data_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- configs
+
+
+def _default_configs_dir() -> Path:
+    """``./configs`` when it exists, else the ``configs`` folder beside the installed package."""
+    here = Path("configs")
+    return here if here.is_dir() else Path(gfmfr_secure.__file__).resolve().parent.parent / "configs"
+
+
+def config_description(path: Path) -> str:
+    """First sentence of a YAML file's leading comment block ('' when it has none)."""
+    lines = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("#").strip())
+    text = " ".join(t for t in lines if t) + " "
+    cut = text.find(". ")
+    sentence = text[: cut + 1] if cut > 0 else text.strip()
+    return sentence if len(sentence) <= 120 else sentence[:117].rstrip() + "..."
+
+
+@register_command("configs")
+def _register_configs(subparsers: Subparsers) -> None:
+    p = _add_parser(
+        subparsers,
+        "configs",
+        "list the preset configs and sweep specs with one line each",
+        "List every YAML file under the configs folder (method presets, privacy and secure\n"
+        "aggregation settings, attack-table columns, encoders, sweep specs) with the first\n"
+        "sentence of its leading comment.",
+        "gfmfr-secure configs",
+    )
+    p.add_argument("--dir", metavar="DIR", help="configs folder (default: ./configs, else the one beside the package)")
+    p.set_defaults(handler=_cmd_configs)
+
+
+def _cmd_configs(args: argparse.Namespace) -> int:
+    root = Path(args.dir) if args.dir else _default_configs_dir()
+    if not root.is_dir():
+        raise CommandError(f"configs folder {str(root)!r} does not exist; pass --dir DIR")
+    files = sorted(root.rglob("*.yaml"), key=lambda f: (len(f.relative_to(root).parts), str(f)))
+    if not files:
+        raise CommandError(f"no .yaml files under {str(root)!r}")
+    names = [str(f.relative_to(root.parent) if args.dir is None else f) for f in files]
+    width = max(len(n) for n in names)
+    for name, f in zip(names, files, strict=True):
+        print(f"{name:<{width}}  {config_description(f)}")
+    return 0
+
+
 # --------------------------------------------------------------------------- parser and entry point
 
 

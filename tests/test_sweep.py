@@ -315,3 +315,13 @@ def test_a_diverged_cell_is_kept_as_a_result_and_listed(runner, data_dir, tmp_pa
     rows, diverged = collect_rows(out)
     assert [r["cell"] for r in rows] == ["epsilon-inf_mechanism-none_seed-0"]
     assert diverged[0]["error"] == "round 1: local training diverged"
+
+
+def test_configs_lists_presets_with_one_line_each(tmp_path, capsys) -> None:
+    assert cli.main(["configs", "--dir", str(REPO / "configs")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    quick = next(line for line in lines if line.split()[0].endswith("sweeps/quick.yaml"))
+    assert quick.split(None, 1)[1] == "Quick privacy-utility sweep: FedRAP under central user-level DP at three budgets, two seeds."
+    assert any(line.split()[0].endswith("configs/gfmfr.yaml") for line in lines)
+    assert cli.main(["configs", "--dir", str(tmp_path / "none")]) == 2
+    assert "does not exist" in capsys.readouterr().err
