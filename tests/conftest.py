@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from gfmfr_secure.config import DATA_ENV_VAR
 from gfmfr_secure.data import InteractionData, load_dataset, make_synthetic
 
 _DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "datasets" / "ml-100k-mm"
@@ -98,3 +99,12 @@ def ml_folder(tmp_path: Path) -> Path:
 def ml_folder_writer():
     """The function :func:`write_ml_folder`, for tests that build several folders."""
     return write_ml_folder
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty data folder, with the data-folder environment variable unset."""
+    monkeypatch.delenv(DATA_ENV_VAR, raising=False)
+    folder = tmp_path / "dataset"
+    folder.mkdir()
+    return folder

@@ -144,14 +144,6 @@ def fake_runner(monkeypatch):
     return runner
 
 
-@pytest.fixture
-def data_dir(tmp_path, monkeypatch):
-    monkeypatch.delenv(DATA_ENV_VAR, raising=False)
-    folder = tmp_path / "dataset"
-    folder.mkdir()
-    return folder
-
-
 def test_train_writes_a_complete_run_folder(fake_runner, data_dir, tmp_path, capsys):
     out = tmp_path / "runs"
     status = cli.main(

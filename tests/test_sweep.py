@@ -14,7 +14,6 @@ import yaml
 from evaluations.sweep import SweepError, expand_cells, load_spec, run_sweep, spec_from_dict
 from evaluations.sweep_report import collect_rows
 from gfmfr_secure import cli
-from gfmfr_secure.config import DATA_ENV_VAR
 
 REPO = Path(__file__).resolve().parents[1]
 RUNNER = "gfmfr_secure.simulation.runner"
@@ -61,14 +60,6 @@ def runner(monkeypatch):
     module.check_method = check_method
     monkeypatch.setitem(sys.modules, RUNNER, module)
     return fake
-
-
-@pytest.fixture
-def data_dir(tmp_path, monkeypatch):
-    monkeypatch.delenv(DATA_ENV_VAR, raising=False)
-    folder = tmp_path / "dataset"
-    folder.mkdir()
-    return folder
 
 
 def _spec(tmp_path: Path, **extra) -> Path:
