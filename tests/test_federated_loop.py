@@ -168,3 +168,13 @@ def test_finite_check_names_the_clients_of_bad_rows() -> None:
 def test_diverging_centralised_training_fails_loudly(split) -> None:
     with pytest.raises(FloatingPointError, match=r"round 0: centralised training diverged"):
         run_centralized(cfg_for("centralized", "train.lr=1e30"), split, progress=False)
+
+
+def test_rounds_below_the_group_floor_are_still_validated(tiny_synthetic, split) -> None:
+    """A cohort below grouping.min_group_size releases nothing, but its clients trained their
+    private state: the round is validated like any other (a run of such rounds used to end
+    with 'no validation round was run')."""
+    cfg = cfg_for("gfmfr", "grouping.method=oblivious", "train.client_fraction=0.05", "train.rounds=2", "train.patience=0")
+    run = run_federated(cfg, tiny_synthetic, split, progress=False)
+    assert all(rec.get("skipped") for rec in run.history)
+    assert all("val" in rec for rec in run.history)

@@ -195,6 +195,18 @@ def run_federated(
     history: list[dict[str, Any]] = []
     timing = {"client": [], "server": [], "eval": []}
     fixed_samples = None
+    def validate(t: int, rec: dict[str, Any], note: str) -> bool:
+        """Validate after round ``t`` when due, into ``rec``; True when early stopping says stop."""
+        if not ((t + 1) % tc.eval_every == 0 or t == tc.rounds - 1):
+            return False
+        t3 = time.perf_counter()
+        val = evaluate_ranking(scorer(server.shared, store), split, "val", ks=ks, chunk_size=cfg.eval.chunk_users)
+        timing["eval"].append(time.perf_counter() - t3)
+        rec["val"] = val
+        bar.set_postfix(ndcg10=f"{val['NDCG@10']:.4f}")
+        log.info("round %d: val HR@10 %.4f NDCG@10 %.4f (%s)", t, val["HR@10"], val["NDCG@10"], note)
+        return selector.observe(t, val, lambda: (server.shared.clone(), store.snapshot()))
+
     bar = tqdm(range(tc.rounds), desc=f"{cfg.method}", disable=not progress, unit="round")
     for t in bar:
         rec: dict[str, Any] = {"round": t}
@@ -207,6 +219,9 @@ def run_federated(
         if cohort.size == 0:
             if dp is not None:  # the round happened (sampling is data-independent); account for it
                 dp.record(t)
+            if validate(t, rec, "empty cohort"):
+                history.append(rec)
+                break
             history.append(rec)
             continue
         t0 = time.perf_counter()
@@ -291,6 +306,11 @@ def run_federated(
                 rec["skipped"] = "cohort below grouping.min_group_size"
                 if dp is not None:
                     dp.record(t)
+                # the clients still trained their private state this round: validate as usual
+                if validate(t, rec, "nothing released"):
+                    history.append(rec)
+                    log.info("early stop after round %d (best round %d)", t, selector.best_round)
+                    break
                 history.append(rec)
                 continue
             rec["count_cost"] = count_cost
@@ -392,17 +412,10 @@ def run_federated(
         timing["client"].append(t1 - t0)
         timing["server"].append(t2 - t1)
 
-        if (t + 1) % tc.eval_every == 0 or t == tc.rounds - 1:
-            t3 = time.perf_counter()
-            val = evaluate_ranking(scorer(server.shared, store), split, "val", ks=ks, chunk_size=cfg.eval.chunk_users)
-            timing["eval"].append(time.perf_counter() - t3)
-            rec["val"] = val
-            bar.set_postfix(loss=f"{mean_loss:.4f}", ndcg10=f"{val['NDCG@10']:.4f}")
-            log.info("round %d: loss %.4f val HR@10 %.4f NDCG@10 %.4f (client %.2fs, server %.2fs)", t, mean_loss, val["HR@10"], val["NDCG@10"], rec["client_s"], rec["server_s"])
-            if selector.observe(t, val, lambda: (server.shared.clone(), store.snapshot())):
-                history.append(rec)
-                log.info("early stop after round %d (best round %d)", t, selector.best_round)
-                break
+        if validate(t, rec, f"loss {mean_loss:.4f}, client {rec['client_s']:.2f}s, server {rec['server_s']:.2f}s"):
+            history.append(rec)
+            log.info("early stop after round %d (best round %d)", t, selector.best_round)
+            break
         history.append(rec)
     bar.close()
 
