@@ -502,7 +502,7 @@ def run_cell(task: CellTask) -> str:
         run.write_json("run.json", record)
         run.logger.info("sweep cell %s: method=%s seed=%d data=%s", cell.name, cfg.method, cfg.seed, cfg.data.path)
         try:
-            metrics = runner.run_training(cfg, run, progress=False)
+            metrics = runner.run_training(cfg, run, progress=False, keep_model=task.keep_model)
         except FloatingPointError as err:  # a diverged cell is a result, listed by the report
             run.logger.info("diverged: %s", err)
             run.write_json("diverged.json", {"error": str(err)})
@@ -513,8 +513,6 @@ def run_cell(task: CellTask) -> str:
                 run.write_json("attacks.json", _attack(cfg, run.path("views"), task.attacks))
         if not task.keep_views and run.path("views").exists():
             shutil.rmtree(run.path("views"))
-        if not task.keep_model and run.path("model.pt").exists():
-            run.path("model.pt").unlink()
         record["finished_at"] = utc_now().isoformat()
         run.write_json("run.json", record)
         run.write_json(CELL_FILE, {"name": cell.name, "label": cell.label, "seed": cell.seed, "axes": dict(cell.axes)})

@@ -206,21 +206,34 @@ def _register_train(subparsers: Subparsers) -> None:
         "train",
         "train a federated recommender and write a run folder",
         "Load a YAML config, apply --set overrides, train, evaluate and write a run folder\n"
-        "(config.yaml, run.json, log.txt, metrics.json). The folder appears under its final\n"
-        "name only when the run completes. Data folder precedence: --data > "
-        f"${DATA_ENV_VAR} > data.path.",
+        "(config.yaml, run.json, log.txt, metrics.json, history.json, curve.png and, unless\n"
+        "--no-keep-model, model.pt). The folder appears under its final name only when the\n"
+        "run completes; until then it is OUT/.NAME.partial-XXXXXXXX and holds a checkpoint\n"
+        "of the last finished round. If the run is stopped (Ctrl-C, a crash, a killed job),\n"
+        "'train --resume' on that folder continues it and ends as the uninterrupted run would:\n"
+        "bit for bit with secrets: reproducible or without DP; with secrets: os and DP the\n"
+        "rounds after the checkpoint draw fresh noise (same epsilon). Data folder\n"
+        f"precedence: --data > ${DATA_ENV_VAR} > data.path.",
         "gfmfr-secure train --config configs/gfmfr.yaml --data ../shared/datasets/ml-100k-mm "
-        "--set train.rounds=5 --seed 1",
+        "--set train.rounds=5 --seed 1\n"
+        "  gfmfr-secure train --resume runs/.gfmfr-20250101T120000Z-seed1.partial-1a2b3c4d",
     )
-    p.add_argument("--config", required=True, metavar="FILE", help="YAML experiment config")
+    p.add_argument("--config", metavar="FILE", help="YAML experiment config (required unless --resume)")
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue an interrupted run from its checkpoint: its partial folder "
+        "OUT/.NAME.partial-XXXXXXXX, or OUT/NAME when that run has one partial folder. The "
+        "config, seed and data come from the folder, so --config, --set, --seed, --data, "
+        "--name and --out are errors with it",
+    )
     p.add_argument(
         "--data", metavar="DIR", help=f"data folder (overrides ${DATA_ENV_VAR} and data.path)"
     )
     p.add_argument(
         "--out",
-        default="runs",
         metavar="DIR",
-        help="parent folder of run folders (default: %(default)s)",
+        help="parent folder of run folders (default: runs)",
     )
     p.add_argument("--seed", type=int, metavar="N", help="root seed (overrides the config)")
     p.add_argument(
@@ -232,29 +245,78 @@ def _register_train(subparsers: Subparsers) -> None:
         help="override a config value, e.g. train.rounds=5 (repeatable)",
     )
     p.add_argument("--name", help="run folder name (default: <method>-<UTC time>-seed<seed>)")
+    p.add_argument(
+        "--keep-model",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="write model.pt, the selected model that 'evaluate --run' reads (about 100 MB on "
+        "ML-100K); on by default for train (sweep cells do not write it); with --resume: the "
+        "interrupted run's choice",
+    )
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=None,
+        metavar="N",
+        help="save a checkpoint after every N rounds (default: 1; 0: none, the run cannot be "
+        "resumed; the centralized method writes none); with --resume: the interrupted run's value",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars or console log")
     p.set_defaults(handler=_cmd_train)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
-    if args.seed is not None:
-        cfg = with_overrides(cfg, [f"seed={args.seed}"])
-    cfg = resolve_data_path(cfg, args.data)
-    from gfmfr_secure.simulation.record import train_and_record
+    from gfmfr_secure.simulation.record import resume_and_record, train_and_record
 
-    metrics, run_dir = train_and_record(
-        cfg,
-        args.out,
-        name=args.name,
-        command=["gfmfr-secure", *args.command_line],
-        console=not args.quiet,
-        progress=not args.quiet,
-    )
+    if args.checkpoint_every is not None and args.checkpoint_every < 0:
+        raise CommandError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
+    command = ["gfmfr-secure", *args.command_line]
+    if args.resume is not None:
+        given = [
+            flag
+            for flag, value in (
+                ("--config", args.config),
+                ("--set", args.overrides),
+                ("--seed", args.seed),
+                ("--data", args.data),
+                ("--name", args.name),
+                ("--out", args.out),
+            )
+            if value not in (None, [])
+        ]
+        if given:
+            raise CommandError(
+                f"--resume continues a run with the config, seed and data stored in its folder: drop {', '.join(given)}"
+            )
+        metrics, run_dir = resume_and_record(
+            args.resume,
+            command=command,
+            console=not args.quiet,
+            progress=not args.quiet,
+            keep_model=args.keep_model,
+            checkpoint_every=args.checkpoint_every,
+        )
+    else:
+        if args.config is None:
+            raise CommandError("train needs --config FILE (or --resume RUN_DIR to continue a run)")
+        cfg = load_config(args.config, args.overrides)
+        if args.seed is not None:
+            cfg = with_overrides(cfg, [f"seed={args.seed}"])
+        cfg = resolve_data_path(cfg, args.data)
+        metrics, run_dir = train_and_record(
+            cfg,
+            args.out or "runs",
+            name=args.name,
+            command=command,
+            console=not args.quiet,
+            progress=not args.quiet,
+            keep_model=True if args.keep_model is None else args.keep_model,
+            checkpoint_every=1 if args.checkpoint_every is None else args.checkpoint_every,
+        )
     test = metrics.get("test", {})
-    print(
-        f"test HR@10={_fmt(test.get('HR@10'))} NDCG@10={_fmt(test.get('NDCG@10'))} run: {run_dir}"
-    )
+    ks = [key.split("@", 1)[1] for key in test if key.startswith("HR@")] or ["10"]
+    scores = " ".join(f"{name}@{k}={_fmt(test.get(f'{name}@{k}'))}" for name in ("HR", "NDCG") for k in ks)
+    print(f"test {scores} run: {run_dir}")
     privacy = metrics.get("privacy") or {}
     if privacy.get("mechanism", "none") != "none":
         if privacy.get("epsilon") is not None:

@@ -3,8 +3,10 @@
 A run writes into a hidden partial folder ``out_dir/.<name>.partial-XXXX/``;
 only when the ``with`` block exits cleanly is that folder renamed, in one
 ``os.rename``, to ``out_dir/<name>``. If the block raises, the partial folder
-is deleted and the exception propagates. Files inside are written through a
-temporary file and :func:`os.replace`, so no reader ever sees half a file::
+is deleted and the exception propagates, unless it holds the path named by
+``keep_on_error`` (a checkpoint): then it is kept, and :meth:`RunFolder.reopen`
+continues it later. Files inside are written through a temporary file and
+:func:`os.replace`, so no reader ever sees half a file::
 
     with create_run("runs", method="gfmfr", seed=0) as run:
         run.logger.info("round %d", 1)
@@ -22,6 +24,7 @@ import json
 import logging
 import os
 import platform
+import re
 import secrets
 import shutil
 import subprocess
@@ -41,6 +44,7 @@ __all__ = [
     "default_run_name",
     "environment_info",
     "git_info",
+    "partial_run_name",
     "utc_now",
 ]
 
@@ -50,6 +54,9 @@ CORE_PACKAGES = ("gfmfr-secure", "torch", "numpy", "numba", "pandas", "scikit-le
 OPTIONAL_PACKAGES = ("opacus", "tenseal", "flwr", "sentence-transformers")
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+
+#: name of a partial run folder: ``.<name>.partial-<8 hex digits>``
+_PARTIAL_NAME = re.compile(r"\.(?P<name>[^/]+)\.partial-[0-9a-f]{8}")
 
 
 class RunExistsError(GfmfrError, FileExistsError):
@@ -72,6 +79,12 @@ def _check_name(name: str) -> None:
         raise GfmfrError(
             f"run name {name!r} is not a plain folder name (non-empty, no '/', no leading '.')"
         )
+
+
+def partial_run_name(folder: str | os.PathLike[str]) -> str | None:
+    """The final run name a partial folder ``.<name>.partial-XXXXXXXX`` will get; None for other names."""
+    match = _PARTIAL_NAME.fullmatch(Path(folder).name)
+    return None if match is None else match["name"]
 
 
 def _json_default(obj: Any) -> Any:
@@ -114,6 +127,7 @@ class RunFolder:
         name: str,
         *,
         console: bool = False,
+        keep_on_error: str | None = None,
     ) -> None:
         _check_name(name)
         self.out_dir = Path(out_dir)
@@ -121,11 +135,36 @@ class RunFolder:
         self.final_dir = self.out_dir / name
         self.started_at: _dt.datetime | None = None
         self._console = console
+        self._keep_on_error = keep_on_error
+        self._reopen: Path | None = None
         self._partial: Path | None = None
         self._committed = False
         # A logger of its own, not registered with logging's manager: nothing
         # outlives the run, and two runs never share handlers.
         self.logger = logging.Logger(f"gfmfr_secure.run.{name}")  # noqa: LOG001
+
+    @classmethod
+    def reopen(
+        cls, partial: str | os.PathLike[str], *, console: bool = False, keep_on_error: str | None = None
+    ) -> RunFolder:
+        """A run folder continuing the partial folder ``partial`` (``.<name>.partial-XXXXXXXX``).
+
+        On entering, files already in the folder stay and ``log.txt`` is appended
+        to; on a clean exit the folder is renamed to its final name as usual; if the
+        block raises, the folder is kept (never deleted).
+
+        Raises
+        ------
+        GfmfrError
+            If ``partial`` is not named like a partial run folder.
+        """
+        path = Path(partial)
+        name = partial_run_name(path)
+        if name is None:
+            raise GfmfrError(f"{str(path)!r} is not a partial run folder (.<name>.partial-XXXXXXXX)")
+        run = cls(path.parent, name, console=console, keep_on_error=keep_on_error)
+        run._reopen = path
+        return run
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -137,10 +176,15 @@ class RunFolder:
             raise RunExistsError(
                 f"run folder {str(self.final_dir)!r} already exists; choose another name"
             )
-        # os.mkdir (unlike tempfile.mkdtemp) honours the umask, so results are
-        # as readable as any other file the user writes.
-        partial = self.out_dir / f".{self.name}.partial-{secrets.token_hex(4)}"
-        os.mkdir(partial)
+        if self._reopen is not None:
+            if not self._reopen.is_dir():
+                raise GfmfrError(f"partial run folder {str(self._reopen)!r} does not exist")
+            partial = self._reopen
+        else:
+            # os.mkdir (unlike tempfile.mkdtemp) honours the umask, so results are
+            # as readable as any other file the user writes.
+            partial = self.out_dir / f".{self.name}.partial-{secrets.token_hex(4)}"
+            os.mkdir(partial)
         self._partial = partial
         self.started_at = utc_now()
         self._setup_logger()
@@ -155,6 +199,16 @@ class RunFolder:
         partial = self._partial
         if partial is None:
             raise RuntimeError(f"run folder {self.name!r} exited without being entered")
+        checkpointed = self._keep_on_error is not None and (partial / self._keep_on_error).exists()
+        if exc is not None and (checkpointed or self._reopen is not None):  # a reopened folder is never deleted
+            self.logger.error(
+                "run stopped (%s); the partial folder %s is kept%s",
+                type(exc).__name__, partial,
+                f": continue it with 'gfmfr-secure train --resume {partial}'" if checkpointed else "",
+            )
+            self._close_logger()
+            self._partial = None
+            return  # the exception propagates
         self._close_logger()
         if exc is not None:
             shutil.rmtree(partial, ignore_errors=True)
@@ -244,6 +298,7 @@ def create_run(
     method: str = "run",
     seed: int = 0,
     console: bool = False,
+    keep_on_error: str | None = None,
 ) -> RunFolder:
     """A :class:`RunFolder` for ``out_dir/name`` (use it in a ``with`` block).
 
@@ -252,6 +307,8 @@ def create_run(
     out_dir : parent folder, created if missing.
     name : final folder name; default :func:`default_run_name` of ``method`` and ``seed``.
     console : also echo the run's log records to stderr.
+    keep_on_error : relative path; when the block raises and the partial folder holds
+        it (a checkpoint), the partial folder is kept instead of deleted.
 
     Raises
     ------
@@ -262,6 +319,7 @@ def create_run(
         out_dir,
         default_run_name(method, seed) if name is None else name,
         console=console,
+        keep_on_error=keep_on_error,
     )
 
 

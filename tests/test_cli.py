@@ -121,7 +121,7 @@ class FakeRunner:
         self.fail = fail
         self.calls: list[tuple[object, object, bool]] = []
 
-    def run_training(self, cfg, run, *, progress=True):
+    def run_training(self, cfg, run, *, progress=True, **options):
         self.calls.append((cfg, run, progress))
         run.logger.info("round 1 of %d", cfg.train.rounds)
         run.write_json("history.json", [{"round": 0}])

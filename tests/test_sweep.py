@@ -20,12 +20,13 @@ RUNNER = "gfmfr_secure.simulation.runner"
 REPORT_FILES = ("results.csv", "results.json", "report.md", "utility_vs_epsilon.png", "utility_vs_epsilon.svg", "cost.png", "cost.svg")
 
 
-def run_training(cfg, run, *, progress=True):
+def run_training(cfg, run, *, progress=True, keep_model=True, **options):
     """Stand-in for the runner's run_training: metrics are a function of the config.
 
     Module level, so spawned worker processes import it (``run_sweep(runner=__name__)``).
     """
-    run.path("model.pt").write_bytes(b"weights")
+    if keep_model:
+        run.path("model.pt").write_bytes(b"weights")
     eps = cfg.privacy.epsilon if cfg.privacy.mechanism != "none" else math.inf
     ndcg = 0.3 - (0.1 / eps if math.isfinite(eps) else 0.0) + 0.01 * cfg.seed
     return {
@@ -47,9 +48,9 @@ class CountingRunner:
     def __init__(self) -> None:
         self.calls: list[str] = []
 
-    def run_training(self, cfg, run, *, progress=True):
+    def run_training(self, cfg, run, *, progress=True, **options):
         self.calls.append(run.name)
-        return run_training(cfg, run, progress=progress)
+        return run_training(cfg, run, progress=progress, **options)
 
 
 @pytest.fixture
@@ -291,10 +292,10 @@ def test_help_lists_the_options(capsys) -> None:
 
 
 def test_a_diverged_cell_is_kept_as_a_result_and_listed(runner, data_dir, tmp_path, monkeypatch) -> None:
-    def diverge_at_eps2(cfg, run, *, progress=True):
+    def diverge_at_eps2(cfg, run, *, progress=True, **options):
         if cfg.privacy.mechanism == "central":
             raise FloatingPointError("round 1: local training diverged")
-        return run_training(cfg, run)
+        return run_training(cfg, run, **options)
 
     monkeypatch.setattr(sys.modules[RUNNER], "run_training", diverge_at_eps2)
     out = tmp_path / "out"

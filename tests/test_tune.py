@@ -21,7 +21,7 @@ class GridRunner:
     def __init__(self, score, diverge=()):
         self.score, self.diverge, self.lrs = score, set(diverge), []
 
-    def run_training(self, cfg, run, *, progress=True):
+    def run_training(self, cfg, run, *, progress=True, **options):
         self.lrs.append(cfg.train.lr)
         if cfg.train.lr in self.diverge:
             raise FloatingPointError(f"round 0: local training diverged (lr {cfg.train.lr})")

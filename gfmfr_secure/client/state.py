@@ -206,6 +206,29 @@ class RowStore:
         items = self.keys[idx] - users[owner] * self.n_items
         return owner, items, take_rows(self._buffer, self._slot[idx])
 
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The store as it is laid out now: sorted keys, each key's buffer row, the used rows.
+
+        :meth:`from_state_tensors` rebuilds the identical layout (checkpoints); the rows
+        are a copy, so saving them does not write the buffer's spare capacity.
+        """
+        return {
+            "keys": torch.from_numpy(self.keys),
+            "slot": torch.from_numpy(self._slot),
+            "rows": self._buffer[: self._used].clone(),
+        }
+
+    @classmethod
+    def from_state_tensors(cls, n_users: int, n_items: int, state: dict[str, torch.Tensor]) -> RowStore:
+        """Inverse of :meth:`state_tensors`."""
+        rows = state["rows"]
+        out = cls(n_users, n_items, rows.shape[1])
+        out.keys = state["keys"].numpy()
+        out._slot = state["slot"].numpy()
+        out._buffer = rows.contiguous()
+        out._used = int(rows.shape[0])
+        return out
+
     def copy(self) -> RowStore:
         """An independent copy (its buffer holds exactly the stored rows, in key order)."""
         out = RowStore(self.n_users, self.n_items, self.dim)

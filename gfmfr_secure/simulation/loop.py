@@ -5,7 +5,9 @@ the aggregation backend turn the uploads into what the server may learn, update 
 global model (FedAvg), regroup clients, train the group fusion module and refresh the
 teacher's group preferences, hand adversary views to the callbacks, validate.
 Model selection uses validation only; the test split is scored once, for the
-selected round.
+selected round. With a :class:`~gfmfr_secure.simulation.checkpoint.Checkpointer` the
+loop's state is saved after each round, and a saved
+:class:`~gfmfr_secure.simulation.checkpoint.LoopState` continues a run where it stopped.
 """
 
 from __future__ import annotations
@@ -41,6 +43,16 @@ from gfmfr_secure.rng import SecretSource, derive_seed, numpy_rng, secret_normal
 from gfmfr_secure.server.fusion import GroupFusion
 from gfmfr_secure.server.grouping import SERVER_GROUPING, group_clients, merge_small_groups, nearest_centroid
 from gfmfr_secure.server.step import ServerState, apply_fedavg_, update_teacher_
+from gfmfr_secure.simulation.checkpoint import (
+    Checkpointer,
+    LoopState,
+    dp_state,
+    global_rng_state,
+    restore_dp,
+    restore_selector,
+    selector_state,
+    set_global_rng_state,
+)
 from gfmfr_secure.simulation.dp import RecordLevelDP, clip_upload, plan_privacy, privacy_report
 from gfmfr_secure.simulation.group_floor import count_phase, floor_report, secrets_report
 from gfmfr_secure.simulation.scoring import score_users
@@ -111,6 +123,8 @@ def run_federated(
     progress: bool = True,
     participants: np.ndarray | None = None,
     upload_hook: Callable[[Any, int], Any] | None = None,
+    checkpoint: Checkpointer | None = None,
+    resume: LoopState | None = None,
 ) -> FederatedRun:
     """Train a federated recommender as configured and score it.
 
@@ -126,6 +140,9 @@ def run_federated(
     upload_hook : ``f(upload, round) -> upload`` called on the cohort's clipped uploads just
         before aggregation; it may append synthetic clients (DP audits insert canary updates
         this way). Appended clients never train and are not in the client store.
+    checkpoint : saves the loop's state after the rounds it says are due.
+    resume : a saved state (from ``checkpoint.load()``) to continue from instead of round 0;
+        ``cfg`` and the data must be those it was saved with.
     """
     log = logger or logging.getLogger("gfmfr_secure")
     seed = int(cfg.seed)
@@ -193,8 +210,40 @@ def run_federated(
 
     selector = ValidationSelector(tc.patience, mode=tc.selection)
     history: list[dict[str, Any]] = []
-    timing = {"client": [], "server": [], "eval": []}
+    timing: dict[str, list[float]] = {"client": [], "server": [], "eval": []}
     fixed_samples = None
+    start, stopped = 0, False
+    if resume is not None:
+        start, stopped = resume.next_round, resume.stopped
+        server.shared, store = resume.shared, resume.store
+        if server.fusion is not None and resume.fusion is not None:
+            server.fusion.load_state_dict(resume.fusion)
+        server.teacher, server.assignment, centroids = resume.teacher, resume.assignment, resume.centroids
+        aggregator.rounds_done = resume.aggregator_rounds
+        floor_stats, history, timing = resume.floor_stats, resume.history, resume.timing
+        restore_dp(dp, resume.dp)
+        if record_dp is not None and resume.dpsgd_events is not None:
+            record_dp.events = resume.dpsgd_events
+        restore_selector(selector, resume.selector, resume.snapshot)
+        set_global_rng_state(resume.rng)
+        log.info("resuming after round %d of %d%s", start - 1, tc.rounds, " (early stopping had ended training)" if stopped else "")
+
+    def finish(t: int, rec: dict[str, Any], stop: bool = False) -> None:
+        """Close round ``t``: add its record to the history and save a checkpoint when due."""
+        history.append(rec)
+        if checkpoint is None or not checkpoint.due(t, tc.rounds, stop):
+            return
+        state = LoopState(
+            next_round=t + 1, stopped=stop, shared=server.shared, store=store, teacher=server.teacher,
+            fusion=None if server.fusion is None else server.fusion.state_dict(),
+            assignment=server.assignment, centroids=centroids, aggregator_rounds=aggregator.rounds_done,
+            floor_stats=floor_stats, dp=dp_state(dp), dpsgd_events=None if record_dp is None else record_dp.events,
+            selector=selector_state(selector), snapshot=selector.snapshot, history=history, timing=timing,
+            rng=global_rng_state(),
+        )
+        seconds, size = checkpoint.save(state)
+        log.info("round %d: checkpoint written in %.2fs (%.0f MB)", t, seconds, size / 1e6)
+
     def validate(t: int, rec: dict[str, Any], note: str) -> bool:
         """Validate after round ``t`` when due, into ``rec``; True when early stopping says stop."""
         if not ((t + 1) % tc.eval_every == 0 or t == tc.rounds - 1):
@@ -207,7 +256,7 @@ def run_federated(
         log.info("round %d: val HR@10 %.4f NDCG@10 %.4f (%s)", t, val["HR@10"], val["NDCG@10"], note)
         return selector.observe(t, val, lambda: (server.shared.clone(), store.snapshot()))
 
-    bar = tqdm(range(tc.rounds), desc=f"{cfg.method}", disable=not progress, unit="round")
+    bar = tqdm(range(tc.rounds if stopped else start, tc.rounds), desc=f"{cfg.method}", disable=not progress, unit="round", initial=start, total=tc.rounds)
     for t in bar:
         rec: dict[str, Any] = {"round": t}
         if dp is not None and not dp.fits(t):
@@ -220,9 +269,9 @@ def run_federated(
             if dp is not None:  # the round happened (sampling is data-independent); account for it
                 dp.record(t)
             if validate(t, rec, "empty cohort"):
-                history.append(rec)
+                finish(t, rec, stop=True)
                 break
-            history.append(rec)
+            finish(t, rec)
             continue
         t0 = time.perf_counter()
         if cfg.data.negatives_fixed:  # compatibility: one draw for every user, reused every round
@@ -308,10 +357,10 @@ def run_federated(
                     dp.record(t)
                 # the clients still trained their private state this round: validate as usual
                 if validate(t, rec, "nothing released"):
-                    history.append(rec)
+                    finish(t, rec, stop=True)
                     log.info("early stop after round %d (best round %d)", t, selector.best_round)
                     break
-                history.append(rec)
+                finish(t, rec)
                 continue
             rec["count_cost"] = count_cost
 
@@ -413,10 +462,10 @@ def run_federated(
         timing["server"].append(t2 - t1)
 
         if validate(t, rec, f"loss {mean_loss:.4f}, client {rec['client_s']:.2f}s, server {rec['server_s']:.2f}s"):
-            history.append(rec)
+            finish(t, rec, stop=True)
             log.info("early stop after round %d (best round %d)", t, selector.best_round)
             break
-        history.append(rec)
+        finish(t, rec)
     bar.close()
 
     if selector.snapshot is None:

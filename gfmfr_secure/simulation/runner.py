@@ -87,23 +87,56 @@ def prepare_data(cfg: Any) -> tuple[Any, Any]:
     return data, leave_one_out(data, dc.min_interactions)
 
 
-def run_training(cfg: Any, run: Any, *, progress: bool = True) -> dict[str, Any]:
-    """Train ``cfg.method`` on ``cfg.data.path``; write model, history and learning curve into ``run``; return metrics."""
+def run_training(
+    cfg: Any,
+    run: Any,
+    *,
+    progress: bool = True,
+    keep_model: bool = True,
+    checkpoint_every: int = 0,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """Train ``cfg.method`` on ``cfg.data.path``; write history, learning curve and (``keep_model``) model into ``run``; return metrics.
+
+    Parameters
+    ----------
+    keep_model : write ``model.pt`` (the selected model, for ``evaluate --run``).
+    checkpoint_every : save the federated loop's state in ``run``'s ``checkpoint/`` folder
+        after every this many rounds (0: never). The centralised trainer writes none.
+    resume : continue from the checkpoint in ``run`` (made with this config and data).
+
+    Raises
+    ------
+    ConfigError
+        When resuming a centralised run, or a checkpoint that is missing or was made with
+        another config; :class:`~gfmfr_secure.errors.DataError` when it was made with other data.
+    """
     spec = check_method(cfg)
     log = getattr(run, "logger", logging.getLogger("gfmfr_secure"))
+    if resume and spec.trainer == "centralized":
+        raise ConfigError(f"method {cfg.method!r} cannot be resumed: its trainer writes no checkpoints; start the run again")
     data, split = prepare_data(cfg)
     log.info("data %s: %d users, %d items, %d interactions", data.name, data.n_users, data.n_items, data.users.size)
     if spec.trainer == "centralized":
         from gfmfr_secure.simulation.centralized import run_centralized
 
+        if checkpoint_every:
+            log.info("method %s writes no checkpoints: an interrupted run cannot be resumed", cfg.method)
         result = run_centralized(cfg, split, logger=log, progress=progress)
     else:
+        from gfmfr_secure.simulation.checkpoint import CHECKPOINT_DIR, Checkpointer, config_hash, data_fingerprint
         from gfmfr_secure.simulation.loop import run_federated
         from gfmfr_secure.simulation.views import ViewRecorder
 
+        checkpoint = Checkpointer(run.path(CHECKPOINT_DIR), checkpoint_every, config_hash(cfg), data_fingerprint(data, split))
+        state = checkpoint.load() if resume else None
         callbacks = [ViewRecorder(run.path("views"), cfg.record.views_rounds)] if cfg.record.views_rounds else []
-        result = run_federated(cfg, data, split, logger=log, progress=progress, callbacks=callbacks)
-    save_model(run.path("model.pt"), result.shared, result.store)
+        result = run_federated(
+            cfg, data, split, logger=log, progress=progress, callbacks=callbacks,
+            checkpoint=checkpoint if checkpoint_every > 0 else None, resume=state,
+        )
+    if keep_model:
+        save_model(run.path("model.pt"), result.shared, result.store)
     run.write_json("history.json", result.history)
     plot_learning_curve(result.history, run.path("curve.png"), best_round=result.metrics.get("best_round"), title=f"{cfg.method}, seed {cfg.seed}")
     return result.metrics
