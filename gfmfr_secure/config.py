@@ -94,7 +94,8 @@ class DataConfig:
     Attributes
     ----------
     path : str or None
-        Data folder. Precedence: ``--data`` flag > ``GFMFR_DATA`` > this key.
+        Data folder, or an interactions ``.csv`` file. Precedence: ``--data``
+        flag > ``GFMFR_DATA`` > this key.
     format : {"auto", "ml100k-mm", "csv"}
         Folder layout; ``auto`` detects it.
     implicit_threshold : float
@@ -914,7 +915,7 @@ def resolve_data_folder(
     config_path: str | None = None,
     environ: typing.Mapping[str, str] | None = None,
 ) -> str:
-    """Absolute path of the data folder, from the first source that names one.
+    """Absolute path of the data folder (or interactions ``.csv`` file), from the first source that names one.
 
     Precedence: ``cli_path`` (the ``--data`` flag) > the ``GFMFR_DATA``
     environment variable > ``config_path`` (the ``data.path`` key). A
@@ -923,8 +924,9 @@ def resolve_data_folder(
     Raises
     ------
     ConfigError
-        If no source names a folder, or the chosen folder does not exist (the
-        message says which source it came from).
+        If no source names a folder, or the chosen path is neither an existing
+        folder nor an existing ``.csv`` file (the message says which source it
+        came from).
     """
     env = os.environ if environ is None else environ
     if cli_path is not None and str(cli_path):
@@ -939,8 +941,10 @@ def resolve_data_folder(
             "(or data.path in the config file)"
         )
     folder = Path(chosen).expanduser().absolute()
-    if not folder.is_dir():
-        raise ConfigError(f"data folder {chosen!r} (from {source}) is not an existing directory")
+    if not (folder.is_dir() or (folder.is_file() and folder.suffix.lower() == ".csv")):
+        raise ConfigError(
+            f"data folder {chosen!r} (from {source}) is not an existing directory or .csv file"
+        )
     return str(folder)
 
 
@@ -949,6 +953,6 @@ def resolve_data_path(
     cli_path: str | os.PathLike[str] | None = None,
     environ: typing.Mapping[str, str] | None = None,
 ) -> ExperimentConfig:
-    """Copy of ``cfg`` whose ``data.path`` is the absolute folder chosen by :func:`resolve_data_folder`."""
+    """Copy of ``cfg`` whose ``data.path`` is the absolute folder (or ``.csv`` file) chosen by :func:`resolve_data_folder`."""
     folder = resolve_data_folder(cli_path, cfg.data.path, environ)
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=folder))

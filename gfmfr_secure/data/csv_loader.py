@@ -1,9 +1,12 @@
 """Loader for the generic interactions CSV.
 
-Layout: ``interactions.csv`` with header ``userId,itemId,rating,timestamp`` (extra
-columns are ignored). Ids may be integers or arbitrary strings; they are mapped
-to contiguous indices by ascending original id (numeric order when every id is
-a canonical decimal integer, else string order) and the maps are kept.
+Layout: a CSV file with header ``userId,itemId,rating,timestamp`` (extra columns
+are ignored), given as the file itself or as its folder: a folder is read
+through its ``interactions.csv``, or through its only ``.csv`` file other than
+``items.csv`` (see :func:`find_interactions_csv`). Ids may be integers or
+arbitrary strings; they are mapped to contiguous indices by ascending original
+id (numeric order when every id is a canonical decimal integer, else string
+order) and the maps are kept.
 
 Optional, beside the interactions file:
 
@@ -12,10 +15,14 @@ Optional, beside the interactions file:
     item universe (items without interactions are kept) and the row order of
     the item-feature ``.npy`` files; without it the universe is the set of
     interacted items and feature rows follow ascending item id.
+``text_feat.npy``, ``image_feat.npy``
+    ``[I, D]`` item features, rows in the order just described. Used unless
+    other files are given explicitly.
 
-Optional, given explicitly: ``.npy`` item features and a user-attributes CSV with
-a ``userId`` column plus any attribute columns (one row per user of the
-interactions; numeric-looking columns become numbers).
+Optional, given explicitly: ``.npy`` item features (instead of the files beside
+the CSV) and a user-attributes CSV with a ``userId`` column plus any attribute
+columns (one row per user of the interactions; numeric-looking columns become
+numbers).
 """
 
 from __future__ import annotations
@@ -27,7 +34,12 @@ import pandas as pd
 
 from gfmfr_secure.data._util import preview
 from gfmfr_secure.data.dataset import IdMap, InteractionData
-from gfmfr_secure.data.readers import load_feature_file, read_table
+from gfmfr_secure.data.readers import (
+    default_feature_paths,
+    describe_rows,
+    load_feature_file,
+    read_table,
+)
 from gfmfr_secure.data.validate import (
     check_known_ids,
     check_unique_ids,
@@ -40,9 +52,12 @@ from gfmfr_secure.data.validate import (
 )
 from gfmfr_secure.errors import DataError
 
-__all__ = ["INTERACTION_COLUMNS", "load_interactions_csv"]
+__all__ = ["INTERACTION_COLUMNS", "SIDE_TABLES", "find_interactions_csv", "load_interactions_csv"]
 
 INTERACTION_COLUMNS = ("userId", "itemId", "rating", "timestamp")
+
+#: CSV files beside the interactions that hold side information, not interactions
+SIDE_TABLES = ("items.csv",)
 
 
 def _side_table(frame: pd.DataFrame, id_column: str, order: np.ndarray) -> pd.DataFrame:
@@ -66,13 +81,45 @@ def _side_table(frame: pd.DataFrame, id_column: str, order: np.ndarray) -> pd.Da
     return pd.DataFrame(columns)
 
 
+def find_interactions_csv(folder: Path) -> Path:
+    """The interactions CSV of ``folder``.
+
+    ``interactions.csv`` when the folder holds one, else the folder's only
+    ``.csv`` file that is not a side table (:data:`SIDE_TABLES`).
+
+    Raises
+    ------
+    DataError
+        The folder holds no such CSV, or several and no ``interactions.csv``
+        (they are listed, with how to pick one).
+    """
+    named = folder / "interactions.csv"
+    if named.is_file():
+        return named
+    candidates = sorted(
+        p
+        for p in folder.iterdir()
+        if p.suffix.lower() == ".csv" and p.is_file() and p.name not in SIDE_TABLES
+    )
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        side = [name for name in SIDE_TABLES if (folder / name).is_file()]
+        note = f" ({', '.join(side)} lists items, not interactions)" if side else ""
+        raise DataError(
+            f"{folder}: folder holds neither u.data nor interactions.csv nor any other .csv file "
+            f"of interactions{note}; expected a CSV with header {','.join(INTERACTION_COLUMNS)}"
+        )
+    names = ", ".join(p.name for p in candidates)
+    raise DataError(
+        f"{folder}: folder holds {len(candidates)} CSV files and no interactions.csv: {names}; "
+        f"pick the interactions file by giving its path (--data {candidates[0]}) or rename it "
+        "to interactions.csv"
+    )
+
+
 def _resolve(path: Path) -> Path:
-    if path.is_dir():
-        inner = path / "interactions.csv"
-        if not inner.is_file():
-            raise DataError(f"{path}: folder holds no interactions.csv")
-        return inner
-    return path
+    return find_interactions_csv(path) if path.is_dir() else path
 
 
 def load_interactions_csv(
@@ -88,10 +135,12 @@ def load_interactions_csv(
     Parameters
     ----------
     path : str or Path
-        The interactions ``.csv`` file, or a folder holding ``interactions.csv``.
+        The interactions ``.csv`` file, or a folder holding it (see
+        :func:`find_interactions_csv`).
     text_features, image_features : str or Path, optional
         ``.npy`` arrays ``[I, D]``, rows in the order of ``items.csv`` when it
-        exists, else in ascending item id order.
+        exists, else in ascending item id order. Default: ``text_feat.npy`` /
+        ``image_feat.npy`` beside the interactions file when present.
     user_attributes : str or Path, optional
         CSV with a ``userId`` column and one row per user of the interactions
         (no more, no fewer).
@@ -137,10 +186,15 @@ def load_interactions_csv(
         order = np.empty_like(file_item_index)
         order[file_item_index] = np.arange(file_item_index.shape[0])
         item_table = _side_table(item_frame, "itemId", order)
+        row_order = describe_rows(listed, f"the row order of {items_path}")
     else:
         (item_col,) = ids_to_array(item_col)
         item_map = IdMap.from_sorted_unique(item_col.values)
         item_idx = item_map.index_of(item_col.values)[item_col.codes]
+        kind = "numeric" if item_map.ids.dtype.kind == "i" else "string"
+        row_order = describe_rows(
+            item_map.ids, f"ascending itemId order ({kind}) of {csv_path.name}"
+        ) + f" (an {items_path.name} beside it, listing every itemId, sets another order)"
 
     attributes: pd.DataFrame | None = None
     if user_attributes is not None:
@@ -187,12 +241,20 @@ def load_interactions_csv(
         user_idx, item_idx = user_idx[keep], item_idx[keep]
         ratings, timestamps = ratings[keep], timestamps[keep]
 
-    features = {
-        key: None
-        if given is None
-        else load_feature_file(Path(given), len(item_map), file_item_index)
-        for key, given in (("text_features", text_features), ("image_features", image_features))
-    }
+    features: dict[str, np.ndarray | None] = {}
+    feature_files: dict[str, Path] = {}
+    beside = default_feature_paths(csv_path)
+    for key, given in (("text_features", text_features), ("image_features", image_features)):
+        if given is not None:
+            feature_path: Path | None = Path(given)
+        else:
+            feature_path = beside[key] if beside[key].is_file() else None
+        features[key] = None
+        if feature_path is not None:
+            features[key] = load_feature_file(
+                feature_path, len(item_map), file_item_index, row_order
+            )
+            feature_files[key] = feature_path
     return InteractionData(
         name=csv_path.stem if source.is_file() else source.name,
         n_users=len(user_map),
@@ -207,5 +269,6 @@ def load_interactions_csv(
         item_table=item_table,
         image_paths=None,
         source=source,
+        feature_files=feature_files,
         **features,
     )

@@ -151,6 +151,9 @@ class InteractionData:
         ``float32 [I, Dt]`` and ``float32 [I, Dv]`` item features, finite.
     source : Path or None
         File or folder the data was loaded from.
+    feature_files : dict of str to Path
+        ``.npy`` file each of ``text_features`` / ``image_features`` was read
+        from (keys are those field names; absent for features not read from a file).
     """
 
     name: str
@@ -168,6 +171,7 @@ class InteractionData:
     text_features: np.ndarray | None = None
     image_features: np.ndarray | None = None
     source: Path | None = None
+    feature_files: dict[str, Path] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         n = self.users.shape[0] if isinstance(self.users, np.ndarray) else -1

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from gfmfr_secure.data.csv_loader import load_interactions_csv
+from gfmfr_secure.data.csv_loader import find_interactions_csv, load_interactions_csv
 from gfmfr_secure.data.dataset import InteractionData
 from gfmfr_secure.data.movielens import load_ml100k_mm
 from gfmfr_secure.errors import ConfigError, DataError
@@ -20,20 +20,28 @@ LOADERS: dict[str, Callable[..., InteractionData]] = {
 
 def detect_format(path: Path) -> str:
     """``"ml100k-mm"`` for a folder with ``u.data``; ``"csv"`` for a ``.csv`` file or a
-    folder holding ``interactions.csv``."""
+    folder holding ``interactions.csv`` or exactly one other interactions ``.csv``.
+
+    Raises
+    ------
+    DataError
+        The path does not exist, is a file other than ``.csv``, or is a folder
+        with neither layout, or with several CSV files and no
+        ``interactions.csv`` (they are listed, with how to pick one).
+    """
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
     if path.is_dir():
         if (path / "u.data").is_file():
             return "ml100k-mm"
-        if (path / "interactions.csv").is_file():
-            return "csv"
-        raise DataError(
-            f"{path}: cannot tell the format: the folder holds neither u.data nor interactions.csv"
-        )
+        find_interactions_csv(path)
+        return "csv"
     if path.suffix.lower() == ".csv":
         return "csv"
-    raise DataError(f"{path}: cannot tell the format: expected a folder or a .csv file")
+    raise DataError(
+        f"{path}: cannot tell the format: expected a folder or a .csv file "
+        "(MovieLens folder with u.data, or interactions CSV)"
+    )
 
 
 def load_dataset(
@@ -51,13 +59,14 @@ def load_dataset(
     ----------
     path : str or Path
         A MovieLens-100K(-mm) folder, a generic interactions ``.csv`` file, or a
-        folder holding ``interactions.csv``.
+        folder holding ``interactions.csv`` (or a single other interactions ``.csv``).
     fmt : {"auto", "ml100k-mm", "csv"}
         Format; ``"auto"`` detects it as described in :func:`detect_format`.
     text_features, image_features : str or Path, optional
-        ``.npy`` item features ``[I, D]``. For ``ml100k-mm`` they replace
-        ``text_feat.npy`` / ``image_feat.npy`` of the folder (rows in ascending
-        movie id order); for ``csv`` their rows follow ``items.csv`` beside the
+        ``.npy`` item features ``[I, D]``, replacing ``text_feat.npy`` /
+        ``image_feat.npy`` found in the folder (``ml100k-mm``) or beside the
+        interactions file (``csv``). For ``ml100k-mm`` rows are in ascending
+        movie id order; for ``csv`` they follow ``items.csv`` beside the
         interactions, or ascending item id without it.
     user_attributes : str or Path, optional
         ``ml100k-mm``: a ``u.user``-format file replacing the folder's ``u.user``.

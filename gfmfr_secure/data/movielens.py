@@ -31,7 +31,12 @@ import numpy as np
 import pandas as pd
 
 from gfmfr_secure.data.dataset import IdMap, InteractionData
-from gfmfr_secure.data.readers import load_feature_file, read_table
+from gfmfr_secure.data.readers import (
+    default_feature_paths,
+    describe_rows,
+    load_feature_file,
+    read_table,
+)
 from gfmfr_secure.data.validate import (
     IdColumn,
     check_known_ids,
@@ -266,13 +271,17 @@ def load_ml100k_mm(
     if users_path is not None:
         check_users_have_interactions(user_idx, user_map, ratings_path, str(users_path))
 
-    features = {}
-    for key, given, default in (
-        ("text_features", text_features, folder / "text_feat.npy"),
-        ("image_features", image_features, folder / "image_feat.npy"),
-    ):
-        path = _optional_file(given, default)
-        features[key] = None if path is None else load_feature_file(path, len(item_map))
+    listing = Path(item_source).name if item_source else ratings_path.name
+    row_order = describe_rows(item_map.ids, f"ascending movie id order of {listing}")
+    features: dict[str, np.ndarray | None] = {}
+    feature_files: dict[str, Path] = {}
+    beside = default_feature_paths(folder)
+    for key, given in (("text_features", text_features), ("image_features", image_features)):
+        path = _optional_file(given, beside[key])
+        features[key] = None
+        if path is not None:
+            features[key] = load_feature_file(path, len(item_map), row_order=row_order)
+            feature_files[key] = path
 
     return InteractionData(
         name=folder.name or "ml-100k",
@@ -288,5 +297,6 @@ def load_ml100k_mm(
         item_table=item_table,
         image_paths=_poster_paths(folder, item_map),
         source=folder,
+        feature_files=feature_files,
         **features,
     )

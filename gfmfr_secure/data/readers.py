@@ -17,7 +17,17 @@ import pandas as pd
 from gfmfr_secure.data.validate import check_feature_array
 from gfmfr_secure.errors import DataError
 
-__all__ = ["load_feature_file", "read_table"]
+__all__ = [
+    "FEATURE_FILES",
+    "default_feature_paths",
+    "describe_rows",
+    "load_feature_file",
+    "read_table",
+]
+
+#: Item-feature files a loader picks up beside its data: field of
+#: :class:`~gfmfr_secure.data.dataset.InteractionData` -> file name.
+FEATURE_FILES = {"text_features": "text_feat.npy", "image_features": "image_feat.npy"}
 
 
 def read_table(
@@ -105,7 +115,42 @@ def read_table(
     return frame, 2 if header else 1
 
 
-def load_feature_file(path: Path, n_rows: int, row_index: np.ndarray | None = None) -> np.ndarray:
+def default_feature_paths(source: Path) -> dict[str, Path]:
+    """Where the loaders look for item features when none are given explicitly.
+
+    ``text_feat.npy`` and ``image_feat.npy`` in ``source`` when it is a folder,
+    else beside the file ``source``; keys are the names of :data:`FEATURE_FILES`.
+    """
+    folder = source if source.is_dir() else source.parent
+    return {key: folder / name for key, name in FEATURE_FILES.items()}
+
+
+def describe_rows(ids: np.ndarray, order: str) -> str:
+    """How feature rows map to item ids, for messages.
+
+    Parameters
+    ----------
+    ids : np.ndarray
+        ``[I]`` original item id of each feature row, in row order.
+    order : str
+        What that order is, e.g. ``"ascending itemId of ratings.csv"``.
+
+    Returns
+    -------
+    str
+        ``"row k holds the k-th item in <order>: row 0 = 'a', row 1 = 'b', ..., row 9 = 'z'"``.
+    """
+    shown = [f"row {k} = {ids[k].item()!r}" for k in range(min(2, len(ids)))]
+    if len(ids) > 3:
+        shown.append("...")
+    if len(ids) > 2:
+        shown.append(f"row {len(ids) - 1} = {ids[-1].item()!r}")
+    return f"row k holds the k-th item in {order}: " + ", ".join(shown)
+
+
+def load_feature_file(
+    path: Path, n_rows: int, row_index: np.ndarray | None = None, row_order: str = ""
+) -> np.ndarray:
     """Load a ``.npy`` item-feature matrix and put its rows in item-index order.
 
     Parameters
@@ -117,6 +162,9 @@ def load_feature_file(path: Path, n_rows: int, row_index: np.ndarray | None = No
     row_index : np.ndarray, optional
         ``int64 [I]``: item index of each file row. ``None`` when file rows are
         already in item-index order.
+    row_order : str
+        How item ids map to file rows (see :func:`describe_rows`); named in the
+        error raised for a wrong row count.
 
     Returns
     -------
@@ -131,7 +179,7 @@ def load_feature_file(path: Path, n_rows: int, row_index: np.ndarray | None = No
         raise DataError(f"{path}: not a readable .npy array ({err})") from err
     if not isinstance(array, np.ndarray):
         raise DataError(f"{path}: expected a single .npy array, found {type(array).__name__}")
-    array = check_feature_array(array, path, n_rows)
+    array = check_feature_array(array, path, n_rows, row_order)
     if row_index is None:
         return np.ascontiguousarray(array)
     out = np.empty_like(array)

@@ -206,11 +206,14 @@ def check_known_ids(col: IdColumn, known: IdMap, reference: str) -> np.ndarray:
     return known.index_of(col.values)[col.codes]
 
 
-def check_feature_array(array: np.ndarray, path: Path | str, n_rows: int) -> np.ndarray:
+def check_feature_array(
+    array: np.ndarray, path: Path | str, n_rows: int, row_order: str = ""
+) -> np.ndarray:
     """Validate an item-feature matrix and return it as ``float32 [n_rows, D]``.
 
     Raises if it is not 2-D, not numeric, has a row count other than ``n_rows``
-    (both counts named) or holds NaN/inf (first bad row and column named).
+    (both counts named, followed by ``row_order``: how item ids map to rows) or
+    holds NaN/inf (first bad row and column named).
     """
     if array.ndim != 2:
         raise DataError(f"{path}: feature array must be 2-D [items, dim], got shape {array.shape}")
@@ -218,7 +221,8 @@ def check_feature_array(array: np.ndarray, path: Path | str, n_rows: int) -> np.
         raise DataError(f"{path}: feature array must be numeric, got dtype {array.dtype}")
     if array.shape[0] != n_rows:
         raise DataError(
-            f"{path}: feature array has {array.shape[0]} rows but there are {n_rows} items"
+            f"{path}: feature array has {array.shape[0]} rows but there are {n_rows} items; "
+            f"expected {n_rows} rows, one per item" + (f": {row_order}" if row_order else "")
         )
     out = array.astype(np.float32, copy=False)
     finite = np.isfinite(out)
