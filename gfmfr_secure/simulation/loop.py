@@ -92,7 +92,13 @@ def _make_fusion(cfg: Any, data: Any, n_groups: int, seed: int) -> GroupFusion |
     image = data.image_features if "image" in mods else None
     for name, feats in (("text", text), ("image", image)):
         if name in mods and feats is None:
-            raise ConfigError(f"fusion.modalities includes {name!r} but the dataset has no {name} features")
+            found = [m for m in cfg.fusion.modalities if getattr(data, f"{m}_features", None) is not None]
+            raise ConfigError(
+                f"fusion.modalities includes {name!r} but the dataset has no {name} features (no {name}_feat.npy "
+                f"in the data folder or beside the CSV, no data.{name}_features=FILE.npy); to train without them add "
+                f"--set 'fusion.modalities=[{','.join(found)}]'"
+                + ("" if found else " (ID-only: groups are fused with a learned item-id embedding)")
+            )
     return GroupFusion.from_features(
         n_groups,
         cfg.model.latent_dim,
