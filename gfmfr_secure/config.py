@@ -881,28 +881,43 @@ def load_config(
 
     Parameters
     ----------
-    path : path of the YAML file. An empty file gives the defaults.
+    path : path of the YAML file. An empty file (or one holding only comments)
+        gives the defaults.
     overrides : ``dotted.key=value`` strings, applied in order.
 
     Raises
     ------
     ConfigError
-        If the file is missing or unreadable, is not YAML, is not a mapping,
-        or any key or value is invalid (the message names the file).
+        If the file is missing or unreadable, is not UTF-8 text, is not YAML,
+        is not a mapping, or any key or value is invalid (the message names the file).
     """
     path = Path(path)
+    shown = repr(str(path))
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"config file {str(path)!r} does not exist") from None
+        raise ConfigError(f"config file {shown} does not exist") from None
     except IsADirectoryError:
-        raise ConfigError(f"config file {str(path)!r} is a directory") from None
+        raise ConfigError(f"config file {shown} is a directory") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"config file {shown} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at "
+            f"offset {err.start}): a config is a YAML mapping such as configs/gfmfr.yaml "
+            "(list them with 'gfmfr-secure configs')"
+        ) from None
+    except OSError as err:
+        raise ConfigError(f"config file {shown} cannot be read: {err.strerror or err}") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+        raise ConfigError(f"config file {shown} is not valid YAML: {err}") from None
     if data is None:
         data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {shown} holds a YAML {type(data).__name__}; expected a mapping of "
+            "sections to settings (method: gfmfr, train: {rounds: 5}, ...), as in configs/gfmfr.yaml"
+        )
     try:
         cfg = config_from_dict(data)
     except ConfigError as err:
