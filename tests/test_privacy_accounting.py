@@ -296,7 +296,7 @@ def test_budget_command_errors_and_help(capsys):
         )
         == 2
     )
-    assert "sample_rate" in capsys.readouterr().err
+    assert "error: --sample-rate must be in (0, 1], got 2" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["budget", "--help"])
     assert exit_info.value.code == 0

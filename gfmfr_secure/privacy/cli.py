@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import math
+import sys
 import typing
 
+from gfmfr_secure.errors import ConfigError
 from gfmfr_secure.privacy.accounting import ACCOUNTANTS, calibrate_noise, epsilon_for
+from gfmfr_secure.privacy.plan import delta_warning
 
 __all__ = ["format_budget_table", "register"]
 
@@ -19,7 +23,8 @@ Privacy budget of T rounds of a Poisson-subsampled Gaussian mechanism
 (unit: one user; relation: add/remove one user), computed by an Opacus
 accountant. With --epsilon, prints for each target the calibrated noise
 multiplier sigma (noise std = sigma * clip) whose epsilon does not exceed it;
-with --sigma, prints the epsilon each sigma reaches after T rounds."""
+with --sigma, prints the epsilon each sigma reaches after T rounds. With
+--users N it warns when --delta is not below 1/N."""
 
 EXAMPLE = (
     "gfmfr-secure budget --sample-rate 1.0 --rounds 100 --delta 1e-4 --epsilon 8 4 2 1\n"
@@ -52,6 +57,12 @@ def register(subparsers: Subparsers) -> None:
         required=True,
         metavar="D",
         help="target delta in (0, 1); below 1/number of users",
+    )
+    p.add_argument(
+        "--users",
+        type=int,
+        metavar="N",
+        help="number of users the guarantee covers: warn when --delta is not below 1/N",
     )
     p.add_argument(
         "--accountant",
@@ -92,7 +103,44 @@ def format_budget_table(rows: list[dict[str, float | int | str]]) -> str:
     )
 
 
+def _check_flags(args: argparse.Namespace) -> None:
+    """Validate the budget flags, naming each flag (not the library's parameter names)."""
+    q, rounds, delta = args.sample_rate, args.rounds, args.delta
+    if not 0.0 < q <= 1.0:
+        raise ConfigError(f"--sample-rate must be in (0, 1], got {q:g}")
+    if rounds < 1:
+        raise ConfigError(f"--rounds must be >= 1, got {rounds}")
+    if not 0.0 < delta < 1.0:
+        raise ConfigError(f"--delta must be in (0, 1), got {delta:g}")
+    if args.users is not None and args.users < 1:
+        raise ConfigError(f"--users must be >= 1, got {args.users}")
+    for target in args.epsilon or ():
+        if math.isnan(target) or target <= 0.0:
+            raise ConfigError(f"--epsilon values must be > 0 (inf allowed), got {target:g}")
+    for sigma in args.sigma or ():
+        if not (math.isfinite(sigma) and sigma >= 0.0):
+            raise ConfigError(f"--sigma values must be finite and >= 0, got {sigma:g}")
+
+
+def _calibrate(target: float, args: argparse.Namespace) -> float:
+    """The calibrated sigma of one ``--epsilon`` target; an unreachable target names the flags."""
+    try:
+        return calibrate_noise(target, args.delta, args.sample_rate, args.rounds, args.accountant)
+    except ConfigError as err:
+        raise ConfigError(
+            f"--epsilon {target:g} cannot be reached with --delta {args.delta:g}, "
+            f"--sample-rate {args.sample_rate:g}, --rounds {args.rounds} ({args.accountant}): "
+            "no noise multiplier is large enough; raise --epsilon or --delta, or lower "
+            "--sample-rate or --rounds"
+        ) from err
+
+
 def _cmd_budget(args: argparse.Namespace) -> int:
+    _check_flags(args)
+    if args.users is not None:
+        message = delta_warning(args.delta, args.users, name="--delta")
+        if message is not None:
+            print(f"warning: {message}", file=sys.stderr)
     common = {
         "q": float(args.sample_rate),
         "rounds": int(args.rounds),
@@ -102,9 +150,7 @@ def _cmd_budget(args: argparse.Namespace) -> int:
     rows: list[dict[str, float | int | str]] = []
     if args.epsilon is not None:
         for target in args.epsilon:
-            sigma = calibrate_noise(
-                target, args.delta, args.sample_rate, args.rounds, args.accountant
-            )
+            sigma = _calibrate(target, args)
             rows.append({"epsilon": float(target), "sigma": sigma, **common})
     else:
         for sigma in args.sigma:

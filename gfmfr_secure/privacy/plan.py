@@ -30,6 +30,7 @@ Mechanisms (DESIGN section 4):
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,10 +44,34 @@ from gfmfr_secure.privacy.accounting import (
 )
 from gfmfr_secure.privacy.mechanisms import adaptive_clip_step, split_noise_multiplier
 
-__all__ = ["USER_MECHANISMS", "UserLevelDP", "coverage"]
+__all__ = ["USER_MECHANISMS", "UserLevelDP", "coverage", "delta_warning"]
 
 #: mechanisms whose unit is one user and that this module plans
 USER_MECHANISMS = ("central", "distributed", "local")
+
+_log = logging.getLogger("gfmfr_secure.privacy")
+
+
+def delta_warning(delta: float, n_users: int, name: str = "privacy.delta") -> str | None:
+    """The warning for a ``delta`` that is not well below ``1 / n_users``, or None.
+
+    With ``delta >= 1/n`` a mechanism that publishes one whole user's data
+    (chosen at random) still satisfies (epsilon, delta)-DP, so the guarantee
+    says little; the usual rule is ``delta`` far below ``1/n``.
+
+    Parameters
+    ----------
+    delta : the target delta.
+    n_users : the number of users the guarantee covers (those that can take part).
+    name : how the caller spells delta in the message (``privacy.delta``, ``--delta``).
+    """
+    if n_users < 1 or delta < 1.0 / n_users:
+        return None
+    return (
+        f"{name}={delta:g} is not below 1/n = {1.0 / n_users:.3g} for n = {n_users} users: a "
+        "mechanism may then reveal one user's data outright and still meet (epsilon, delta); use "
+        f"a delta well below 1/n, e.g. {name}={1.0 / (100 * n_users):.1e} (1/(100 n))"
+    )
 
 
 @dataclass
@@ -87,8 +112,20 @@ class UserLevelDP:
     n_blocks: int = 1
 
     @classmethod
-    def from_config(cls, cfg: Any, *, sample_rate: float, rounds: int, expected_clients: float, n_blocks: int = 1) -> UserLevelDP:
+    def from_config(
+        cls,
+        cfg: Any,
+        *,
+        sample_rate: float,
+        rounds: int,
+        expected_clients: float,
+        n_blocks: int = 1,
+        n_users: int | None = None,
+    ) -> UserLevelDP:
         """Plan the run: calibrate sigma when needed and split it for adaptive clipping.
+
+        Logs a warning (logger ``gfmfr_secure.privacy``) when ``cfg.delta`` is not
+        below ``1 / n_users`` (see :func:`delta_warning`).
 
         Parameters
         ----------
@@ -98,9 +135,14 @@ class UserLevelDP:
         expected_clients : q times the number of eligible clients.
         n_blocks : group blocks a client may write its upload into (G under oblivious
             grouping, else 1); sets the local-DP sensitivity.
+        n_users : clients that can take part; default ``expected_clients / sample_rate``.
         """
         if cfg.mechanism not in USER_MECHANISMS:
             raise ConfigError(f"privacy.mechanism={cfg.mechanism!r} is not user-level; known: {', '.join(USER_MECHANISMS)}")
+        n = round(expected_clients / sample_rate) if n_users is None else int(n_users)
+        message = delta_warning(cfg.delta, n)
+        if message is not None:
+            _log.warning("%s", message)
         q = 1.0 if cfg.mechanism == "local" else float(sample_rate)
         calibrated = cfg.noise_multiplier is None
         sigma = calibrate_noise(cfg.epsilon, cfg.delta, q, rounds, cfg.accountant) if calibrated else float(cfg.noise_multiplier)
