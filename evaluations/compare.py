@@ -33,10 +33,11 @@ class CompareRow:
     privacy: list[dict[str, Any]]
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+def _mean_std(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation; the std is None for a single value (no spread)."""
     n = len(values)
     mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
     return mean, std
 
 
@@ -75,7 +76,7 @@ def run_compare(
 
 
 def summarise(rows: Sequence[CompareRow]) -> list[dict[str, Any]]:
-    """One flat record per config: mean and std of every test metric."""
+    """One flat record per config: mean and std of every test metric (std None with one seed)."""
     out = []
     for r in rows:
         rec: dict[str, Any] = {"config": r.label, "method": r.method, "seeds": len(r.seeds)}
@@ -116,6 +117,11 @@ def _privacy_columns(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _spread(mean: float, std: float | None) -> str:
+    """``mean ± std``, or the mean alone when there is no std (one seed)."""
+    return f"{mean:.4f}" if std is None else f"{mean:.4f} ± {std:.4f}"
+
+
 def _cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -123,7 +129,8 @@ def _cell(value: Any) -> str:
 
 
 def write_tables(rows: Sequence[CompareRow], out_dir: str | Path, command: str = "") -> tuple[Path, Path]:
-    """Write ``results.md`` (mean +- std) and ``results.csv`` (plus ``results.json`` with every seed)."""
+    """Write ``results.md`` (mean ± std; the value alone for a one-seed row) and ``results.csv``
+    (std empty for one seed), plus ``results.json`` with every seed."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary = summarise(rows)
@@ -135,8 +142,10 @@ def write_tables(rows: Sequence[CompareRow], out_dir: str | Path, command: str =
     lines.append("| config | method | seeds | " + " | ".join(METRIC_COLUMNS + extra) + " | best round | s/round |")
     lines.append("|" + "---|" * (len(METRIC_COLUMNS) + len(extra) + 5))
     for rec in summary:
-        cells = [f"{rec[f'{k} mean']:.4f} ± {rec[f'{k} std']:.4f}" for k in METRIC_COLUMNS] + [_cell(rec[k]) for k in extra]
+        cells = [_spread(rec[f"{k} mean"], rec[f"{k} std"]) for k in METRIC_COLUMNS] + [_cell(rec[k]) for k in extra]
         lines.append(f"| {rec['config']} | {rec['method']} | {rec['seeds']} | " + " | ".join(cells) + f" | {rec['best round mean']:.1f} | {rec['s/round']:.2f} |")
+    if any(rec["seeds"] == 1 for rec in summary):
+        lines += ["", "A row of 1 seed shows its value without a spread (no std from one seed); run more --seeds for one."]
     md = out / "results.md"
     tmp = md.with_suffix(".md.tmp")
     tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
