@@ -34,6 +34,7 @@ from types import TracebackType
 from typing import Any, Self
 
 import gfmfr_secure
+from gfmfr_secure.console import ProgressLogHandler
 from gfmfr_secure.errors import GfmfrError
 
 __all__ = [
@@ -236,7 +237,7 @@ class RunFolder:
         handler.setFormatter(logging.Formatter(LOG_FORMAT))
         self.logger.addHandler(handler)
         if self._console:
-            stream = logging.StreamHandler(sys.stderr)
+            stream = ProgressLogHandler(sys.stderr)
             stream.setFormatter(logging.Formatter("%(message)s"))
             self.logger.addHandler(stream)
 
