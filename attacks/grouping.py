@@ -28,7 +28,7 @@ from sklearn.metrics import f1_score
 
 from attacks.base import as_array
 
-__all__ = ["GROUP_METHODS", "group_inference", "group_scores"]
+__all__ = ["GROUP_METHODS", "group_inference", "group_scores", "partition_match"]
 
 GROUP_METHODS: tuple[str, ...] = ("mean", "loglik")
 
@@ -144,4 +144,42 @@ def group_inference(
         "n_groups": int(n_groups),
         "pred": pred,
         "scores": scores,
+    }
+
+
+def partition_match(found: np.ndarray | Sequence[int], truth: np.ndarray | Sequence[int]) -> dict[str, float]:
+    """How well one grouping of the same users reproduces another.
+
+    Parameters
+    ----------
+    found : [U] group ids the adversary holds (any non-negative integer coding).
+    truth : [U] the true group ids.
+
+    Returns
+    -------
+    dict with ``match_rate`` (fraction of users whose found id equals the true id),
+    ``relabelled_match_rate`` (the same after the one-to-one relabelling of found ids
+    that maximises it, :func:`scipy.optimize.linear_sum_assignment`: group names are
+    arbitrary, the partition is what matters), ``n_matched`` (users matched after
+    relabelling) and ``n_users``.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    f = as_array("found", found, ndim=1, dtype=np.int64)
+    t = as_array("truth", truth, ndim=1, dtype=np.int64)
+    if f.size != t.size:
+        raise ValueError(f"found has {f.size} entries but truth has {t.size}")
+    if f.size == 0:
+        raise ValueError("no users to compare")
+    if f.min() < 0 or t.min() < 0:
+        raise ValueError("group ids must be non-negative")
+    overlap = np.zeros((int(f.max()) + 1, int(t.max()) + 1), dtype=np.int64)
+    np.add.at(overlap, (f, t), 1)
+    rows, cols = linear_sum_assignment(overlap, maximize=True)
+    matched = int(overlap[rows, cols].sum())
+    return {
+        "match_rate": float(np.mean(f == t)),
+        "relabelled_match_rate": matched / f.size,
+        "n_matched": float(matched),
+        "n_users": float(f.size),
     }
