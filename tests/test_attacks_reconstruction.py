@@ -79,7 +79,7 @@ def _attack(data, tmp_path, *extra: str) -> dict:
     split = leave_one_out(data)
     cfg = with_overrides(config_from_dict({"method": "gfmfr"}), TINY + list(extra))
     run_federated(cfg, data, split, progress=False, callbacks=[ViewRecorder(tmp_path, [0])])
-    res = run_view_attacks(tmp_path, 0, data, split, imia_clients=0, num_negatives=cfg.train.num_negatives)
+    res = run_view_attacks(tmp_path, 0, data, split, imia_clients=0, num_negatives=cfg.train.num_negatives, attribute_folds=0)
     return {r.name: r for r in res if r.observer == "server"}
 
 
