@@ -15,11 +15,11 @@ Two estimators:
 :func:`attribute_inference`
     one labelled / attacked split with a fixed classifier (kept for comparison).
 
-For :func:`attribute_inference`: the adversary holds one feature vector per user derived from what it observed
-(for the server: e.g. the user's uploaded item-table rows summarised per item,
-head deltas, or the grouping features; for an outsider: published
-recommendations), and knows the true attribute of a random fraction of users
-(auxiliary knowledge, e.g. users who made their profile public). It trains a
+For :func:`attribute_inference`: the adversary holds one feature vector per user
+derived from what it observed (for the server: e.g. the user's uploaded item-table
+rows summarised per item, head deltas, or the grouping features; for an outsider:
+published recommendations), and knows the true attribute of a random fraction of
+users (auxiliary knowledge, e.g. users who made their profile public). It trains a
 classifier on those users and predicts the others.
 
 The split is stratified by label so every class appears among both the labelled

@@ -197,6 +197,14 @@ def _pm(m: Any, key: str) -> str:
     return f"{_fmt(m[key])} ± {_fmt(std)}" if std is not None else _fmt(m[key])
 
 
+def _ceiling_note(details: Any) -> str:
+    """`` (= ceiling)`` when a view's matrix is the true one, `` (k entries differ)`` when it is close to it."""
+    if details.get("same_features_as_ceiling"):
+        return " (= ceiling)"
+    k = details.get("entries_differing_from_ceiling")
+    return f" ({k} entries differ)" if k is not None and k <= 100 else ""
+
+
 def attack_summary_lines(results: list[Any], head: list[str]) -> list[str]:
     """The Markdown of ``summary.md``: attack figures, attribute inference with its ceilings, group membership.
 
@@ -222,7 +230,8 @@ def attack_summary_lines(results: list[Any], head: list[str]) -> list[str]:
             f"Estimator: {d0['protocol']}.",
             "AUC: mean ± std over the outer folds.",
             f"Ceiling: the same estimator, on the same folds, on {d0['ceiling_source']}.",
-            "Share of ceiling: (AUC - 0.5) / (ceiling AUC - 0.5); '= ceiling' where the view's matrix is the true one.",
+            "Share of ceiling: (AUC - 0.5) / (ceiling AUC - 0.5); '= ceiling' where the view's matrix is the true one,",
+            "'k entries differ' where it differs from it in k (client, item) entries only.",
             "Age bracket: two rows, its macro one-vs-rest AUC (mean of the 4 per-bracket AUCs) and its micro one-vs-rest AUC",
             "(every (user, bracket) pair pooled into one ROC).",
             "",
@@ -234,7 +243,7 @@ def attack_summary_lines(results: list[Any], head: list[str]) -> list[str]:
             auc_kind = "macro OvR" if "macro" in d["auc_definition"] else "micro OvR" if "micro" in d["auc_definition"] else "binary"
             lines.append(
                 f"| {d['target']} | {auc_kind} | {r.observer} | {d['view']} | {_pm(m, 'auc')} | {_pm(m, 'ceiling_auc')} | "
-                f"{_fmt(m.get('share_of_ceiling_lift'))}{' (= ceiling)' if d.get('same_features_as_ceiling') else ''} | {_pm(m, 'accuracy')} | {_fmt(m.get('baseline_accuracy'))} | "
+                f"{_fmt(m.get('share_of_ceiling_lift'))}{_ceiling_note(d)} | {_pm(m, 'accuracy')} | {_fmt(m.get('baseline_accuracy'))} | "
                 f"{' '.join(f'{c:g}' for c in d['chosen_c'])} | {' '.join(d['chosen_transform'])} |"
             )
         lines += ["", "Views: " + "; ".join(sorted({f"`{r.details['view']}`: {r.details['source']}" for r in attrs}))]

@@ -426,6 +426,8 @@ def attribute_results(
         f"inside each of {outer_folds} stratified outer folds; the adversary knows the attribute of the other folds' clients"
     )
     same_as_ceiling = {vname: _fingerprint(x) == _fingerprint(ceiling) for vname, x in views.items()}
+    # entries in which a sparse view differs from the true matrix (dense views: not comparable)
+    differing = {vname: int((sp.csr_matrix(x) != sp.csr_matrix(ceiling)).nnz) for vname, x in views.items() if sp.issparse(x) and x.shape == ceiling.shape}
     for tname, labels in targets.items():
         y = np.asarray(labels, dtype=np.int64)
         why = _too_small(y, outer_folds, inner_folds)
@@ -441,6 +443,7 @@ def attribute_results(
                     **note, "kind": "attribute", "target": _TARGET_TEXT.get(tname, tname), "view": vname,
                     "source": ATTRIBUTE_VIEWS.get(vname, vname), "ceiling_source": CEILING_SOURCE,
                     "auc_definition": _AUC_TEXT[key], "protocol": protocol, "same_features_as_ceiling": same_as_ceiling[vname],
+                    "entries_differing_from_ceiling": differing.get(vname),
                     "chosen_c": [float(c) for c in res["chosen_c"]], "chosen_transform": list(res["chosen_transform"]),
                     "ceiling_chosen_c": [float(c) for c in ceil["chosen_c"]], "ceiling_chosen_transform": list(ceil["chosen_transform"]),
                     f"fold_{key}": [float(v) for v in res[f"fold_{key}"]], f"ceiling_fold_{key}": [float(v) for v in ceil[f"fold_{key}"]],

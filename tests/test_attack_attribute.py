@@ -134,6 +134,7 @@ def test_attribute_results_names_ceiling_and_statements() -> None:
     by_name = {r.name: r for r in res}
     rec, up = by_name["attribute-gender-from-reconstruction"], by_name["attribute-gender-from-uploaded-rows"]
     assert rec.details["same_features_as_ceiling"] and not up.details["same_features_as_ceiling"]
+    assert rec.details["entries_differing_from_ceiling"] == 0 and up.details["entries_differing_from_ceiling"] == (noisy != truth).nnz > 0
     assert rec.metrics["auc"] == rec.metrics["ceiling_auc"] and rec.metrics["share_of_ceiling_lift"] == pytest.approx(1.0)
     assert up.metrics["ceiling_auc"] == rec.metrics["ceiling_auc"] and up.metrics["auc"] < rec.metrics["auc"]
     assert 0.0 < up.metrics["share_of_ceiling_lift"] < 1.0
