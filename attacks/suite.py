@@ -566,11 +566,13 @@ def group_results(
     raw = group_inference(z, (indptr, user_items), true_groups)
     ovr = one_vs_rest_metrics(true_groups, np.asarray(raw["scores"], dtype=np.float64), np.arange(z.shape[0]))
     metrics = {**scalar_metrics(raw), "auc": ovr["auc_ovr"], "tpr_at_fpr_0.01": ovr["tpr_at_fpr_0.01"], "tpr_at_fpr_0.001": ovr["tpr_at_fpr_0.001"]}
+    occupied = int(np.unique(true_groups).size)
+    source = "broadcast group preferences (teacher) + the target's true training items; nearest group by mean standardised preference"
+    if occupied == 1:
+        source += "; a single group is occupied this round, so always guessing it is right (the baseline)"
     details = {
-        "kind": "attack",
-        "source": "broadcast group preferences (teacher) + the target's true training items; nearest group by mean standardised preference",
+        "kind": "attack", "source": source, "occupied_groups": occupied,
         "auc_definition": "one-vs-rest AUC pooled over every (client, group) pair",
-        "occupied_groups": int(np.unique(true_groups).size),
     }
     for o in observers:
         out.append(AttackResult(name="group-membership-from-teacher", observer=o, metrics=metrics, n_targets=int(clients.size), details=details))

@@ -108,6 +108,8 @@ def test_single_non_empty_group_is_known_from_the_counts() -> None:
     res = _by_key(group_results(server, outsider, split))
     known = res[("group-membership-known", "server")]
     assert known.metrics["relabelled_match_rate"] == 1.0 and "group counts" in known.details["source"]
+    attack = res[("group-membership-from-teacher", "outsider")]
+    assert attack.metrics["baseline_accuracy"] == 1.0 and "a single group is occupied" in attack.details["source"]
 
 
 def test_server_grouping_is_recovered_from_the_uploaded_heads() -> None:
