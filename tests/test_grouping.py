@@ -322,3 +322,23 @@ def test_standardise_matches_scikit_learn(n, f, seed, constant, offset) -> None:
     np.testing.assert_allclose(ours, ref, rtol=1e-9, atol=1e-9)
     if constant is not None:
         assert np.all(ours[:, 0] == 0.0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(6, 40), f=st.integers(1, 60), pad=st.integers(1, 200), seed=st.integers(0, 2**16))
+def test_constant_columns_change_no_pca_distance(n, f, pad, seed) -> None:
+    """Constant columns (the unused first layer under the dot scorer) are dropped before
+    the PCA: the clients' pairwise distances, the number of components kept and so the
+    groups are those of the varying columns alone, on both PCA paths (n < f and n >= f)."""
+    from sklearn.metrics import pairwise_distances
+
+    from gfmfr_secure.server.grouping import preprocess_features
+
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, f))
+    padded = np.concatenate([np.full((n, pad), 0.25), x, np.zeros((n, pad))], axis=1)[:, rng.permutation(f + 2 * pad)]
+    for variance in (0.9, 1.0):
+        ours = preprocess_features(padded, pca_variance=variance)
+        alone = preprocess_features(x, pca_variance=variance)
+        assert ours.shape == alone.shape
+        np.testing.assert_allclose(pairwise_distances(ours), pairwise_distances(alone), atol=1e-8)
