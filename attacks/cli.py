@@ -30,7 +30,7 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--run", required=True, metavar="RUN_DIR", help="run folder written by 'train' with record.views_rounds set")
     p.add_argument("--round", type=int, default=0, help="recorded round to attack (default 0)")
-    p.add_argument("--data", help="data folder (else $GFMFR_DATA, else the run's data.path)")
+    p.add_argument("--data", help="data folder or interactions .csv file (else $GFMFR_DATA, else the run's data.path)")
     p.add_argument("--seed", type=int, default=0, help="seed of the attacks' own randomness")
     p.add_argument("--imia-clients", type=int, default=100, help="clients attacked with IMIA (slow); 0 = skip")
     p.add_argument(
@@ -52,7 +52,7 @@ def register(subparsers: Any) -> None:
     t.add_argument("configs", nargs="+", help="YAML configs, one column group each")
     t.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     t.add_argument("--round", type=int, default=0, help="round whose views are attacked (default 0)")
-    t.add_argument("--data", help="data folder (else $GFMFR_DATA, else each config's data.path)")
+    t.add_argument("--data", help="data folder or interactions .csv file (else $GFMFR_DATA, else each config's data.path)")
     t.add_argument("--out", required=True, help="output folder")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override applied to every config")
     t.add_argument("--imia-clients", type=int, default=100)

@@ -24,7 +24,7 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("spec", metavar="SPEC.yaml", help="sweep spec file")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (cells, tables, plots)")
-    p.add_argument("--data", metavar="DIR", help="data folder (else $GFMFR_DATA, else the configs' data.path)")
+    p.add_argument("--data", metavar="PATH", help="data folder or interactions .csv file (else $GFMFR_DATA, else the configs' data.path)")
     p.add_argument("--jobs", type=int, default=1, metavar="N", help="cells run at once, each in its own process (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=_cmd_sweep)

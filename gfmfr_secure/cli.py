@@ -174,7 +174,7 @@ def _choices(section: type, key: str) -> tuple[str, ...]:
 
 def _add_data_options(parser: argparse.ArgumentParser) -> None:
     defaults = DataConfig()
-    parser.add_argument("--data", metavar="DIR", help=f"data folder (default: ${DATA_ENV_VAR})")
+    parser.add_argument("--data", metavar="PATH", help=f"data folder or interactions .csv file (default: ${DATA_ENV_VAR})")
     parser.add_argument(
         "--format",
         default=defaults.format,
@@ -228,7 +228,7 @@ def _register_train(subparsers: Subparsers) -> None:
         "--name and --out are errors with it",
     )
     p.add_argument(
-        "--data", metavar="DIR", help=f"data folder (overrides ${DATA_ENV_VAR} and data.path)"
+        "--data", metavar="PATH", help=f"data folder or interactions .csv file (overrides ${DATA_ENV_VAR} and data.path)"
     )
     p.add_argument(
         "--out",

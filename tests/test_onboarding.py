@@ -259,19 +259,20 @@ def test_budget_warns_when_delta_is_not_below_one_over_n(capsys):
     assert "warning" not in capsys.readouterr().err
 
 
-def test_train_warns_when_delta_is_not_below_one_over_n(tmp_path, capsys, caplog):
+def test_train_warns_when_delta_is_not_below_one_over_n(tmp_path, capsys):
     _write_ratings(tmp_path / "plain" / "ratings.csv")
     argv = [
         "train", "--config", str(CONFIGS / "fedncf.yaml"), "--data", str(tmp_path / "plain"),
-        "--out", str(tmp_path / "runs"), "--set", "train.rounds=1", "--set", "train.weighting=uniform",
-        "--set", "privacy.mechanism=central", "--set", "privacy.epsilon=8", "--set", "privacy.delta=0.05", "--quiet",
+        "--out", str(tmp_path / "runs"), "--name", "delta", "--set", "train.rounds=1", "--set", "train.weighting=uniform",
+        "--set", "privacy.mechanism=central", "--set", "privacy.epsilon=8", "--set", "privacy.delta=0.05",
     ]  # fmt: skip
-    with caplog.at_level(logging.WARNING, logger="gfmfr_secure.privacy"):
-        assert cli.main(argv) == 0
-    warnings = [r.getMessage() for r in caplog.records if r.name == "gfmfr_secure.privacy"]
-    assert len(warnings) == 1
-    assert warnings[0].startswith("privacy.delta=0.05 is not below 1/n = 0.0167 for n = 60 users")
-    assert "privacy.delta=1.7e-04" in warnings[0]
+    assert cli.main(argv) == 0
+    expected = "privacy.delta=0.05 is not below 1/n = 0.0167 for n = 60 users"
+    err = capsys.readouterr().err
+    assert err.count(expected) == 1, err
+    logged = [line for line in (tmp_path / "runs" / "delta" / "log.txt").read_text().splitlines() if expected in line]
+    assert len(logged) == 1 and " WARNING " in logged[0]
+    assert "privacy.delta=1.7e-04" in logged[0]
 
 
 # --------------------------------------------------------------------------- compare, configs, console

@@ -121,11 +121,12 @@ class UserLevelDP:
         expected_clients: float,
         n_blocks: int = 1,
         n_users: int | None = None,
+        logger: logging.Logger | None = None,
     ) -> UserLevelDP:
         """Plan the run: calibrate sigma when needed and split it for adaptive clipping.
 
-        Logs a warning (logger ``gfmfr_secure.privacy``) when ``cfg.delta`` is not
-        below ``1 / n_users`` (see :func:`delta_warning`).
+        Logs a warning (to ``logger``, default ``gfmfr_secure.privacy``) when ``cfg.delta``
+        is not below ``1 / n_users`` (see :func:`delta_warning`).
 
         Parameters
         ----------
@@ -142,7 +143,7 @@ class UserLevelDP:
         n = round(expected_clients / sample_rate) if n_users is None else int(n_users)
         message = delta_warning(cfg.delta, n)
         if message is not None:
-            _log.warning("%s", message)
+            (logger or _log).warning("%s", message)
         q = 1.0 if cfg.mechanism == "local" else float(sample_rate)
         calibrated = cfg.noise_multiplier is None
         sigma = calibrate_noise(cfg.epsilon, cfg.delta, q, rounds, cfg.accountant) if calibrated else float(cfg.noise_multiplier)

@@ -41,7 +41,9 @@ from gfmfr_secure.simulation.selection import ValidationSelector
 __all__ = ["run_centralized"]
 
 
-def run_centralized(cfg: Any, split: Split, *, logger: logging.Logger | None = None, progress: bool = True) -> FederatedRun:
+def run_centralized(
+    cfg: Any, split: Split, *, logger: logging.Logger | None = None, progress: bool = True, label: str | None = None
+) -> FederatedRun:
     """Train the centralised upper bound; returns the same record as a federated run.
 
     Raises
@@ -82,7 +84,7 @@ def run_centralized(cfg: Any, split: Split, *, logger: logging.Logger | None = N
     ks = tuple(cfg.eval.ks)
     selector = ValidationSelector(tc.patience)
     history, times = [], []
-    for t in tqdm(range(tc.rounds), desc=cfg.method, disable=not progress, unit="round"):
+    for t in tqdm(range(tc.rounds), desc=label or cfg.method, disable=None if progress else True, unit="round"):
         t0 = time.perf_counter()
         neg_round = 0 if cfg.data.negatives_fixed else t
         s = sample_training(split, tc.num_negatives, numpy_rng(seed, "negatives", neg_round), exclude_heldout=cfg.data.negatives_exclude_heldout)

@@ -10,6 +10,7 @@ the client side (:func:`clip_upload`), runs record-level DP-SGD clients
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any
 
 import numpy as np
@@ -114,8 +115,11 @@ class RecordLevelDP:
         return report
 
 
-def plan_privacy(cfg: Any, n_eligible: int) -> UserLevelDP | None:
-    """The run's user-level DP plan, or None when no user-level mechanism is configured."""
+def plan_privacy(cfg: Any, n_eligible: int, logger: logging.Logger | None = None) -> UserLevelDP | None:
+    """The run's user-level DP plan, or None when no user-level mechanism is configured.
+
+    A ``delta`` not well below ``1 / n_eligible`` is warned about on ``logger`` (the run's log).
+    """
     pc = cfg.privacy
     if pc.mechanism in ("none", "dpsgd"):
         return None
@@ -126,7 +130,7 @@ def plan_privacy(cfg: Any, n_eligible: int) -> UserLevelDP | None:
     tc = cfg.train
     # a client picks its own block only under oblivious grouping (local DP must cover moving between blocks)
     blocks = int(cfg.grouping.num_groups) if cfg.distill.enabled and cfg.grouping.method == "oblivious" else 1
-    return UserLevelDP.from_config(pc, sample_rate=tc.client_fraction, rounds=tc.rounds, expected_clients=tc.client_fraction * n_eligible, n_blocks=blocks)
+    return UserLevelDP.from_config(pc, sample_rate=tc.client_fraction, rounds=tc.rounds, expected_clients=tc.client_fraction * n_eligible, n_blocks=blocks, logger=logger)
 
 
 def clip_upload(update: Any, dp: UserLevelDP | None, cfg: Any) -> tuple[Any, torch.Tensor]:

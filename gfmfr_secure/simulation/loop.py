@@ -131,6 +131,7 @@ def run_federated(
     upload_hook: Callable[[Any, int], Any] | None = None,
     checkpoint: Checkpointer | None = None,
     resume: LoopState | None = None,
+    label: str | None = None,
 ) -> FederatedRun:
     """Train a federated recommender as configured and score it.
 
@@ -149,6 +150,8 @@ def run_federated(
     checkpoint : saves the loop's state after the rounds it says are due.
     resume : a saved state (from ``checkpoint.load()``) to continue from instead of round 0;
         ``cfg`` and the data must be those it was saved with.
+    label : the progress bar's label (default: the method). The bar is drawn only when
+        ``progress`` and stderr is a terminal.
     """
     log = logger or logging.getLogger("gfmfr_secure")
     seed = int(cfg.seed)
@@ -203,7 +206,7 @@ def run_federated(
             f"release a group sum; lower grouping.min_group_size (>= 2) or use more clients"
         )
     ks = tuple(cfg.eval.ks)
-    dp = plan_privacy(cfg, eligible.size)
+    dp = plan_privacy(cfg, eligible.size, logger=log)
     record_dp = RecordLevelDP(cfg.privacy, seed, n_items, secrets=secret_source) if cfg.privacy.mechanism == "dpsgd" else None
     if record_dp is not None and tc.weighting != "uniform":
         raise ConfigError("privacy.mechanism=dpsgd: clients do not upload their sample counts; set train.weighting=uniform")
@@ -262,7 +265,7 @@ def run_federated(
         log.info("round %d: val HR@10 %.4f NDCG@10 %.4f (%s)", t, val["HR@10"], val["NDCG@10"], note)
         return selector.observe(t, val, lambda: (server.shared.clone(), store.snapshot()))
 
-    bar = tqdm(range(tc.rounds if stopped else start, tc.rounds), desc=f"{cfg.method}", disable=not progress, unit="round", initial=start, total=tc.rounds)
+    bar = tqdm(range(tc.rounds if stopped else start, tc.rounds), desc=label or cfg.method, disable=None if progress else True, unit="round", initial=start, total=tc.rounds)
     for t in bar:
         rec: dict[str, Any] = {"round": t}
         if dp is not None and not dp.fits(t):

@@ -122,7 +122,7 @@ def run_training(
 
         if checkpoint_every:
             log.info("method %s writes no checkpoints: an interrupted run cannot be resumed", cfg.method)
-        result = run_centralized(cfg, split, logger=log, progress=progress)
+        result = run_centralized(cfg, split, logger=log, progress=progress, label=getattr(run, "name", None))
     else:
         from gfmfr_secure.simulation.checkpoint import CHECKPOINT_DIR, Checkpointer, config_hash, data_fingerprint
         from gfmfr_secure.simulation.loop import run_federated
@@ -133,7 +133,7 @@ def run_training(
         callbacks = [ViewRecorder(run.path("views"), cfg.record.views_rounds)] if cfg.record.views_rounds else []
         result = run_federated(
             cfg, data, split, logger=log, progress=progress, callbacks=callbacks,
-            checkpoint=checkpoint if checkpoint_every > 0 else None, resume=state,
+            checkpoint=checkpoint if checkpoint_every > 0 else None, resume=state, label=getattr(run, "name", None),
         )
     if keep_model:
         save_model(run.path("model.pt"), result.shared, result.store)
