@@ -231,3 +231,69 @@ def test_resume_refusals_exit_2_and_keep_the_folder(
     assert (interrupted / CHECKPOINT_DIR / "state.pt").is_file()  # every refusal leaves the folder as it was
     interactions.write_text("".join(lines))
     assert cli.main(["train", "--resume", str(interrupted), "--quiet"]) == 0
+
+
+# --------------------------------------------------------------------------- sweep killed with SIGKILL
+
+SWEEP_TIMING = ("s_per_round",)
+
+
+def _sweep_spec(folder: Path) -> Path:
+    """Two real cells (FedRAP without DP and under central DP), reproducible secrets, 3 rounds."""
+    spec = folder / "spec.yaml"
+    spec.write_text(
+        "name: killed\n"
+        f"base: [{REPO / 'configs' / 'fedrap.yaml'}]\n"
+        "set:\n  secrets: reproducible\n  train.selection: last\n  train.local_epochs: 1\n  train.batch_size: 32\n"
+        "  model.latent_dim: 8\n  privacy.delta: 1.0e-3\n  privacy.clip: 0.5\n"
+        "rounds: 3\n"
+        "axes:\n  privacy.epsilon: [.inf, 4]\n  privacy.mechanism: [central]\n"
+        "seeds: [0]\n"
+        "attacks: null\n"
+        "references: []\n"
+    )
+    return spec
+
+
+def _sweep_rows(out: Path) -> list[dict[str, Any]]:
+    from evaluations.sweep_report import collect_rows
+
+    rows, diverged = collect_rows(out)
+    assert not diverged
+    return [{k: v for k, v in row.items() if k not in SWEEP_TIMING} for row in rows]
+
+
+def test_killed_sweep_resumes_to_the_uninterrupted_results(data_folder: Path, tmp_path: Path, capsys) -> None:
+    spec = _sweep_spec(tmp_path)
+    out = tmp_path / "killed"
+    argv = ["sweep", str(spec), "--out", str(out), "--data", str(data_folder), "--quiet"]
+    proc = subprocess.Popen([sys.executable, "-m", "gfmfr_secure", *argv], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    killed = False
+    try:
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            cells = out / "cells"
+            done = [p for p in cells.iterdir() if not p.name.startswith(".")] if cells.is_dir() else []
+            if done:  # the first cell is finished: kill the sweep while the second one trains
+                os.kill(proc.pid, signal.SIGKILL)
+                killed = True
+                break
+            time.sleep(0.01)
+    finally:
+        if proc.poll() is None and not killed:
+            proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, f"the sweep ended before it was killed: {proc.stderr.read().decode()[-2000:]}"
+    assert not (out / "report.md").exists()
+
+    capsys.readouterr()
+    assert cli.main(argv) == 0  # resumes: the finished cell is kept, any partial one redone
+    assert "1 cells run, 1 already finished, 2 in all" in capsys.readouterr().out
+    assert not list((out / "cells").glob(".*"))
+    assert cli.main(argv) == 0  # a third run trains nothing
+    assert "0 cells run, 2 already finished, 2 in all" in capsys.readouterr().out
+
+    whole = tmp_path / "whole"
+    assert cli.main(["sweep", str(spec), "--out", str(whole), "--data", str(data_folder), "--quiet"]) == 0
+    assert _sweep_rows(out) == _sweep_rows(whole)
+    assert (out / "report.md").is_file()
