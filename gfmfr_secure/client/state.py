@@ -253,6 +253,9 @@ class ClientStateStore:
     ema_ratio : [U] float64, each client's running ratio of base loss to distillation loss (NaN until first used).
     heads : [U, H] private heads (PFedRec), or None.
     group : [U] int64, the group each client was last told or chose (-1 = none).
+    head_offset : [U, H] float32, each client's head change in the last round it took
+        part in (NaN rows before its first), which oblivious grouping compares with the
+        centroids of that same round; None until oblivious grouping first needs it.
     """
 
     user_embedding: torch.Tensor
@@ -260,6 +263,7 @@ class ClientStateStore:
     ema_ratio: torch.Tensor
     heads: torch.Tensor | None
     group: np.ndarray
+    head_offset: torch.Tensor | None = None
 
     @classmethod
     def create(
@@ -292,6 +296,7 @@ class ClientStateStore:
             ema_ratio=self.ema_ratio.clone(),
             heads=self.heads.clone() if self.heads is not None else None,
             group=self.group.copy(),
+            head_offset=self.head_offset.clone() if self.head_offset is not None else None,
         )
 
     @property
@@ -301,4 +306,6 @@ class ClientStateStore:
             n += self.personal.nbytes
         if self.heads is not None:
             n += self.heads.numel() * 4
+        if self.head_offset is not None:
+            n += self.head_offset.numel() * 4
         return int(n)

@@ -193,6 +193,7 @@ def _model_tensors(shared: SharedParams, store: ClientStateStore) -> dict[str, t
         "store.ema_ratio": store.ema_ratio,
         "store.heads": store.heads,
         "store.group": torch.from_numpy(store.group),
+        "store.head_offset": store.head_offset,
     })
     if store.personal is not None:
         out.update({f"store.personal.{k}": v for k, v in store.personal.state_tensors().items()})
@@ -211,6 +212,7 @@ def _model_from_tensors(t: dict[str, Any]) -> tuple[SharedParams, ClientStateSto
         ema_ratio=t["store.ema_ratio"],
         heads=t["store.heads"],
         group=t["store.group"].numpy(),
+        head_offset=t.get("store.head_offset"),
     )
     return shared, store
 

@@ -330,11 +330,9 @@ def run_federated(
         upload, norms = clip_upload(update, dp, cfg)
         client_groups = None
         if n_groups and grouping == "oblivious":
-            if centroids is None:  # first round: a data-independent random partition
-                client_groups = init_groups[cohort]
-            else:
-                offsets = (update.head_after - server.shared.head_flat().unsqueeze(0)).numpy()
-                client_groups = nearest_centroid(offsets, centroids)
+            # [n, H] this round's head change as it enters the group sums (clipped), like the centroids
+            offsets = upload.head_delta if upload.head_delta is not None else update.head_after - server.shared.head_flat().unsqueeze(0)
+            client_groups = oblivious_groups(store, cohort, offsets, centroids, init_groups)
         elif n_groups and grouping == "none":
             client_groups = np.zeros(len(update), dtype=np.int64)
         if not (n_groups and grouping in SERVER_GROUPING):
@@ -538,6 +536,38 @@ def _mean_cost(history: list[dict[str, Any]]) -> dict[str, float]:
     costs = [h["cost"] for h in history if h.get("cost")]
     keys = sorted({k for c in costs for k in c})
     return {k: float(np.mean([c[k] for c in costs if k in c])) for k in keys}
+
+
+def oblivious_groups(
+    store: ClientStateStore, cohort: np.ndarray, offsets: torch.Tensor, centroids: np.ndarray | None, init_groups: np.ndarray
+) -> np.ndarray:
+    """Client side of oblivious grouping (one federated k-means step per round); [n] int64 groups.
+
+    The broadcast centroids are the group means of the (clipped) head changes of the round
+    that produced them, so each client compares them with its own clipped head change *of
+    that same round* (``store.head_offset``), not with this round's: the whole cohort's head change
+    drifts from round to round, and measured against last round's centroids it put every
+    client of ML-100K in one group from round 1 on. A client without a previous change
+    (first round, or not sampled before) keeps the data-independent random partition
+    ``init_groups``. Afterwards this round's change is stored for the next round.
+
+    Parameters
+    ----------
+    store : the clients' private state (``head_offset`` [U, H] is created here).
+    cohort : [n] int64 user ids; offsets : [n, H] this round's head changes.
+    centroids : [G, H] broadcast centroids, or None before any were released.
+    init_groups : [U] int64 random partition.
+    """
+    if store.head_offset is None:
+        store.head_offset = torch.full((init_groups.size, offsets.shape[1]), float("nan"))
+    groups = init_groups[cohort].copy()
+    if centroids is not None:
+        previous = store.head_offset[torch.from_numpy(cohort)]
+        known = ~torch.isnan(previous).any(dim=1)
+        if bool(known.any()):
+            groups[known.numpy()] = nearest_centroid(previous[known].double().numpy(), centroids)
+    store.head_offset[torch.from_numpy(cohort)] = offsets.float()
+    return groups
 
 
 def _update_centroids(centroids: np.ndarray | None, agg: Any) -> np.ndarray:
