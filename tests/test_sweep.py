@@ -313,7 +313,7 @@ def test_configs_lists_presets_with_one_line_each(tmp_path, capsys) -> None:
     assert cli.main(["configs", "--dir", str(REPO / "configs")]) == 0
     lines = capsys.readouterr().out.splitlines()
     quick = next(line for line in lines if line.split()[0].endswith("sweeps/quick.yaml"))
-    assert quick.split(None, 1)[1] == "Quick privacy-utility sweep: FedRAP under central user-level DP at three budgets, two seeds."
+    assert quick.split(None, 1)[1] == "Quick privacy-utility sweep: FedRAP under central user-level DP at three budgets and without, three seeds."
     assert any(line.split()[0].endswith("configs/gfmfr.yaml") for line in lines)
     assert cli.main(["configs", "--dir", str(tmp_path / "none")]) == 2
     assert "does not exist" in capsys.readouterr().err
