@@ -51,7 +51,10 @@ def register(subparsers: Any) -> None:
     )
     t.add_argument("configs", nargs="+", help="YAML configs, one column group each")
     t.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    t.add_argument("--round", type=int, default=0, help="round whose views are attacked (default 0)")
+    t.add_argument(
+        "--round", type=int, nargs="+", default=[0], metavar="R",
+        help="rounds whose views are recorded and attacked, each below train.rounds (default 0; e.g. --round 0 9 --set train.rounds=10)",
+    )
     t.add_argument("--data", help="data folder or interactions .csv file (else $GFMFR_DATA, else each config's data.path)")
     t.add_argument("--out", required=True, help="output folder")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override applied to every config")
@@ -342,16 +345,26 @@ def _cmd_table(args: argparse.Namespace) -> int:
     if args.attribute_folds == 1 or args.attribute_folds < 0:
         raise ConfigError(f"--attribute-folds must be 0 (skip) or >= 2, got {args.attribute_folds}")
     out = Path(args.out)
-    cells: dict[tuple[str, str, str], list[dict[str, float]]] = {}
+    rounds = sorted(set(args.round))
+    if rounds[0] < 0:
+        raise ConfigError(f"--round must be >= 0, got {rounds[0]}")
+    cells: dict[tuple[str, str, str, int], list[dict[str, float]]] = {}
     privacy: dict[str, Any] = {}
-    for path in args.configs:
+    bases = {path: resolve_data_path(load_config(path, args.overrides), args.data) for path in args.configs}
+    for path, base in bases.items():  # every config checked before anything trains
+        if rounds[-1] >= base.train.rounds:
+            raise ConfigError(
+                f"--round {rounds[-1]} is not below train.rounds = {base.train.rounds} of {path}; "
+                f"add --set train.rounds={rounds[-1] + 1} or attack an earlier round"
+            )
+    for path, base in bases.items():
         label = Path(path).stem
-        base = resolve_data_path(load_config(path, args.overrides), args.data)
         loaded = None
         for seed in args.seeds:
-            cfg = with_overrides(base, [f"seed={seed}", f"record.views_rounds=[{args.round}]"])
+            cfg = with_overrides(base, [f"seed={seed}", f"record.views_rounds=[{', '.join(map(str, rounds))}]"])
             run_dir = out / "runs" / f"{label}-seed{seed}"
-            if args.reuse and (run_dir / "views").is_dir() and (run_dir / "metrics.json").is_file():
+            recorded = all(any((run_dir / "views").glob(f"round{r}-*")) for r in rounds)
+            if args.reuse and recorded and (run_dir / "metrics.json").is_file():
                 metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
             else:
                 metrics, run_dir = train_and_record(cfg, out / "runs", name=f"{label}-seed{seed}", console=False, progress=False)
@@ -360,11 +373,12 @@ def _cmd_table(args: argparse.Namespace) -> int:
             privacy[label]["grouping"] = cfg.grouping.method
             if loaded is None:  # the dataset does not depend on the seed: load it once per config
                 loaded = prepare_data(base)
-            for r in attack_run(run_dir, args.round, args.data, seed, args.imia_clients, loaded, attribute_folds=args.attribute_folds):
-                m = {k: float(r.metrics[k]) for k in TABLE_METRICS if isinstance(r.metrics.get(k), (int, float))}
-                if "accuracy" not in m and "best_accuracy" in r.metrics:
-                    m["accuracy"] = float(r.metrics["best_accuracy"])
-                cells.setdefault((r.name, label, r.observer), []).append(m)
+            for rnd in rounds:
+                for r in attack_run(run_dir, rnd, args.data, seed, args.imia_clients, loaded, attribute_folds=args.attribute_folds):
+                    m = {k: float(r.metrics[k]) for k in TABLE_METRICS if isinstance(r.metrics.get(k), (int, float))}
+                    if "accuracy" not in m and "best_accuracy" in r.metrics:
+                        m["accuracy"] = float(r.metrics["best_accuracy"])
+                    cells.setdefault((r.name, label, r.observer, rnd), []).append(m)
             if args.membership_shadows > 0:
                 from attacks.experiments import user_membership_experiment
 
@@ -374,8 +388,8 @@ def _cmd_table(args: argparse.Namespace) -> int:
                 m = {k: float(lira[k]) for k in ("auc", "tpr_at_fpr_0.01", "tpr_at_fpr_0.001") if k in lira}
                 m["accuracy"] = float(lira.get("best_accuracy", float("nan")))
                 m["baseline_accuracy"] = 0.5
-                cells.setdefault(("user-membership-lira", label, "outsider"), []).append(m)
-    summary = {f"{a}|{c}|{o}": aggregate_runs(v) for (a, c, o), v in cells.items()}
+                cells.setdefault(("user-membership-lira", label, "outsider", rounds[-1]), []).append(m)
+    summary = {f"{a}|{c}|{o}|round{t}": aggregate_runs(v) for (a, c, o, t), v in cells.items()}
     out.mkdir(parents=True, exist_ok=True)
     (out / "attacks.json").write_text(json.dumps({"cells": summary, "configs": privacy}, indent=2, default=float), encoding="utf-8")
     command = "gfmfr-secure " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -386,11 +400,11 @@ def _cmd_table(args: argparse.Namespace) -> int:
     lines += [
         "", "Attribute rows: AUC of the nested-CV estimator (mean over its folds) and, as ceiling AUC, the same estimator on the",
         "true interactions. group-membership-known: the view carries the group; its figure is the match rate, not an AUC.", "",
-        "| attack | config | adversary | AUC | TPR@1%FPR | TPR@0.1%FPR | accuracy | baseline | ceiling AUC | known: match rate |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| attack | config | adversary | round | AUC | TPR@1%FPR | TPR@0.1%FPR | accuracy | baseline | ceiling AUC | known: match rate |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for (a, c, o), _ in sorted(cells.items()):
-        agg = summary[f"{a}|{c}|{o}"]
+    for (a, c, o, t), _ in sorted(cells.items()):
+        agg = summary[f"{a}|{c}|{o}|round{t}"]
 
         def cell(key: str, agg: dict[str, Any] = agg) -> str:
             if key not in agg:
@@ -398,7 +412,7 @@ def _cmd_table(args: argparse.Namespace) -> int:
             return f"{agg[key]['mean']:.3f} ± {agg[key]['std']:.3f}" if agg[key]["n"] > 1 else f"{agg[key]['mean']:.3f}"
 
         lines.append(
-            f"| {a} | {c} | {o} | {cell('auc')} | {cell('tpr_at_fpr_0.01')} | {cell('tpr_at_fpr_0.001')} | {cell('accuracy')} | "
+            f"| {a} | {c} | {o} | {t} | {cell('auc')} | {cell('tpr_at_fpr_0.01')} | {cell('tpr_at_fpr_0.001')} | {cell('accuracy')} | "
             f"{cell('baseline_accuracy')} | {cell('ceiling_auc')} | {cell('relabelled_match_rate')} |"
         )
     (out / "attacks.md").write_text("\n".join(lines) + "\n", encoding="utf-8")

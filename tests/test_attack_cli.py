@@ -64,3 +64,25 @@ def test_attack_errors_exit_2_without_views(tmp_path, capsys) -> None:
     assert main(["attack", "--run", str(run), "--round", "3"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "round 3" in err and "round1" in err and "Traceback" not in err
+
+
+def test_attack_table_attacks_several_rounds_of_the_same_runs(ml100k_dir, tmp_path, capsys) -> None:
+    args = ["attack-table", "configs/attacks/plain-paper.yaml", "--seeds", "0", "--data", str(ml100k_dir), "--out", str(tmp_path),
+            "--imia-clients", "0", "--attribute-folds", "0", "--round", "0", "1"]
+    fast = [x for item in FAST[1:] for x in ("--set", item)]  # FAST without train.rounds
+    assert main([*args, *fast]) == 2  # round 1 of a one-round config: refused before training
+    err = capsys.readouterr().err
+    assert err.startswith("error: --round 1 is not below train.rounds = 1") and "--set train.rounds=2" in err
+    assert not (tmp_path / "runs").exists()
+    assert main([*args, *fast, "--set", "train.rounds=2"]) == 0
+    assert sorted(p.name for p in (tmp_path / "runs" / "plain-paper-seed0" / "views").glob("round*-server.pt")) == [
+        "round0-server.pt", "round1-server.pt"]
+    table = (tmp_path / "attacks.md").read_text()
+    assert "| interaction-reconstruction | plain-paper | server | 0 |" in table
+    assert "| interaction-reconstruction | plain-paper | server | 1 |" in table
+    cells = json.loads((tmp_path / "attacks.json").read_text())["cells"]
+    assert "interaction-magnitude|plain-paper|server|round1" in cells
+    # --reuse attacks the recorded runs again without training
+    (tmp_path / "attacks.md").unlink()
+    assert main([*args, *fast, "--set", "train.rounds=2", "--reuse"]) == 0
+    assert (tmp_path / "attacks.md").read_text() == table
