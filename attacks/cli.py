@@ -37,6 +37,13 @@ def register(subparsers: Any) -> None:
         "--attribute-folds", type=int, default=5, metavar="K",
         help="outer folds of the nested-CV attribute inference (default 5; about a minute per view on ML-100K); 0 = skip",
     )
+    p.add_argument(
+        "--difference-rounds", type=int, nargs="+", metavar="R",
+        help="instead of the single-round attacks: difference the released sums of these recorded rounds to isolate single "
+        "clients' updates and interactions; writes attacks/differencing.json and .md",
+    )
+    p.add_argument("--truth-run", metavar="RUN_DIR", help="with --difference-rounds: a plain run of the same config and seed whose uploads score the estimated updates")
+    p.add_argument("--max-targets", type=int, default=256, help="with --difference-rounds: clients attacked (default 256)")
     p.set_defaults(handler=_cmd_attack)
 
     t = subparsers.add_parser(
@@ -100,6 +107,16 @@ def register(subparsers: Any) -> None:
     m.add_argument("--data")
     m.add_argument("--out", required=True)
     m.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    m.add_argument(
+        "--leave-one-out", action="store_true",
+        help="train N + 1 runs per seed (each user in half of them) and attack each in turn with the other N as shadows (online "
+        "LiRA, per-user Gaussians); AUC and TPR at 1%% / 0.1%% FPR pooled over runs and seeds with 95%% bootstrap intervals, "
+        "a TPR only with >= 100 / FPR non-members; writes OUT/membership-lira.{json,md} (e.g. --shadows 16 --seeds 0 1 "
+        "--set train.rounds=10 --set train.selection=last --set train.patience=0)",
+    )
+    m.add_argument("--statistics", nargs="+", default=["fold_in", "item_norm"], choices=["fold_in", "item_norm", "teacher"],
+                   help="with --leave-one-out: per-user statistics of the released model (default fold_in item_norm)")
+    m.add_argument("--boot", type=int, default=500, help="with --leave-one-out: bootstrap resamples (default 500)")
     m.set_defaults(handler=_cmd_membership)
 
 
@@ -155,8 +172,13 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
 def _cmd_membership(args: argparse.Namespace) -> int:
     from attacks.experiments import user_membership_experiment
+    from attacks.membership import min_negatives
     from gfmfr_secure.config import with_overrides
 
+    if args.leave_one_out:
+        from attacks.multiround import lira_rounds_command
+
+        return lira_rounds_command(args, _load)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -167,6 +189,9 @@ def _cmd_membership(args: argparse.Namespace) -> int:
             row = {"config": Path(path).stem, "seed": seed}
             for key in ("lira", "lira_offline", "raw_statistic"):
                 row.update({f"{key}_{k}": float(v) for k, v in res[key].items() if k in ("auc", "tpr_at_fpr_0.01", "tpr_at_fpr_0.001")})
+                for t in (0.01, 0.001):  # a TPR at FPR t read off fewer than 100 / t non-members is not a measurement
+                    if res[key]["n_neg"] < min_negatives(t):
+                        row[f"{key}_tpr_at_fpr_{t:g}"] = f"not estimable ({int(res[key]['n_neg'])} non-members)"
             row["epsilon"] = (res.get("target_privacy") or {}).get("epsilon")
             rows.append(row)
     (out / "membership.json").write_text(json.dumps(rows, indent=2, default=float), encoding="utf-8")
@@ -324,6 +349,14 @@ def _check_attackable(run_dir: Path, round_idx: int) -> None:
 
 def _cmd_attack(args: argparse.Namespace) -> int:
     run_dir = Path(args.run)
+    if args.difference_rounds:
+        from attacks.multiround import differencing_command
+
+        for r in sorted(set(args.difference_rounds)):
+            _check_attackable(run_dir, r)
+        return differencing_command(
+            run_dir, args.difference_rounds, data_dir=args.data, truth_run=args.truth_run, seed=args.seed, max_targets=args.max_targets,
+        )
     if args.attribute_folds == 1 or args.attribute_folds < 0:
         raise ConfigError(f"--attribute-folds must be 0 (skip) or >= 2, got {args.attribute_folds}")
     _check_attackable(run_dir, args.round)

@@ -31,17 +31,49 @@ variance of that side instead of its own; a user with no shadows on one side get
 that side's mean from the other side's mean plus the average in-minus-out shift of
 users that have both. ``fix_variance=True`` uses the pooled variances for every
 user (Carlini et al.'s "fixed variance" variant, better with few shadows).
+
+Every run a target in turn
+--------------------------
+Carlini et al. evaluate with ``M`` models, each user a member of half of them, and
+attack each model in turn with the other ``M - 1`` as its shadows
+(:func:`balanced_membership`, :func:`lira_leave_one_out`). The scores of all
+target models are pooled into one ROC: ``M`` times as many non-members as a single
+target, which is what makes a TPR at a low FPR measurable at all
+(:func:`membership_figures`, :func:`min_negatives`). The intervals come from the
+pigeonhole bootstrap (Owen 2007) over the crossed (model, user) layout: users and
+models are resampled independently, since a user's scores under different models
+are not independent.
+
+Statistics of a released item table
+-----------------------------------
+:func:`fold_in_statistic`: an outsider who knows a user's training items fits a
+user vector to them on the released item table (as a recommender folds in a new
+user) and takes the fit's margin: the table was trained on members' items.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
+import torch
+from sklearn.metrics import roc_curve
 
-from attacks.base import as_array
+from attacks.base import as_array, make_rng
+from attacks.metrics import tpr_key
 
-__all__ = ["lira_scores", "logit_scale", "loss_threshold_scores"]
+__all__ = [
+    "balanced_membership",
+    "fold_in_statistic",
+    "lira_leave_one_out",
+    "lira_scores",
+    "logit_scale",
+    "loss_threshold_scores",
+    "membership_figures",
+    "min_negatives",
+]
 
 _VAR_FLOOR = 1e-12
 
@@ -169,3 +201,210 @@ def loss_threshold_scores(
         return -loss
     ref = as_array("reference_losses", reference_losses, ndim=1, shape=loss.shape)
     return -(loss - ref)
+
+
+# --------------------------------------------------------------------------- every run a target
+
+
+def balanced_membership(n_models: int, n_users: int, seed: int | np.random.Generator) -> np.ndarray:
+    """Which users each of ``n_models`` runs trains on: every user in exactly ``ceil(M / 2)`` runs.
+
+    As Carlini et al. (2022): per user, a random order of the models, and the user is
+    a member of the models ranked below ``M / 2``. Each user then has in and out
+    shadows in (almost) equal numbers whichever model is the target.
+
+    Returns
+    -------
+    bool [M, U].
+    """
+    if isinstance(n_models, bool) or int(n_models) != n_models or n_models < 2:
+        raise ValueError(f"n_models must be an integer >= 2, got {n_models!r}")
+    rank = make_rng(seed).random((int(n_models), int(n_users))).argsort(axis=0).argsort(axis=0)
+    return rank < n_models / 2.0
+
+
+def lira_leave_one_out(stats: np.ndarray, keep: np.ndarray, **options: Any) -> np.ndarray:
+    """LiRA scores of every model attacked in turn, the other models its shadows.
+
+    Parameters
+    ----------
+    stats : [M, U] the per-user statistic of each model (higher = member).
+    keep : [M, U] bool, whether model ``m`` trained on user ``u``.
+    options : passed to :func:`lira_scores` (``online``, ``fix_variance``, ``min_count``);
+        by default online LiRA with per-user Gaussian fits.
+
+    Returns
+    -------
+    float64 [M, U]: row ``m`` scores model ``m``'s users against the other ``M - 1`` models.
+    """
+    st = as_array("stats", stats, ndim=2)
+    kp = as_array("keep", keep, ndim=2, dtype=np.bool_, shape=st.shape)
+    n_models = st.shape[0]
+    if n_models < 3:
+        raise ValueError(f"need at least 3 models (a target and two shadows), got {n_models}")
+    out = np.empty_like(st)
+    for m in range(n_models):  # one call per target model; each is vectorised over users
+        others = np.arange(n_models) != m
+        out[m] = lira_scores(st[m], st[others], kp[others], **options)
+    return out
+
+
+def min_negatives(fpr: float, false_positives: int = 100) -> int:
+    """Non-members needed before a TPR at ``fpr`` is reported: ``ceil(false_positives / fpr)``.
+
+    With ``n`` non-members the threshold of a TPR at FPR ``t`` passes about ``t n`` of
+    them; below 100 the FPR actually reached is itself poorly determined (its
+    relative standard error exceeds 10%), and below ``1 / t`` it is 0: the figure
+    would be a TPR at no false positive at all.
+    """
+    if not 0.0 < fpr < 1.0:
+        raise ValueError(f"fpr must be in (0, 1), got {fpr}")
+    return math.ceil(false_positives / fpr - 1e-9)
+
+
+def _roc_figures(y: np.ndarray, s: np.ndarray, fprs: Sequence[float]) -> list[float]:
+    """``[auc, tpr at each fpr]`` from one empirical ROC (no interpolation for the TPRs)."""
+    fpr, tpr, _ = roc_curve(y, s, drop_intermediate=False)
+    auc = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2.0))
+    return [auc, *(float(tpr[fpr <= t + 1e-12].max()) for t in fprs)]
+
+
+def membership_figures(
+    layouts: Sequence[tuple[np.ndarray, np.ndarray]],
+    *,
+    fpr_targets: Sequence[float] = (0.01, 0.001),
+    n_boot: int = 500,
+    seed: int | np.random.Generator = 0,
+    alpha: float = 0.05,
+    min_false_positives: int = 100,
+) -> dict[str, Any]:
+    """AUC and TPR at low FPR of pooled (model x user) membership scores, with bootstrap intervals.
+
+    Parameters
+    ----------
+    layouts : one ``(scores [M_k, U], keep [M_k, U])`` per seed (the same ``U`` users in
+        every seed); all scores are pooled into one ROC.
+    fpr_targets : FPRs at which a TPR is asked for.
+    n_boot : pigeonhole-bootstrap resamples: each draws ``U`` users with replacement
+        (shared by the seeds) and, per seed, ``M_k`` models with replacement.
+    seed : the bootstrap's randomness.
+    alpha : the intervals are the ``[alpha/2, 1 - alpha/2]`` percentiles.
+    min_false_positives : a TPR at FPR ``t`` is reported only with at least
+        :func:`min_negatives` ``(t, min_false_positives)`` non-members; otherwise its entry
+        says ``"not estimable"`` and why.
+
+    Returns
+    -------
+    dict: ``n_pos``, ``n_neg``, ``n_models``, ``n_users``; ``auc`` ``{"value", "lo", "hi"}``;
+    per target ``tpr_at_fpr_<t>``: ``{"value", "lo", "hi", "estimable": True}`` or
+    ``{"estimable": False, "reason": ...}``; ``n_boot``, ``interval``.
+    """
+    if not layouts:
+        raise ValueError("membership_figures needs at least one (scores, keep) layout")
+    pairs = []
+    for k, (scores, keep) in enumerate(layouts):
+        sc = as_array(f"scores[{k}]", scores, ndim=2)
+        kp = as_array(f"keep[{k}]", keep, ndim=2, dtype=np.bool_, shape=sc.shape)
+        pairs.append((sc, kp))
+    n_users = pairs[0][0].shape[1]
+    if any(sc.shape[1] != n_users for sc, _ in pairs):
+        raise ValueError("every layout must score the same users (same number of columns)")
+    if n_boot < 2:
+        raise ValueError(f"n_boot must be >= 2, got {n_boot}")
+    y = np.concatenate([kp.ravel() for _, kp in pairs]).astype(np.int64)
+    s = np.concatenate([sc.ravel() for sc, _ in pairs])
+    n_pos, n_neg = int(y.sum()), int(y.size - y.sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(f"need members and non-members, got {n_pos} and {n_neg}")
+    fprs = [float(t) for t in fpr_targets]
+    point = _roc_figures(y, s, fprs)
+    rng = make_rng(seed)
+    boot = []
+    while len(boot) < n_boot:
+        users = rng.integers(0, n_users, n_users)
+        idx = [rng.integers(0, kp.shape[0], kp.shape[0]) for _, kp in pairs]
+        yb = np.concatenate([kp[m][:, users].ravel() for (_, kp), m in zip(pairs, idx)]).astype(np.int64)
+        sb = np.concatenate([sc[m][:, users].ravel() for (sc, _), m in zip(pairs, idx)])
+        if yb.min() == yb.max():
+            continue
+        boot.append(_roc_figures(yb, sb, fprs))
+    arr = np.asarray(boot)
+    lo_q, hi_q = alpha / 2.0, 1.0 - alpha / 2.0
+
+    def entry(j: int) -> dict[str, Any]:
+        return {"value": point[j], "lo": float(np.quantile(arr[:, j], lo_q)), "hi": float(np.quantile(arr[:, j], hi_q))}
+
+    out: dict[str, Any] = {
+        "n_pos": n_pos, "n_neg": n_neg, "n_models": int(sum(kp.shape[0] for _, kp in pairs)), "n_users": int(n_users),
+        "auc": entry(0),
+    }
+    for j, t in enumerate(fprs, start=1):
+        need = min_negatives(t, min_false_positives)
+        if n_neg >= need:
+            out[tpr_key(t)] = {**entry(j), "estimable": True}
+        else:
+            out[tpr_key(t)] = {"estimable": False, "reason": f"not estimable: {n_neg} non-members, {need} needed ({min_false_positives} / FPR)"}
+    out["n_boot"] = int(n_boot)
+    out["interval"] = f"{100 * (1 - alpha):g}% pigeonhole bootstrap over users and models"
+    return out
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def fold_in_statistic(
+    indptr: np.ndarray,
+    items: np.ndarray,
+    item_table: np.ndarray,
+    *,
+    l2: float = 1e-2,
+    steps: int = 100,
+    lr: float = 0.1,
+) -> np.ndarray:
+    """How well a user vector fitted on the released item table separates the user's items.
+
+    For every user ``u`` (all at once, full batch): ``z_ui = v_u . C_i + c_u`` fitted by
+    Adam on the class-balanced logistic loss
+    ``mean_{i in T_u} softplus(-z_ui) + mean_{i not in T_u} softplus(z_ui) + l2 |v_u|^2``
+    (features scaled by the table's overall RMS), starting from zero. The statistic is
+    minus that loss without the penalty: higher means the released table explains the
+    user's items better, as it does for users it was trained on.
+
+    Parameters
+    ----------
+    indptr : int64 [U + 1], items : int64 [N]: each user's training items (CSR).
+    item_table : [I, d] released shared item table.
+    l2, steps, lr : penalty, Adam steps and learning rate.
+
+    Returns
+    -------
+    float64 [U] (0 for users without items).
+    """
+    ptr = as_array("indptr", indptr, ndim=1, dtype=np.int64)
+    cols = as_array("items", items, ndim=1, dtype=np.int64, shape=(int(ptr[-1]),))
+    table = as_array("item_table", item_table, ndim=2)
+    n_users, n_items = ptr.size - 1, table.shape[0]
+    if cols.size and (cols.min() < 0 or cols.max() >= n_items):
+        raise ValueError(f"items must lie in [0, {n_items})")
+    counts = np.diff(ptr)
+    x = torch.from_numpy(table / max(float(np.sqrt(np.mean(table**2))), 1e-12))  # [I, d]
+    y = torch.zeros(n_users, n_items, dtype=torch.float64)
+    y[torch.from_numpy(np.repeat(np.arange(n_users), counts)), torch.from_numpy(cols)] = 1.0
+    n_pos = y.sum(1, keepdim=True)
+    w_pos = 1.0 / n_pos.clamp(min=1.0)
+    w_neg = 1.0 / (n_items - n_pos).clamp(min=1.0)
+    v = torch.zeros(n_users, x.shape[1], dtype=torch.float64, requires_grad=True)
+    c = torch.zeros(n_users, 1, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([v, c], lr=lr)
+
+    def loss_terms() -> torch.Tensor:
+        z = v @ x.T + c  # [U, I]
+        return (y * torch.nn.functional.softplus(-z) * w_pos + (1.0 - y) * torch.nn.functional.softplus(z) * w_neg).sum(1)
+
+    for _ in range(int(steps)):
+        opt.zero_grad()
+        (loss_terms() + l2 * (v**2).sum(1)).sum().backward()
+        opt.step()
+    with torch.no_grad():
+        stat = -loss_terms().numpy()
+    return np.where(counts > 0, stat, 0.0)
