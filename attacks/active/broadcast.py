@@ -38,12 +38,13 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from attacks.active.harness import concat_updates, initial_state, local_round, secure_release, target_inference
+from gfmfr_secure import schedules
 from gfmfr_secure.client.checks import ClientRefusal, attest_broadcast, broadcast_digest, check_consistent_broadcast
 from gfmfr_secure.data import Split
 from gfmfr_secure.models.params import SharedParams
 from gfmfr_secure.simulation.dp import clip_upload
 
-__all__ = ["MODES", "BroadcastOutcome", "amplifying_broadcast", "broadcast_attack", "consistency_refusals"]
+__all__ = ["MODES", "BroadcastOutcome", "amplifying_broadcast", "broadcast_attack", "consistency_refusals", "positive_step"]
 
 MODES = ("honest", "inconsistent", "uniform")
 
@@ -112,8 +113,8 @@ def broadcast_attack(
     Returns
     -------
     BroadcastOutcome: ``metrics`` is :func:`attacks.active.harness.target_inference` on the
-    released item-table sum, scored along the crafted ``w2`` (the direction the server
-    chose; the honest ``w2`` direction for ``honest``).
+    released item-table sum, scored along the broadcast ``w2`` (the direction the server
+    chose), a row called positive above half of :func:`positive_step`.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -135,9 +136,20 @@ def broadcast_attack(
     target_norm = float(update.dense_item_delta(int(position[0]), split.n_items).norm()) if position.size else 0.0
     update, _ = clip_upload(update, dp, cfg)
     agg, _ = secure_release(cfg, update, split.n_items, dp=dp, round_idx=round_idx)
-    direction = (crafted if mode != "honest" else shared).w2.numpy()
-    metrics = target_inference(agg.item_sum.numpy(), split.train_of(target), direction=direction)
+    model = crafted if mode != "honest" else shared
+    metrics = target_inference(agg.item_sum.numpy(), split.train_of(target), direction=model.w2.numpy(), threshold=positive_step(cfg, model, split.n_items, round_idx) / 2)
     return BroadcastOutcome(mode, metrics, tuple(refused), target_norm)
+
+
+def positive_step(cfg: Any, broadcast: SharedParams, n_items: int, round_idx: int = 0) -> float:
+    """The least a positive row moves along ``w2`` in one round under the crafted model: ``E * lr * |w2| / B``.
+
+    With every prediction at 0 a positive's gradient is ``-v / n_batch`` with ``v ~ w2`` and
+    ``n_batch <= B`` (the batch size), once per local epoch; the server knows all of it.
+    """
+    tc = cfg.train
+    lr = schedules.item_lr(round_idx, tc.lr, tc.item_lr_scale, n_items, tc.item_lr_decay)
+    return float(tc.local_epochs * lr * broadcast.w2.norm() / tc.batch_size)
 
 
 def _parts(shared: SharedParams) -> dict[str, Any]:

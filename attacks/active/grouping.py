@@ -92,6 +92,7 @@ def lying_counts(counts: np.ndarray, trap: int, floor: int) -> np.ndarray:
 
 def centroid_attack(
     cfg: Any, data: InteractionData, split: Split, target: int | None = None, *, floor_on: bool = True, lie: bool = False, trap: int = 0,
+    participants: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Two rounds of oblivious grouping against a server that isolates ``target`` in round 1.
 
@@ -103,6 +104,7 @@ def centroid_attack(
         order) that crafted centroids can isolate.
     floor_on : False replaces the clients' merge by the identity (no group floor).
     lie : the server reports the trap group's count as ``grouping.min_group_size``.
+    participants : int64 user ids that take part (default: every user with training data).
 
     Returns
     -------
@@ -143,7 +145,7 @@ def centroid_attack(
             stack.enter_context(mock.patch.object(loop, "count_phase", lying_count_phase))
         if not floor_on:
             stack.enter_context(mock.patch.object(loop, "merge_small_groups", lambda counts, centroids, floor: np.arange(len(counts))))
-        loop.run_federated(cfg, data, split, progress=False, upload_hook=hook, callbacks=[views.append])
+        loop.run_federated(cfg, data, split, progress=False, upload_hook=hook, callbacks=[views.append], participants=participants)
     view = next(v for v in views if v.observer == "server" and v.round == 1)
     received, target = view.received, state["target"]
     group = int(view.truth["groups"][np.flatnonzero(view.truth["clients"] == target)[0]])

@@ -64,7 +64,9 @@ def local_round(cfg: Any, backbone: Any, broadcast: SharedParams, store: ClientS
     return train_cohort(broadcast, store, backbone, clients, samples.indptr, samples.items, samples.labels, hyper)
 
 
-def target_inference(block: torch.Tensor | np.ndarray, positives: np.ndarray, *, direction: np.ndarray | None = None, pos_fraction: float = 0.2) -> dict[str, float]:
+def target_inference(
+    block: torch.Tensor | np.ndarray, positives: np.ndarray, *, direction: np.ndarray | None = None, threshold: float | None = None, pos_fraction: float = 0.2,
+) -> dict[str, float]:
     """What a released item-table block reveals about one target's training items.
 
     Parameters
@@ -75,6 +77,8 @@ def target_inference(block: torch.Tensor | np.ndarray, positives: np.ndarray, *,
     direction : float [d] the direction along which the adversary expects the target's
         positive rows to move (a crafted broadcast fixes it); default: the dominant
         direction of the block's rows (:func:`attacks.interaction.dot_imia_row_scores`).
+    threshold : the score above which the adversary calls a row a positive when it knows how
+        far a positive row moves (a crafted broadcast fixes the step); default half the top score.
     pos_fraction : the protocol's share of positives among a client's rows, ``1 / (1 + num_negatives)``.
 
     Returns
@@ -83,9 +87,9 @@ def target_inference(block: torch.Tensor | np.ndarray, positives: np.ndarray, *,
     projection); ``f1_at_k`` (F1 of the top k rows, k the target's true item count: an
     oracle size, what the best threshold gets); ``f1_sign`` (rows of positive score among
     the block's non-zero rows: the decision of exact reconstruction from one upload);
-    ``f1_half_max`` (rows scoring above half the top score: the decision when the
-    adversary made the target's positive rows move by one known step); ``exact`` (1.0
-    when either decision is exactly the target's items).
+    ``f1_threshold`` (rows scoring above ``threshold``: the decision when the adversary
+    made the target's positive rows move by a known step); ``exact`` (1.0 when either
+    decision is exactly the target's items).
     """
     rows = torch.as_tensor(np.asarray(block), dtype=torch.float64)
     n_items = rows.shape[0]
@@ -103,14 +107,15 @@ def target_inference(block: torch.Tensor | np.ndarray, positives: np.ndarray, *,
     top[np.argsort(-scores, kind="stable")[: pos.size]] = True
     sign = np.zeros(n_items, dtype=bool)
     sign[nonzero] = scores[nonzero] > 0
-    half = scores > 0.5 * scores.max() if scores.max() > 0 else np.zeros(n_items, dtype=bool)
+    cut = 0.5 * scores.max() if threshold is None else threshold
+    above = scores > cut if scores.max() > 0 else np.zeros(n_items, dtype=bool)
 
     def f1(pred: np.ndarray) -> float:
         tp = int((pred & truth).sum())
         return 2.0 * tp / (int(pred.sum()) + pos.size) if tp else 0.0
 
-    exact = np.array_equal(sign, truth) or np.array_equal(half, truth)
-    return {"auc": float(roc_auc_score(truth, scores)), "f1_at_k": f1(top), "f1_sign": f1(sign), "f1_half_max": f1(half), "exact": float(exact)}
+    exact = np.array_equal(sign, truth) or np.array_equal(above, truth)
+    return {"auc": float(roc_auc_score(truth, scores)), "f1_at_k": f1(top), "f1_sign": f1(sign), "f1_threshold": f1(above), "exact": float(exact)}
 
 
 def concat_updates(*parts: CohortUpdate) -> CohortUpdate:
