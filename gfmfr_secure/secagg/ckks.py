@@ -70,46 +70,66 @@ above the HomomorphicEncryption.org standard's 128-bit classical-security
 limits for ternary secrets (``HE_STANDARD_MAX_LOG_Q``: 1024:27, 2048:54,
 4096:109, 8192:218, 16384:438, 32768:881); SEAL enforces the same table.
 
-Default: ``N = 4096`` (2048 slots), ``coeff_mod_bit_sizes = (34, 34, 41)``
-(two data primes, 68 bits, then a 41-bit special prime: 109 of the 109 bits
-allowed), scale ``Delta = 2**56``, values ``|x| <= 1``, at most 1000 summands.
-The parameters are set by what a released decryption must hide (next section),
-not by bytes alone:
+Two ways to place values in a ciphertext (``PACKING``):
 
-* **Bytes** depend only on the modulus fresh ciphertexts are sent at (the data
-  primes, 68 bits): about ``0.6 * log2(q_data)`` bytes per value whatever N,
-  measured 40.2 B/value for ``(34, 34, 41)`` against 25.6 for a single 42-bit
-  prime. The special prime is never sent with a ciphertext, only inside the
-  public key.
-* **Capacity**: a sum of n vectors with ``|x| <= B`` encodes to integer
-  coefficients of absolute value up to ``Delta * n * B``, which must stay below
-  ``q_data / 2`` or the sum wraps around (:attr:`CKKSParams.capacity`, checked
-  on construction; :class:`CKKSAggregator` refuses more than ``max_summands``
-  uploads).
-* **Precision**: the error of one fresh ciphertext is, per value, Gaussian-like
-  with standard deviation ``~N / (6 Delta)`` for public-key encryption (the
-  rounding when the ciphertext drops the special prime) and
-  ``~3.2 * sqrt(N / 2) / Delta`` for symmetric encryption (the fresh error);
-  independent ciphertexts add in variance (:meth:`CKKSParams.error_std`). The
-  public-key error of slot k is proportional to ``|s(zeta_k)|`` (the secret key
-  at that slot's root of unity), so a few slots are ~3x noisier than average in
-  every ciphertext.
+* **slots** (wire formats ``tenseal``, ``seeded``): CKKS's canonical encoding,
+  ``N / 2`` real values per ciphertext. The error of one value is a sum over
+  all N coefficients of the error polynomial, ``sqrt(N / 2)`` times larger
+  than a coefficient's.
+* **coefficients** (wire format ``packed``, the backend's): value ``j`` of a
+  chunk is coefficient ``j`` of the plaintext polynomial, ``round(Delta x_j)``:
+  N values per ciphertext, every coefficient used. Additions act on
+  coefficients, which is all aggregation needs. SEAL's encoder is reused: the
+  client evaluates its chunk as a polynomial at SEAL's slot roots
+  (:func:`coefficients_to_slots`, one FFT), and encoding those slot values
+  gives back the polynomial; the decryptor inverts it after decoding
+  (:func:`slots_to_coefficients`).
+
+The backend's parameters (:func:`gfmfr_secure.aggregation.ckks.ckks_params_for`
+with ``packing="coefficients"``): ``N = 4096``, one 60-bit data prime and a
+49-bit special prime, 109 bits in all: the standard's limit for 128-bit security
+at N = 4096. The scale is the largest the data prime holds: ``Delta = 2**46``
+for 943 summands of ``|x| <= 8``. Then:
+
+* **Bytes**: a fresh ciphertext is sent at the data prime only (the special
+  prime lives in the public key): two polynomials of N 64-bit words, 16 bytes
+  per value under public-key encryption (4.0x float32), 8 under the seeded
+  symmetric form. The slot parameters below send 34 + 34-bit primes for N / 2
+  values: ~40 bytes per value.
+* **Capacity**: a sum of n vectors with ``|x| <= B`` has coefficients up to
+  ``Delta * n * B``, which must stay below ``q_data / 2`` or the sum wraps
+  around (:attr:`CKKSParams.capacity`, checked on construction;
+  :class:`CKKSAggregator` refuses more than ``max_summands`` uploads; the
+  decryptor checks the flooding noise fits too).
+* **Precision**: per value and ciphertext, the public-key error has variance
+  ``(1 + ||s||^2) / 12 <= (1 + N) / 12`` (the rounding when the ciphertext
+  drops the special prime, ``r0 + r1 s``), the symmetric error SEAL's fresh
+  error, variance 10.5; independent ciphertexts add in variance
+  (:meth:`CKKSParams.error_std`).
+
+Slot parameters (wire formats ``tenseal`` and ``seeded``; the ``default``
+preset): ``N = 4096``, ``(34, 34, 41)``, ``Delta = 2**56``, ``|x| <= 1``, 1000
+summands. The public-key error of slot k is ``~N / (6 Delta)``, proportional to
+``|s(zeta_k)|`` (the key at that slot's root of unity), so a few slots are ~3x
+noisier than average in every ciphertext; symmetric: ``~3.2 sqrt(N / 2) / Delta``.
 
 Releasing decryptions: noise flooding
 -------------------------------------
 CKKS decryption is approximate: the decrypted phase is ``m + e`` with an error
 ``e`` that depends on the secret key. Whoever holds the ciphertext and receives
-the exact decryption re-encodes the released values (real parts of the slots
-give ``p + conj(p)`` exactly after rounding), so ``c0 + c1 s = p`` becomes a
-linear system in ``s`` modulo ``q0``; two ciphertexts under one key solve it
-(Li and Micciancio, Eurocrypt 2021; ``tests/security/test_ckks_key_recovery.py``
-runs the attack). Every value :class:`Decryptor` releases therefore carries
-Gaussian *flooding* noise of std ``sigma_flood`` (:meth:`CKKSParams.flooding_std`),
-drawn from a 256-bit secret key through ChaCha20 in float64:
+the exact decryption turns it back into ``c0 + c1 s = Delta m + e`` (one value
+per coefficient: multiply by Delta and round; slots: re-encode the real parts,
+which gives ``p + conj(p)``), a linear system in ``s`` modulo ``q0``: one
+``packed`` ciphertext or two slot ciphertexts under one key solve it (Li and
+Micciancio, Eurocrypt 2021; ``tests/security/test_ckks_key_recovery.py`` and
+``test_ckks_packed_key_recovery.py`` run the attack). Every value
+:class:`Decryptor` releases therefore carries Gaussian *flooding* noise of std
+``sigma_flood`` (:meth:`CKKSParams.flooding_std`), drawn from a 256-bit secret
+key through ChaCha20 in float64:
 
-* Let ``delta`` [D] be the difference between what decryption returns and the
-  exact message: the lattice error plus the floating-point error of decoding.
-  Real release: ``m + delta + G``; ideal release, computable without the key:
+* Let ``delta`` [D] be the key-dependent part of what is released: the
+  lattice error (and, for slots, the floating-point error of decoding). Real
+  release: ``m + delta + G``; ideal release, computable without the key:
   ``m + G``, ``G ~ N(0, sigma_flood^2 I_D)``. Their Kullback-Leibler divergence
   is ``||delta||^2 / (2 sigma_flood^2)`` (and at most that for the joint
   distribution with the ciphertexts, by convexity, whatever ``delta`` is).
@@ -119,68 +139,70 @@ drawn from a 256-bit secret key through ChaCha20 in float64:
   search problem such as key recovery keeps ``lambda`` bits of security
   (Micciancio and Walter, Eurocrypt 2018; the same bound as Li, Micciancio,
   Schultz and Sorrell, Crypto 2022). ``lambda = STAT_SECURITY_BITS = 40``.
-* ``B_delta = sqrt(D) * (2 * error_std(n_max) + u_fp)``. The lattice error of a
-  sum of at most ``n_max = max_summands`` ciphertexts has per-value std
-  :meth:`error_std`; the squared norm of D such values exceeds ``4 D`` times
-  their variance with probability below ``exp(-0.8 D / 30)`` even when single
-  slots are 30x noisier than average. ``u_fp = (log2 N + 2) 2^-53 n_max B``
-  bounds the per-value error of decoding in double precision (coefficients to
-  double, then an N/2-point FFT) for values up to ``n_max B``.
+* Coefficients (``packed``): the decryptor adds the flooding as an integer
+  polynomial ``F`` (coefficients ``round(N(0, (sigma_flood Delta)^2))``,
+  through a plaintext) to the ciphertext *before* decrypting, so it decrypts
+  ``Delta m + e + F`` and everything after (decoding in floating point) is
+  post-processing, which cannot increase the divergence; shifting a rounded
+  Gaussian by an integer ``e`` is no worse than shifting the Gaussian. Each
+  coefficient of ``e`` is a sum over ``n_max = max_summands`` ciphertexts of
+  independent terms of variance at most ``v = (1 + N) / 12`` (public key, any
+  ternary key: ``||s||^2 <= N``; the fresh error divided by the special prime
+  adds ~1e-20) or ``v = 10.5`` (symmetric), so ``E ||e||^2 <= D n_max v``.
+  ``e`` is a linear image of independent bounded rounding errors, so by the
+  Hanson-Wright inequality ``||e||^2`` exceeds four times that mean with
+  probability ``exp(-c t)``, ``t ~ D n_max N / (12 max_k |s(zeta_k)|^2)``:
+  ``t ~ 10^4`` at the backend's parameters for all but a fraction 1e-6 of keys
+  (the key tail of the slot model). Hence ``B_delta = 2 sqrt(D n_max v) / Delta``.
+  At the backend's
+  parameters (943 summands, ``Delta = 2**46``, D = 579,850 values)
+  ``sigma_flood = 9.1e-3`` on each value of a sum, ``1e-5`` on a mean over
+  943 clients. The noise fits the data prime with room to spare: its ``10
+  sigma_flood`` is checked against the capacity.
+* Slots (``tenseal``, ``seeded``; flooded after decoding, in float64):
+  ``B_delta = sqrt(D) * (2 * error_std(n_max) + u_fp)``; the squared norm of D
+  such values exceeds ``4 D`` times their variance with probability below
+  ``exp(-0.8 D / 30)`` even when single slots are 30x noisier than average.
+  ``u_fp = (log2 N + 2) 2^-53 n_max B`` bounds the per-value error of
+  decoding in double precision (coefficients to double, then an N/2-point
+  FFT). At ``(34, 34, 41)``, ``Delta = 2**53``, 1024 summands of ``|x| <= 8``
+  and D = 579,850: ``sigma_flood = 9.9e-3``. A single 42-bit prime would need
+  ``sigma_flood ~ 1e5``: useless, hence the second data prime there.
 * Keys are fresh every round (:mod:`gfmfr_secure.aggregation.ckks`): D is one
   round's vector, and a key broken despite this opens one round only.
-
-At the backend's parameters (``(34, 34, 41)``, ``Delta = 2**53`` for 1024
-summands of ``|x| <= 8``) the lattice term is ``4.9e-12`` and the
-floating-point term ``1.3e-11`` per value, so for a default ML-100K release
-(D = 579,850) ``sigma_flood = 9.9e-3`` on each value of a sum, ``1e-5`` on a
-mean over 943 clients. A single 42-bit prime (the previous parameters) would
-need ``sigma_flood ~ 1e5``: useless, hence the second data prime.
 
 Wire formats
 ------------
 ``"tenseal"``
-    Each ciphertext is a serialised one-ciphertext ``tenseal.CKKSVector``. Under
-    ``authority`` custody the clients encrypt with the public key; under
-    ``shared-clients`` TenSEAL's symmetric mode is used (same size, about half the
-    encryption time and a fifth of the error at N = 4096).
+    Each ciphertext is a serialised one-ciphertext ``tenseal.CKKSVector``
+    (slots). Under ``authority`` custody the clients encrypt with the public
+    key; under ``shared-clients`` TenSEAL's symmetric mode is used.
 ``"seeded"`` (``shared-clients`` only; its default)
-    Raw SEAL ciphertexts from ``Encryptor.encrypt_symmetric``, whose second
-    polynomial is replaced by the seed of the PRNG that generated it: half the
-    bytes. TenSEAL's own symmetric mode does not produce seeded ciphertexts, so
-    this goes through ``tenseal.sealapi``, whose ``save`` / ``load`` only take
-    file paths: the ciphertext bytes (never keys) pass through a private
-    temporary directory. Loading expands the seed, which makes the server's
-    deserialisation slower than for ``"tenseal"``.
+    Raw SEAL ciphertexts (slots) from ``Encryptor.encrypt_symmetric``, whose
+    second polynomial is replaced by the seed of the PRNG that generated it:
+    half the bytes.
+``"packed"`` (either custody; the backend's)
+    Raw SEAL ciphertexts with one value per coefficient: public-key encrypted
+    under ``authority``, seeded symmetric under ``shared-clients``.
 
-Measured costs below are for the earlier single-prime parameters ``(42, 42)``,
-``Delta = 2**31``, before flooding; the two data primes of today's default add
-about 57 % to the bytes (40.2 against 25.6 B/value) and 2.4x to the encryption
-time (0.033 against 0.014 s for two ciphertexts). Full round n = 943,
-D = 280,000 (137 ciphertexts per client), TenSEAL 0.3.18, one process on 2 CPU cores shared with
-other work (load average ~4.5, so times are pessimistic); see
-``benchmarks/bench_ckks.py``:
+The SEAL formats go through ``tenseal.sealapi``, whose ``save`` / ``load`` only
+take file paths: the ciphertext bytes (never keys) pass through a private
+temporary directory.
 
-* ``authority`` / ``"tenseal"``: 25.7 bytes/value (6.4x float32), encryption
-  0.34 s per client, server 0.025 s per added client (24 s in all),
-  decryption 0.09 s, largest error of the sum 8.5e-5 (std 9.9e-6).
-* ``shared-clients`` / ``"seeded"``: 12.9 bytes/value (3.2x float32),
-  encryption 0.11 s per client, server 0.035 s per added client (33 s in all),
-  decryption 0.07 s, largest error 1.0e-5 (std 2.1e-6).
-
-Other settings (n = 20, same machine): shared / tenseal 25.7 B/value, 0.16 s
-per client; ``compact`` 24.1 B/value (authority) or 12.2 (seeded);
-``precise`` 27.5 B/value with a 3e-7 error std at n = 943. Each client also
-downloads its context once: 100 kB (public key) or 53 kB (shared secret key);
-the encrypted sum is 7.2 MB.
+Simulating a round (:func:`encrypted_sum`): with ``workers > 1`` the clients are
+split over forked processes, each of which also runs the server's ingestion
+(validate and add, public context only) of its clients' uploads; the server
+merges the partial encrypted sums (:meth:`CKKSAggregator.merge`). Clients encrypt
+on their own machines in a deployment, so the per-client encryption time is the
+figure that carries over; the simulation's wall time is what a benchmark on one
+machine sees.
 
 Options looked at and not used: one large ``CKKSVector`` holding all chunks
 (same bytes; prints a warning and makes a malformed chunk impossible to name);
-``ckks_tensor`` batching (same bytes; its encryption is spread over the
-context's ``n_threads``, yet with 2 threads on shared cores it was at most 1.2x
-faster than per-chunk vectors, and its decryption was 2-3x slower); ``n_threads`` of the context (per-chunk ``CKKSVector``
-operations run on the calling thread, and the bindings hold the GIL, so Python
-threads do not help either; parallelism comes from clients encrypting
-concurrently on their own machines).
+``ckks_tensor`` batching (same bytes, slower decryption); Python threads
+(TenSEAL's and SEAL's bindings hold the GIL); a ring of N = 8192 (the same
+bytes and time per value); a single data prime without a special prime (the
+public-key error grows ~16x, so the flooding noise would too).
 
 Randomness
 ----------
@@ -204,10 +226,12 @@ scale, size and format mismatches are detected.
 from __future__ import annotations
 
 import math
+import multiprocessing
 import os
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from types import ModuleType
@@ -220,6 +244,7 @@ from gfmfr_secure.errors import GfmfrError
 
 __all__ = [
     "HE_STANDARD_MAX_LOG_Q",
+    "PACKING",
     "PRESETS",
     "STAT_SECURITY_BITS",
     "CKKSAggregator",
@@ -231,17 +256,22 @@ __all__ = [
     "Encryptor",
     "KeyHolder",
     "WireFormat",
+    "coefficients_to_slots",
     "default_wire",
     "encrypted_sum",
     "flooding_noise",
     "gaussian_noise",
+    "slots_to_coefficients",
 ]
 
 Custody = Literal["authority", "shared-clients"]
-WireFormat = Literal["tenseal", "seeded"]
+WireFormat = Literal["tenseal", "seeded", "packed"]
+Packing = Literal["slots", "coefficients"]
 
 CUSTODIES: tuple[str, ...] = ("authority", "shared-clients")
-WIRE_FORMATS: tuple[str, ...] = ("tenseal", "seeded")
+WIRE_FORMATS: tuple[str, ...] = ("tenseal", "seeded", "packed")
+#: How each wire format places values: one per slot (N / 2 per ciphertext) or one per coefficient (N).
+PACKING: dict[str, Packing] = {"tenseal": "slots", "seeded": "slots", "packed": "coefficients"}
 
 #: Largest total ``log2(q)`` per ring degree for 128-bit classical security with
 #: ternary secrets (HomomorphicEncryption.org security standard, Table 1).
@@ -249,6 +279,9 @@ HE_STANDARD_MAX_LOG_Q: dict[int, int] = {1024: 27, 2048: 54, 4096: 109, 8192: 21
 
 #: Standard deviation of SEAL's fresh error distribution.
 _ERROR_STD = 3.2
+#: Variance of one coefficient of SEAL's fresh error: a centred binomial of 42 coins (|e| <= 21),
+#: SEAL's default stand-in for a Gaussian of std 3.2.
+_CBD_VARIANCE = 10.5
 #: Fraction of secret keys for which :meth:`CKKSParams.sum_tolerance` may be exceeded.
 _KEY_TAIL = 1e-6
 #: Statistical security parameter lambda of every released decryption (see "noise flooding").
@@ -265,6 +298,12 @@ _TENSEAL_VECTOR_TAG = 0x0A
 
 class CKKSError(GfmfrError, ValueError):
     """Invalid CKKS parameters, context, plaintext or ciphertext."""
+
+
+def _check_packing(packing: str) -> Packing:
+    if packing not in ("slots", "coefficients"):
+        raise CKKSError(f"packing must be 'slots' or 'coefficients', got {packing!r}")
+    return packing  # type: ignore[return-value]
 
 
 def _tenseal() -> ModuleType:
@@ -444,16 +483,23 @@ class CKKSParams:
         margin = self.scale * self.sum_tolerance(65536, symmetric=False)
         return (q_data / 2 - margin) / self.scale
 
-    def n_ciphertexts(self, dim: int) -> int:
-        """Ciphertexts per vector of ``dim`` values, ``ceil(dim / slots)``."""
-        return -(-_check_dim(dim) // self.slots)
+    def values_per_ciphertext(self, packing: Packing = "slots") -> int:
+        """``N / 2`` with one value per slot, ``N`` with one value per coefficient."""
+        return self.slots if _check_packing(packing) == "slots" else self.poly_modulus_degree
 
-    def _variances(self, symmetric: bool) -> tuple[float, float]:
+    def n_ciphertexts(self, dim: int, packing: Packing = "slots") -> int:
+        """Ciphertexts per vector of ``dim`` values, ``ceil(dim / values_per_ciphertext)``."""
+        return -(-_check_dim(dim) // self.values_per_ciphertext(packing))
+
+    def _variances(self, symmetric: bool, packing: Packing = "slots") -> tuple[float, float]:
         """Per-ciphertext error variance of one value, in units of the scale squared.
 
         Returns ``(mean, worst)``: averaged over slots and keys, and for the worst
-        slot under a key that is unlucky with probability at most ``_KEY_TAIL``.
+        slot under a key that is unlucky with probability at most ``_KEY_TAIL``
+        (coefficients: for every ternary key, since ``||s||^2 <= N``).
         """
+        if _check_packing(packing) == "coefficients":
+            return self._coefficient_variances(symmetric)
         n = self.poly_modulus_degree
         encode = n / 24.0  # rounding the encoded coefficients to integers
         if symmetric:
@@ -472,7 +518,28 @@ class CKKSParams:
         worst = encode + n / 24.0 + (n / 24.0) * s2_worst + fresh * s2_worst / s2_mean
         return mean, worst
 
-    def error_std(self, n_summands: int, *, symmetric: bool = False) -> float:
+    def _coefficient_variances(self, symmetric: bool, *, lattice_only: bool = False) -> tuple[float, float]:
+        """:meth:`_variances` for one value per coefficient (the ``packed`` wire format).
+
+        A coefficient carries ``round(Delta x)`` (encoding error 1/12, made by the client
+        before encryption) plus the decryption error of the ciphertext. Symmetric
+        encryption: SEAL's fresh error, a centred binomial of variance 10.5. Public key:
+        dropping the special prime p leaves ``r0 + r1 * s`` with r0, r1 uniform in
+        [-1/2, 1/2], of variance ``(1 + ||s||^2) / 12`` per coefficient, mean
+        ``(1 + 2N/3) / 12`` over keys and at most ``(1 + N) / 12`` for any ternary key,
+        plus the fresh error ``(u e_pk + e0 + e1 s) / p``. ``lattice_only`` leaves out
+        the encoding error (the part of the error that depends on the key).
+        """
+        n = self.poly_modulus_degree
+        encode = 0.0 if lattice_only else 1.0 / 12.0
+        if symmetric:
+            return encode + _CBD_VARIANCE, encode + _CBD_VARIANCE
+        special = self.primes[-1]
+        fresh_mean = _CBD_VARIANCE * (1.0 + 4.0 * n / 3.0) / special**2
+        fresh_worst = _CBD_VARIANCE * (1.0 + 2.0 * n) / special**2
+        return encode + (1.0 + 2.0 * n / 3.0) / 12.0 + fresh_mean, encode + (1.0 + n) / 12.0 + fresh_worst
+
+    def error_std(self, n_summands: int, *, symmetric: bool = False, packing: Packing = "slots") -> float:
         """Per-value standard deviation of the error of a decrypted sum, averaged over values.
 
         Model (units of the scale, real part of one slot, N the ring degree, one
@@ -481,12 +548,15 @@ class CKKSParams:
         the ciphertext drops the special prime, ``N / 24 + (N / 24) |s(zeta_k)|^2``
         with ``|s(zeta_k)|^2`` of mean ``2N / 3`` (so ``~N^2 / 36``), plus the fresh
         error divided by the special prime. Independent ciphertexts add their
-        variances. Matches the measured error to within 2 %.
+        variances. Matches the measured error to within 2 %. With one value per
+        coefficient (``packing="coefficients"``) no slot transform spreads the error
+        over the values: :meth:`_coefficient_variances`, about ``sqrt(N / 2)`` times smaller.
 
         Parameters
         ----------
         n_summands : ciphertexts in the sum, >= 1.
         symmetric : secret-key encryption (``shared-clients``) instead of public-key.
+        packing : ``"slots"`` (wire formats ``tenseal``, ``seeded``) or ``"coefficients"`` (``packed``).
 
         Returns
         -------
@@ -495,9 +565,9 @@ class CKKSParams:
         """
         if isinstance(n_summands, bool) or not isinstance(n_summands, int) or n_summands < 1:
             raise CKKSError(f"n_summands must be an int >= 1, got {n_summands!r}")
-        return math.sqrt(n_summands * self._variances(symmetric)[0]) / self.scale
+        return math.sqrt(n_summands * self._variances(symmetric, packing)[0]) / self.scale
 
-    def sum_tolerance(self, n_summands: int, *, symmetric: bool = False, z: float = 7.0) -> float:
+    def sum_tolerance(self, n_summands: int, *, symmetric: bool = False, z: float = 7.0, packing: Packing = "slots") -> float:
         """Absolute tolerance for every value of a decrypted sum of ``n_summands`` fresh ciphertexts.
 
         ``z`` standard deviations of the error of the *worst* slot: with public-key
@@ -505,7 +575,9 @@ class CKKSParams:
         evaluated at that slot's root of unity), the same for every ciphertext, so
         a few slots are up to ~4.5x noisier than :meth:`error_std` (bounded for all
         but a fraction 1e-6 of keys). With ``z = 7`` a Gaussian error exceeds the
-        tolerance with probability ~2.6e-12 per value.
+        tolerance with probability ~2.6e-12 per value. With one value per coefficient
+        every value has the same error variance, at most ``(1 + N) / 12`` per
+        public-key ciphertext for any key.
 
         Returns
         -------
@@ -514,24 +586,33 @@ class CKKSParams:
         """
         if isinstance(n_summands, bool) or not isinstance(n_summands, int) or n_summands < 1:
             raise CKKSError(f"n_summands must be an int >= 1, got {n_summands!r}")
-        return z * math.sqrt(n_summands * self._variances(symmetric)[1]) / self.scale
+        return z * math.sqrt(n_summands * self._variances(symmetric, packing)[1]) / self.scale
 
-    def flooding_std(self, dim: int, *, symmetric: bool = False, stat_bits: int = STAT_SECURITY_BITS) -> float:
+    def flooding_std(
+        self, dim: int, *, symmetric: bool = False, stat_bits: int = STAT_SECURITY_BITS, packing: Packing = "slots"
+    ) -> float:
         """Std of the Gaussian noise flooding every released value of a decrypted sum of ``dim`` values.
 
-        ``sigma_flood = 2^(lambda / 2) * B_delta / sqrt(2)`` with
-        ``B_delta = sqrt(dim) * (2 * error_std(max_summands) + u_fp)`` and
-        ``u_fp = (log2 N + 2) * 2^-53 * max_summands * max_abs_value``: the
-        Kullback-Leibler divergence between the flooded release and one computed
-        from the exact sum alone is then at most ``2^-lambda`` (derivation in the
-        module docstring, "noise flooding"). The bound uses ``max_summands``, not
-        the count an aggregator claims, so a lying aggregator cannot shrink it.
+        ``sigma_flood = 2^(lambda / 2) * B_delta / sqrt(2)``: the Kullback-Leibler
+        divergence between the flooded release and one computed from the exact sum
+        alone is then at most ``2^-lambda`` (derivation in the module docstring,
+        "noise flooding"). With one value per slot (``tenseal``, ``seeded``, flooded
+        after decoding) ``B_delta = sqrt(dim) * (2 * error_std(max_summands) + u_fp)``
+        with ``u_fp = (log2 N + 2) * 2^-53 * max_summands * max_abs_value``, the
+        floating-point error of decoding. With one value per coefficient (``packed``,
+        flooded as an integer polynomial added to the ciphertext before decryption, so
+        decoding is post-processing) ``B_delta = 2 sqrt(dim * max_summands * v) / Delta``
+        with ``v = (1 + N) / 12`` (public key, any ternary key) or 10.5 (symmetric), the
+        largest per-coefficient variance of the decryption error. The bound uses
+        ``max_summands``, not the count an aggregator claims, so a lying aggregator
+        cannot shrink it.
 
         Parameters
         ----------
         dim : D, the values released under one key (one round's vector).
         symmetric : secret-key encryption (``shared-clients``).
         stat_bits : lambda, the statistical security parameter.
+        packing : ``"slots"`` or ``"coefficients"``.
 
         Returns
         -------
@@ -542,14 +623,22 @@ class CKKSParams:
         if isinstance(stat_bits, bool) or not isinstance(stat_bits, int) or stat_bits < 1:
             raise CKKSError(f"stat_bits must be an int >= 1, got {stat_bits!r}")
         n_max = self.max_summands
-        lattice = 2.0 * self.error_std(n_max, symmetric=symmetric)
-        fp = (math.log2(self.poly_modulus_degree) + 2.0) * _UNIT_ROUNDOFF * n_max * self.max_abs_value
-        bound = math.sqrt(d) * (lattice + fp)
+        if _check_packing(packing) == "coefficients":
+            worst = self._coefficient_variances(symmetric, lattice_only=True)[1]
+            bound = 2.0 * math.sqrt(d * n_max * worst) / self.scale
+        else:
+            lattice = 2.0 * self.error_std(n_max, symmetric=symmetric)
+            fp = (math.log2(self.poly_modulus_degree) + 2.0) * _UNIT_ROUNDOFF * n_max * self.max_abs_value
+            bound = math.sqrt(d) * (lattice + fp)
         return 2.0 ** (stat_bits / 2.0) * bound / math.sqrt(2.0)
 
-    def release_tolerance(self, n_summands: int, dim: int, *, symmetric: bool = False, z: float = 7.0) -> float:
+    def release_tolerance(
+        self, n_summands: int, dim: int, *, symmetric: bool = False, z: float = 7.0, packing: Packing = "slots"
+    ) -> float:
         """Absolute tolerance for every released value: :meth:`sum_tolerance` plus ``z`` flooding stds."""
-        return self.sum_tolerance(n_summands, symmetric=symmetric, z=z) + z * self.flooding_std(dim, symmetric=symmetric)
+        return self.sum_tolerance(n_summands, symmetric=symmetric, z=z, packing=packing) + z * self.flooding_std(
+            dim, symmetric=symmetric, packing=packing
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready view of the parameters."""
@@ -565,6 +654,9 @@ PRESETS: dict[str, CKKSParams] = {
     "default": CKKSParams(),
     # ~7 % more bytes, room for 2000 summands of |x| <= 1 at Delta = 2**59 (flooding 7.5e-4 at D = 1e5).
     "large-cohort": CKKSParams(4096, (36, 36, 37), 59, max_summands=2000),
+    # The ``packed`` wire format's (the backend's for 943 clients, |x| <= 8): one 60-bit data
+    # prime, Delta = 2**46, flooding std 9.1e-3 on a sum of D = 579,850 values (public key).
+    "packed": CKKSParams(4096, (60, 49), 46, max_abs_value=8.0, max_summands=943),
 }
 # A ring of N = 2048 (at most 54 bits of modulus) cannot keep the flooding noise
 # below ~1e2 for any useful D, so there is no such preset any more.
@@ -593,10 +685,11 @@ def default_wire(custody: Custody) -> WireFormat:
     return "seeded" if _check_custody(custody) == "shared-clients" else "tenseal"
 
 
-def _chunk_bounds(params: CKKSParams, dim: int) -> list[tuple[int, int]]:
+def _chunk_bounds(params: CKKSParams, dim: int, wire: WireFormat = "tenseal") -> list[tuple[int, int]]:
     """``[(start, stop)]`` of each ciphertext's values in a vector of ``dim`` values."""
-    s = params.slots
-    return [(i * s, min(dim, (i + 1) * s)) for i in range(params.n_ciphertexts(dim))]
+    packing = PACKING[wire]
+    s = params.values_per_ciphertext(packing)
+    return [(i * s, min(dim, (i + 1) * s)) for i in range(params.n_ciphertexts(dim, packing))]
 
 
 def _load_context(data: bytes, n_threads: int, what: str) -> Any:
@@ -648,7 +741,7 @@ def _check_format(data: bytes, wire: WireFormat, where: str) -> None:
     if wire == "tenseal" and not looks_tenseal:
         hint = " (it looks like a raw SEAL ciphertext: the 'seeded' wire format)" if looks_seal else ""
         raise CKKSError(f"{where}: malformed ciphertext, not a serialised TenSEAL CKKSVector{hint}")
-    if wire == "seeded" and not looks_seal:
+    if wire in ("seeded", "packed") and not looks_seal:
         hint = " (it looks like a TenSEAL CKKSVector: the 'tenseal' wire format)" if looks_tenseal else ""
         raise CKKSError(f"{where}: malformed ciphertext, no SEAL header{hint}")
 
@@ -718,6 +811,69 @@ class _Scratch:
             return ct
         finally:
             os.unlink(path)
+
+    def load_checked(self, seal_context: Any, params: CKKSParams, wire: WireFormat, blob: object, where: str) -> Any:
+        """A SEAL ciphertext from untrusted bytes, validated against ``params`` (:class:`CKKSError` otherwise)."""
+        data = _as_blob(blob, where)
+        _check_format(data, wire, where)
+        try:
+            ct = self.load_ciphertext(_sealapi(), seal_context, data)
+        except (ValueError, RuntimeError) as exc:
+            raise _load_error(where, exc) from exc
+        _check_seal_ciphertext(ct, params, where)
+        return ct
+
+    def close(self) -> None:
+        """Remove the folder now (a worker process ends without running finalisers)."""
+        self._dir.cleanup()
+
+
+@lru_cache(maxsize=8)
+def _embedding(degree: int) -> tuple[NDArray[np.complex128], NDArray[np.int64]]:
+    """``(twist, index)`` mapping coefficients to SEAL's CKKS slots at ring degree N.
+
+    SEAL's slot k holds ``p(zeta^(3^k mod 2N)) / Delta`` with ``zeta = exp(i pi / N)``
+    (the other odd powers hold the complex conjugates). With ``twist[j] = zeta^j`` the
+    values at all odd powers ``zeta^(2m + 1)`` are ``N * ifft(p * twist)[m]``, and slot k
+    is the one with ``m = index[k] = (3^k mod 2N - 1) / 2``.
+    """
+    twist = np.exp(1j * np.pi * np.arange(degree) / degree)
+    exps = np.empty(degree // 2, dtype=np.int64)
+    e = 1
+    for k in range(degree // 2):
+        exps[k] = e
+        e = e * 3 % (2 * degree)
+    return twist, (exps - 1) // 2
+
+
+def coefficients_to_slots(coefficients: NDArray[np.float64]) -> NDArray[np.complex128]:
+    """The slot values whose CKKS encoding is the polynomial with the given coefficients.
+
+    Encoding the returned slots at scale Delta (SEAL's ``CKKSEncoder``) gives the plaintext
+    polynomial ``round(Delta * coefficients)``: one value per coefficient, N per ciphertext.
+
+    Parameters
+    ----------
+    coefficients : float64 [C, N], one row per ciphertext.
+
+    Returns
+    -------
+    complex128 [C, N / 2]
+    """
+    degree = coefficients.shape[-1]
+    twist, index = _embedding(degree)
+    return (np.fft.ifft(coefficients * twist, axis=-1) * degree)[..., index]
+
+
+def slots_to_coefficients(slots: NDArray[np.complex128]) -> NDArray[np.float64]:
+    """Inverse of :func:`coefficients_to_slots`: float64 [C, N] from complex [C, N / 2] slots."""
+    half = slots.shape[-1]
+    degree = 2 * half
+    twist, index = _embedding(degree)
+    full = np.empty((*slots.shape[:-1], degree), dtype=np.complex128)
+    full[..., index] = slots
+    full[..., degree - 1 - index] = np.conj(slots)  # p(zeta^-e) = conj(p(zeta^e)) for a real p
+    return (np.fft.fft(full, axis=-1) * np.conj(twist)).real / degree
 
 
 class KeyHolder:
@@ -824,7 +980,7 @@ class KeyHolder:
 
 
 class Encryptor:
-    """Client side: encrypts a float vector [D] into ``ceil(D / slots)`` ciphertexts.
+    """Client side: encrypts a float vector [D] into ``ceil(D / values per ciphertext)`` ciphertexts.
 
     Parameters
     ----------
@@ -832,7 +988,8 @@ class Encryptor:
         under ``authority``, the secret context under ``shared-clients``.
     params : the CKKS parameters; must match the context.
     dim : D, the length of every vector.
-    wire : ``"tenseal"`` or ``"seeded"`` (the latter needs the secret key).
+    wire : ``"tenseal"``, ``"seeded"`` (needs the secret key) or ``"packed"`` (one
+        value per coefficient; seeded when the context holds the secret key).
     n_threads : threads of the deserialised context.
     """
 
@@ -844,7 +1001,7 @@ class Encryptor:
         self._wire = _check_wire(wire)
         self._ctx = _load_context(context_bytes, _check_n_threads(n_threads), "client context")
         _check_context(self._ctx, params, "client context")
-        self._bounds = _chunk_bounds(params, self._dim)
+        self._bounds = _chunk_bounds(params, self._dim, self._wire)
         if self._ctx.is_private():
             can_encrypt = True
         else:
@@ -854,15 +1011,17 @@ class Encryptor:
                 can_encrypt = False
         if not can_encrypt:
             raise CKKSError("the client context holds neither a public key nor a secret key: it cannot encrypt")
-        if wire == "seeded":
-            if not self._ctx.is_private():
-                raise CKKSError(
-                    "the 'seeded' wire format uses secret-key encryption: it needs the shared secret context "
-                    "('shared-clients' custody), not a public context"
-                )
+        if wire == "seeded" and not self._ctx.is_private():
+            raise CKKSError(
+                "the 'seeded' wire format uses secret-key encryption: it needs the shared secret context "
+                "('shared-clients' custody), not a public context"
+            )
+        self._symmetric = bool(self._ctx.is_private())
+        if wire in ("seeded", "packed"):
             sealapi = _sealapi()
             seal_context = self._ctx.seal_context().data
-            self._seal_encryptor = sealapi.Encryptor(seal_context, self._ctx.secret_key().data)
+            key = self._ctx.secret_key().data if self._symmetric else self._ctx.public_key().data
+            self._seal_encryptor = sealapi.Encryptor(seal_context, key)
             self._encoder = sealapi.CKKSEncoder(seal_context)
             self._scratch = _Scratch()
 
@@ -873,8 +1032,13 @@ class Encryptor:
 
     @property
     def n_ciphertexts(self) -> int:
-        """Ciphertexts per upload, ``ceil(D / slots)``."""
+        """Ciphertexts per upload, ``ceil(D / values per ciphertext)``."""
         return len(self._bounds)
+
+    def close(self) -> None:
+        """Release the temporary folder of the SEAL wire formats (a no-op for ``tenseal``)."""
+        if self._wire != "tenseal":
+            self._scratch.close()
 
     def encrypt(self, x: ArrayLike) -> list[bytes]:
         """Encrypt one vector.
@@ -886,8 +1050,8 @@ class Encryptor:
         Returns
         -------
         list of bytes
-            ``ceil(D / slots)`` serialised ciphertexts; ciphertext ``k`` holds
-            ``x[k * slots:(k + 1) * slots]``.
+            ``ceil(D / v)`` serialised ciphertexts, ``v`` values each (``v = N / 2`` slots,
+            or ``N`` coefficients for ``packed``); ciphertext ``k`` holds ``x[k v:(k + 1) v]``.
         """
         v = np.asarray(x, dtype=np.float64)
         if v.shape != (self._dim,):
@@ -898,16 +1062,29 @@ class Encryptor:
         peak = float(np.max(np.abs(v)))
         if peak > bound:
             raise CKKSError(f"|x| reaches {peak:.6g} > max_abs_value {bound}: clip before encrypting")
+        if self._wire == "packed":
+            return self._encrypt_packed(v)
         if self._wire == "seeded":
-            return [self._encrypt_seeded(v[a:b]) for a, b in self._bounds]
+            return [self._encrypt_plain(v[a:b].tolist()) for a, b in self._bounds]
         ts = _tenseal()
         return [ts.ckks_vector(self._ctx, v[a:b]).serialize() for a, b in self._bounds]
 
-    def _encrypt_seeded(self, chunk: NDArray[np.float64]) -> bytes:
+    def _encrypt_packed(self, v: NDArray[np.float64]) -> list[bytes]:
+        degree = self._params.poly_modulus_degree
+        rows = np.zeros((len(self._bounds), degree))
+        rows.reshape(-1)[: self._dim] = v
+        slots = coefficients_to_slots(rows)  # [C, N/2]: encodes to round(Delta * rows)
+        return [self._encrypt_plain(row.tolist()) for row in slots]
+
+    def _encrypt_plain(self, values: list[float] | list[complex]) -> bytes:
         sealapi = _sealapi()
         plain = sealapi.Plaintext()
-        self._encoder.encode(chunk.tolist(), self._params.scale, plain)
-        return self._scratch.save(self._seal_encryptor.encrypt_symmetric(plain))
+        self._encoder.encode(values, self._params.scale, plain)
+        if self._symmetric:  # seeded: the second polynomial travels as the seed of its PRNG
+            return self._scratch.save(self._seal_encryptor.encrypt_symmetric(plain))
+        ct = sealapi.Ciphertext()
+        self._seal_encryptor.encrypt(plain, ct)
+        return self._scratch.save(ct)
 
 
 class CKKSAggregator:
@@ -933,10 +1110,10 @@ class CKKSAggregator:
         if self._ctx.is_private():
             raise CKKSError("the aggregator must be built from public context bytes only, this context holds a secret key")
         _check_context(self._ctx, params, "public context")
-        self._bounds = _chunk_bounds(params, self._dim)
+        self._bounds = _chunk_bounds(params, self._dim, self._wire)
         self._acc: list[Any] | None = None
         self._n_added = 0
-        if wire == "seeded":
+        if wire != "tenseal":
             self._sealapi = _sealapi()
             self._seal_context = self._ctx.seal_context().data
             self._evaluator = self._sealapi.Evaluator(self._seal_context)
@@ -964,7 +1141,7 @@ class CKKSAggregator:
         -------
         list
             One TenSEAL ``CKKSVector`` (``"tenseal"``) or SEAL ``Ciphertext``
-            (``"seeded"``) per ciphertext.
+            (``"seeded"``, ``"packed"``) per ciphertext.
 
         Raises
         ------
@@ -984,16 +1161,11 @@ class CKKSAggregator:
 
     def _load_one(self, blob: object, k: int) -> Any:
         where = f"ciphertext {k}"
+        if self._wire != "tenseal":
+            return self._scratch.load_checked(self._seal_context, self._params, self._wire, blob, where)
         data = _as_blob(blob, where)
         _check_format(data, self._wire, where)
         a, b = self._bounds[k]
-        if self._wire == "seeded":
-            try:
-                ct = self._scratch.load_ciphertext(self._sealapi, self._seal_context, data)
-            except (ValueError, RuntimeError) as exc:
-                raise _load_error(where, exc) from exc
-            _check_seal_ciphertext(ct, self._params, where)
-            return ct
         ts = _tenseal()
         try:
             vec = ts.ckks_vector_from(self._ctx, data)
@@ -1021,22 +1193,46 @@ class CKKSAggregator:
             raise CKKSError(
                 f"the sum already has max_summands = {self._params.max_summands} terms; adding more could overflow"
             )
-        parts = self.load(upload)
+        self._accumulate(self.load(upload))
+        self._n_added += 1
+
+    def _accumulate(self, parts: list[Any]) -> None:
         if self._acc is None:
             self._acc = parts
-        elif self._wire == "seeded":
+        elif self._wire != "tenseal":
             for acc, ct in zip(self._acc, parts, strict=True):
                 self._evaluator.add_inplace(acc, ct)
         else:
             for acc, vec in zip(self._acc, parts, strict=True):
                 acc.add_(vec)
-        self._n_added += 1
+
+    def merge(self, partial: Sequence[bytes], n_summands: int) -> None:
+        """Add the encrypted sum of ``n_summands`` uploads made by another aggregator.
+
+        A server that ingests uploads on several cores keeps one partial sum per core
+        and merges them; each partial sum is validated like an upload and counts
+        ``n_summands`` terms towards ``params.max_summands``.
+        """
+        if isinstance(n_summands, bool) or not isinstance(n_summands, int) or n_summands < 1:
+            raise CKKSError(f"n_summands must be an int >= 1, got {n_summands!r}")
+        if self._n_added + n_summands > self._params.max_summands:
+            raise CKKSError(
+                f"merging {n_summands} terms into a sum of {self._n_added} exceeds max_summands = "
+                f"{self._params.max_summands}; more could overflow"
+            )
+        self._accumulate(self.load(partial))
+        self._n_added += n_summands
+
+    def close(self) -> None:
+        """Release the temporary folder of the SEAL wire formats (a no-op for ``tenseal``)."""
+        if self._wire != "tenseal":
+            self._scratch.close()
 
     def result(self) -> list[bytes]:
         """The encrypted sum of the uploads added so far, one bytes object per ciphertext."""
         if self._acc is None:
             raise CKKSError("no upload has been added: there is no sum to return")
-        if self._wire == "seeded":
+        if self._wire != "tenseal":
             return [self._scratch.save(ct) for ct in self._acc]
         return [vec.serialize() for vec in self._acc]
 
@@ -1131,14 +1327,21 @@ class Decryptor:
         self._params = params
         self._dim = _check_dim(dim)
         self._wire = _check_wire(wire)
-        self._bounds = _chunk_bounds(params, self._dim)
-        self._flooding_std = params.flooding_std(self._dim, symmetric=bool(symmetric))
-        if wire == "seeded":
+        self._bounds = _chunk_bounds(params, self._dim, self._wire)
+        packing = PACKING[self._wire]
+        self._flooding_std = params.flooding_std(self._dim, symmetric=bool(symmetric), packing=packing)
+        if packing == "coefficients" and params.max_summands * params.max_abs_value + 10.0 * self._flooding_std > params.capacity:
+            raise CKKSError(
+                f"the flooding noise (std {self._flooding_std:.3g}, added before decryption) can overflow a sum of "
+                f"{params.max_summands} values |x| <= {params.max_abs_value}: lower global_scale_bits"
+            )
+        if self._wire != "tenseal":
             sealapi = _sealapi()
             self._sealapi = sealapi
             self._seal_context = ctx.seal_context().data
             self._seal_decryptor = sealapi.Decryptor(self._seal_context, ctx.secret_key().data)
             self._encoder = sealapi.CKKSEncoder(self._seal_context)
+            self._evaluator = sealapi.Evaluator(self._seal_context)
             self._scratch = _Scratch()
 
     def decrypt(
@@ -1166,11 +1369,14 @@ class Decryptor:
             raise CKKSError(f"encrypted_sum must be a list of ciphertext bytes, got {type(encrypted_sum).__name__}")
         if len(encrypted_sum) != len(self._bounds):
             raise CKKSError(f"wrong count of ciphertexts: expected {len(self._bounds)}, got {len(encrypted_sum)}")
-        out = np.empty(self._dim, dtype=np.float64)
-        for k, ((a, b), blob) in enumerate(zip(self._bounds, encrypted_sum, strict=True)):
-            out[a:b] = self._decrypt_one(blob, k, b - a)
         key = os.urandom(32) if flood_key is None else flood_key
-        out += flooding_noise(key, self._dim, self._flooding_std)
+        if self._wire == "packed":
+            out = self._decrypt_packed(encrypted_sum, key)
+        else:
+            out = np.empty(self._dim, dtype=np.float64)
+            for k, ((a, b), blob) in enumerate(zip(self._bounds, encrypted_sum, strict=True)):
+                out[a:b] = self._decrypt_one(blob, k, b - a)
+            out += flooding_noise(key, self._dim, self._flooding_std)
         if noise is not None:
             extra = np.asarray(noise(self._dim), dtype=np.float64)
             if extra.shape != (self._dim,):
@@ -1180,19 +1386,41 @@ class Decryptor:
             out += extra
         return out
 
+    def _decrypt_packed(self, encrypted_sum: Sequence[bytes], key: bytes) -> NDArray[np.float64]:
+        """Flood each ciphertext with an integer Gaussian polynomial, decrypt, decode one value per coefficient.
+
+        The flooding polynomial ``F`` (coefficients ``round(N(0, (sigma Delta)^2))``) is added
+        to the ciphertext as a plaintext, so the decrypted polynomial is ``Delta m + e + F``
+        and everything after (decoding in floating point) is post-processing of it.
+        """
+        p = self._params
+        degree, scale = p.poly_modulus_degree, p.scale
+        flood = np.zeros((len(self._bounds), degree))
+        flood.reshape(-1)[: self._dim] = np.rint(flooding_noise(key, self._dim, self._flooding_std * scale))
+        flood_slots = coefficients_to_slots(flood / scale)
+        slots = np.empty((len(self._bounds), degree // 2), dtype=np.complex128)
+        for k, blob in enumerate(encrypted_sum):
+            ct = self._load_seal(blob, f"encrypted sum, ciphertext {k}")
+            noise = self._sealapi.Plaintext()
+            self._encoder.encode(flood_slots[k].tolist(), scale, noise)
+            self._evaluator.add_plain_inplace(ct, noise)
+            plain = self._sealapi.Plaintext()
+            self._seal_decryptor.decrypt(ct, plain)
+            slots[k] = self._encoder.decode_complex(plain)
+        return slots_to_coefficients(slots).reshape(-1)[: self._dim]
+
+    def _load_seal(self, blob: object, where: str) -> Any:
+        return self._scratch.load_checked(self._seal_context, self._params, self._wire, blob, where)
+
     def _decrypt_one(self, blob: object, k: int, size: int) -> NDArray[np.float64]:
         where = f"encrypted sum, ciphertext {k}"
-        data = _as_blob(blob, where)
-        _check_format(data, self._wire, where)
         if self._wire == "seeded":
-            try:
-                ct = self._scratch.load_ciphertext(self._sealapi, self._seal_context, data)
-            except (ValueError, RuntimeError) as exc:
-                raise _load_error(where, exc) from exc
-            _check_seal_ciphertext(ct, self._params, where)
+            ct = self._load_seal(blob, where)
             plain = self._sealapi.Plaintext()
             self._seal_decryptor.decrypt(ct, plain)
             return np.asarray(self._encoder.decode_double(plain)[:size], dtype=np.float64)
+        data = _as_blob(blob, where)
+        _check_format(data, self._wire, where)
         ts = _tenseal()
         try:
             vec = ts.ckks_vector_from(self._ctx, data)
@@ -1222,8 +1450,10 @@ class CKKSCost:
     keygen_s : key holder's context creation.
     encrypt_s_mean : mean seconds one client spends encrypting (serialisation included).
     aggregate_s : server seconds for all uploads (deserialise, validate, add) plus
-        serialising the sum.
+        serialising the sum; summed over the worker processes that shared the work.
     decrypt_s : decryption of the sum (noise included).
+    flooding_std : std of the flooding noise on every released value.
+    workers : processes the simulated clients and the server's ingestion ran on.
     """
 
     n_clients: int
@@ -1239,6 +1469,8 @@ class CKKSCost:
     encrypt_s_mean: float
     aggregate_s: float
     decrypt_s: float
+    flooding_std: float = 0.0
+    workers: int = 1
 
     @property
     def bytes_per_value(self) -> float:
@@ -1274,13 +1506,23 @@ def encrypted_sum(
     seed: int = 0,
     wire: WireFormat | None = None,
     noise_std: float = 0.0,
+    noise: NoiseFn | None = None,
+    flood_key: bytes | None = None,
     n_threads: int = 1,
+    workers: int = 1,
 ) -> tuple[NDArray[np.float64], CKKSCost]:
     """Simulate one round: n clients encrypt, the server sums, the key holder decrypts.
 
+    Fresh keys are made for every call (one key per released sum). With ``workers > 1``
+    the clients are split into contiguous shards, one per forked process: each process
+    plays its clients (encryption with the client context) and the server's ingestion
+    of their uploads (validation and addition with the public context only), and the
+    server merges the partial encrypted sums (:meth:`CKKSAggregator.merge`). The result
+    does not depend on ``workers``: ciphertext addition is exact.
+
     Parameters
     ----------
-    vectors : float [n, D], one row per client, ``|x| <= params.max_abs_value``.
+    vectors : float32 or float64 [n, D], one row per client, ``|x| <= params.max_abs_value``.
     params : CKKS parameters (default :class:`CKKSParams`).
     custody : ``"authority"`` or ``"shared-clients"``.
     seed : root seed of the release noise (``numpy_rng(seed, "ckks", "release-noise")``).
@@ -1288,19 +1530,26 @@ def encrypted_sum(
         decrypted sums agree within ``params.sum_tolerance(n)``.
     wire : ciphertext format; default :func:`default_wire` of ``custody``.
     noise_std : std of the Gaussian noise the decryptor adds before release (0: none).
+    noise : a release-noise hook for :meth:`Decryptor.decrypt` instead of ``noise_std``.
+    flood_key : 32 secret bytes of the flooding noise (default: fresh from the OS).
     n_threads : threads of every TenSEAL context.
+    workers : processes to spread the clients over (1: all in this process; needs ``fork``).
 
     Returns
     -------
     total : float64 [D], the decrypted sum of the rows, flooded (:meth:`CKKSParams.flooding_std`)
-        and, with ``noise_std``, noised.
+        and, with ``noise_std`` or ``noise``, noised.
     cost : :class:`CKKSCost`.
     """
     from gfmfr_secure.rng import numpy_rng
 
-    x = np.asarray(vectors, dtype=np.float64)
+    x = vectors if isinstance(vectors, np.ndarray) and vectors.dtype in (np.float32, np.float64) else np.asarray(vectors, dtype=np.float64)
     if x.ndim != 2 or x.shape[0] < 1 or x.shape[1] < 1:
         raise CKKSError(f"vectors must be a non-empty [n, D] array, got shape {x.shape}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise CKKSError(f"workers must be an int >= 1, got {workers!r}")
+    if noise is not None and noise_std > 0:
+        raise CKKSError("pass either noise_std or a noise hook, not both")
     n, dim = x.shape
     t0 = time.perf_counter()
     holder = KeyHolder(params, custody=custody, n_threads=n_threads)
@@ -1308,42 +1557,121 @@ def encrypted_sum(
     w = holder.default_wire if wire is None else _check_wire(wire)
     client_ctx = holder.client_context_bytes()
     public_ctx = holder.public_context_bytes()
-    encryptor = Encryptor(client_ctx, holder.params, dim, wire=w, n_threads=n_threads)
-    server = CKKSAggregator(public_ctx, holder.params, dim, wire=w, n_threads=n_threads)
     decryptor = holder.decryptor(dim, wire=w)
+    job = _ShardJob(x, client_ctx, public_ctx, holder.params, w, n_threads)
+    shards = _shards(n, workers if n * dim >= _PARALLEL_MIN_VALUES else 1)
+    if len(shards) == 1:
+        parts = [job.run(0, n)]
+    else:
+        parts = _run_forked(job, shards)
 
-    enc_s = agg_s = 0.0
-    up_bytes = 0
-    for i in range(n):
-        t0 = time.perf_counter()
-        upload = encryptor.encrypt(x[i])
-        enc_s += time.perf_counter() - t0
-        up_bytes += sum(len(b) for b in upload)
-        t0 = time.perf_counter()
-        server.add(upload)
-        agg_s += time.perf_counter() - t0
+    server = CKKSAggregator(public_ctx, holder.params, dim, wire=w, n_threads=n_threads)
     t0 = time.perf_counter()
+    for part in parts:
+        server.merge(part.partial, part.count)
     enc_sum = server.result()
-    agg_s += time.perf_counter() - t0
+    agg_s = time.perf_counter() - t0 + sum(part.aggregate_s for part in parts)
+    server.close()
 
-    hook = gaussian_noise(noise_std, numpy_rng(seed, "ckks", "release-noise")) if noise_std > 0 else None
+    hook = noise if noise is not None else (gaussian_noise(noise_std, numpy_rng(seed, "ckks", "release-noise")) if noise_std > 0 else None)
     t0 = time.perf_counter()
-    total = decryptor.decrypt(enc_sum, noise=hook)
+    total = decryptor.decrypt(enc_sum, noise=hook, flood_key=flood_key)
     dec_s = time.perf_counter() - t0
 
     cost = CKKSCost(
         n_clients=n,
         dim=dim,
-        n_ciphertexts=encryptor.n_ciphertexts,
+        n_ciphertexts=holder.params.n_ciphertexts(dim, PACKING[w]),
         custody=holder.custody,
         wire=w,
-        bytes_up_per_client=up_bytes / n,
+        bytes_up_per_client=sum(part.bytes_up for part in parts) / n,
         bytes_down_per_client=len(client_ctx),
         bytes_public_context=len(public_ctx),
         bytes_encrypted_sum=sum(len(b) for b in enc_sum),
         keygen_s=keygen_s,
-        encrypt_s_mean=enc_s / n,
+        encrypt_s_mean=sum(part.encrypt_s for part in parts) / n,
         aggregate_s=agg_s,
         decrypt_s=dec_s,
+        flooding_std=decryptor.flooding_std,
+        workers=len(shards),
     )
     return total, cost
+
+
+#: Below this many values in all (n * D) a round runs in one process: forking costs more.
+_PARALLEL_MIN_VALUES = 1 << 22
+
+
+@dataclass(frozen=True)
+class _ShardResult:
+    """What one shard hands back: its partial encrypted sum and its costs."""
+
+    partial: list[bytes]
+    count: int
+    bytes_up: int
+    encrypt_s: float
+    aggregate_s: float
+
+
+@dataclass(frozen=True, eq=False)
+class _ShardJob:
+    """Clients ``start:stop`` encrypt their rows; the server's ingestion adds them (public context only)."""
+
+    vectors: np.ndarray
+    client_context: bytes
+    public_context: bytes
+    params: CKKSParams
+    wire: WireFormat
+    n_threads: int
+
+    def run(self, start: int, stop: int) -> _ShardResult:
+        dim = self.vectors.shape[1]
+        encryptor = Encryptor(self.client_context, self.params, dim, wire=self.wire, n_threads=self.n_threads)
+        server = CKKSAggregator(self.public_context, self.params, dim, wire=self.wire, n_threads=self.n_threads)
+        enc_s = agg_s = 0.0
+        up_bytes = 0
+        try:
+            for i in range(start, stop):
+                t0 = time.perf_counter()
+                upload = encryptor.encrypt(self.vectors[i])
+                t1 = time.perf_counter()
+                server.add(upload)
+                agg_s += time.perf_counter() - t1
+                enc_s += t1 - t0
+                up_bytes += sum(len(c) for c in upload)
+            t0 = time.perf_counter()
+            partial = server.result()
+            agg_s += time.perf_counter() - t0
+        finally:
+            encryptor.close()
+            server.close()
+        return _ShardResult(partial, stop - start, up_bytes, enc_s, agg_s)
+
+
+def _shards(n: int, workers: int) -> list[tuple[int, int]]:
+    """``workers`` contiguous ``(start, stop)`` ranges covering ``range(n)`` (fewer when n is small)."""
+    k = max(1, min(int(workers), n))
+    if k > 1 and "fork" not in multiprocessing.get_all_start_methods():
+        k = 1
+    edges = np.linspace(0, n, k + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
+
+
+_FORKED_JOB: _ShardJob | None = None
+
+
+def _forked_shard(bounds: tuple[int, int]) -> _ShardResult:
+    if _FORKED_JOB is None:  # pragma: no cover - only reachable if the pool was not forked
+        raise CKKSError("the shard worker was not forked from the process that set up the job")
+    return _FORKED_JOB.run(*bounds)
+
+
+def _run_forked(job: _ShardJob, shards: list[tuple[int, int]]) -> list[_ShardResult]:
+    """Run the shards in forked processes; the vectors reach them through the fork, not a pipe."""
+    global _FORKED_JOB
+    _FORKED_JOB = job
+    try:
+        with ProcessPoolExecutor(len(shards), mp_context=multiprocessing.get_context("fork")) as pool:
+            return list(pool.map(_forked_shard, shards))
+    finally:
+        _FORKED_JOB = None

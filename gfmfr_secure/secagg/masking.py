@@ -26,8 +26,10 @@ signed with it.
 
    (mod 2^32, ``v`` over the neighbours in ``U2``), where
    ``s_uv = HKDF-SHA256(X25519(s_u^SK, s_v^PK))`` is the same for both
-   endpoints and ``PRG`` is the ChaCha20 keystream (zero nonce: every key is
-   used once) read as ``D`` little-endian uint32 words. The upload is bytes:
+   endpoints and ``PRG`` is the AES-256-CTR keystream (zero initial counter:
+   every key is used once) read as ``D`` little-endian uint32 words, as in
+   Bonawitz et al.'s implementation (AES runs in hardware on x86-64 and ARMv8,
+   about 1.7x the speed of ChaCha20 there). The upload is bytes:
    a header, a SHA-256 commitment to ``b_u``, the ``4 D`` payload bytes and
    an Ed25519 signature over header, commitment and SHA-256 of the payload;
    a tampered, truncated or mis-sized upload is rejected. ``U3`` is the set of
@@ -115,7 +117,7 @@ percent of the ``4 D`` bytes of a plain float32 upload.
 Randomness
 ----------
 Each client derives all its secrets (identity key, round keys, ``b_u``, Shamir
-coefficients) from one 32-byte ``secret_seed`` with HKDF and ChaCha20. The
+coefficients) from one 32-byte ``secret_seed`` with HKDF and AES-256-CTR. The
 simulation driver :func:`secure_sum` gives each client
 ``secrets.token_bytes(32)`` from the operating system's CSPRNG by default
 (``secrets="os"``). With ``secrets="reproducible"`` it derives them from its
@@ -139,7 +141,7 @@ from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -334,25 +336,21 @@ class SecAggConfig:
 # ---------------------------------------------------------------------------------------------
 
 _LABEL = b"gfmfr-secagg/v1/"
-_ZERO_NONCE16 = bytes(16)  # ChaCha20 (counter || nonce); every key is used once
+_ZERO_IV = bytes(16)  # AES-256-CTR initial counter block; every key is used once
 _ZERO_NONCE12 = bytes(12)  # ChaCha20-Poly1305; every key encrypts one message
 _KEY_BYTES = 32
 _SIG_BYTES = 64
 
 
-def _hkdf(ikm: bytes, label: str, *numbers: int) -> bytes:
-    """32 bytes from HKDF-SHA256 with info = label and the given 32-bit numbers."""
+def _hkdf(ikm: bytes, label: str, *numbers: int, length: int = _KEY_BYTES) -> bytes:
+    """``length`` (32) bytes from HKDF-SHA256 with info = label and the given 32-bit numbers."""
     info = _LABEL + label.encode("ascii") + struct.pack(f"<{len(numbers)}I", *numbers)
-    return HKDF(algorithm=hashes.SHA256(), length=_KEY_BYTES, salt=None, info=info).derive(ikm)
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=info).derive(ikm)
 
 
 def _keystream_bytes(key: bytes, n_bytes: int) -> bytes:
-    """The first ``n_bytes`` of the ChaCha20 keystream of ``key`` (zero nonce)."""
-    return (
-        Cipher(algorithms.ChaCha20(key, _ZERO_NONCE16), mode=None)
-        .encryptor()
-        .update(bytes(n_bytes))
-    )
+    """The first ``n_bytes`` of the AES-256-CTR keystream of ``key`` (zero initial counter)."""
+    return Cipher(algorithms.AES256(key), modes.CTR(_ZERO_IV)).encryptor().update(bytes(n_bytes))
 
 
 def _clamp_x25519(raw: bytes) -> bytes:
@@ -371,9 +369,16 @@ def _pair_seed(
     return _hkdf(own.exchange(peer), "pair-mask", round_id, min(u, v), max(u, v))
 
 
-def _share_key(shared: bytes, round_id: int, sender: int, receiver: int) -> bytes:
-    """Key encrypting the shares sender -> receiver from X25519(c_u^SK, c_v^PK) (one per direction)."""
-    return _hkdf(shared, "share-encryption", round_id, sender, receiver)
+def _share_keys(shared: bytes, round_id: int, own: int, peer: int) -> tuple[bytes, bytes]:
+    """Keys of the shares ``own -> peer`` and ``peer -> own`` from X25519(c_u^SK, c_v^PK).
+
+    One 64-byte HKDF output per pair: the first half keys the direction from the lower id
+    to the higher, the second half the other direction.
+    """
+    lo, hi = min(own, peer), max(own, peer)
+    okm = _hkdf(shared, "share-encryption", round_id, lo, hi, length=2 * _KEY_BYTES)
+    up, down = okm[:_KEY_BYTES], okm[_KEY_BYTES:]
+    return (up, down) if own == lo else (down, up)
 
 
 def _commitment(self_seed: bytes, round_id: int, client: int) -> bytes:
@@ -405,13 +410,13 @@ class _Keystream:
         self._view = np.frombuffer(self._buf, dtype="<u4")
 
     def fill(self, key: bytes) -> np.ndarray:
-        encryptor = Cipher(algorithms.ChaCha20(key, _ZERO_NONCE16), mode=None).encryptor()
+        encryptor = Cipher(algorithms.AES256(key), modes.CTR(_ZERO_IV)).encryptor()
         encryptor.update_into(self._zeros, self._buf)
         return self._view
 
 
 def prg_mask(seed: bytes, dim: int) -> np.ndarray:
-    """PRG(seed): the ChaCha20 keystream of a 32-byte seed as uint32 [dim] (a new array)."""
+    """PRG(seed): the AES-256-CTR keystream of a 32-byte seed as uint32 [dim] (a new array)."""
     if len(seed) != _KEY_BYTES:
         raise ValueError(f"PRG seeds are {_KEY_BYTES} bytes, got {len(seed)}")
     return _Keystream(dim).fill(seed).copy()
@@ -697,9 +702,8 @@ class SecAggClient:
         self._self_seed = b""
         self._peer_enc: dict[int, X25519PublicKey] = {}  # verified neighbours (U1 within N(u))
         self._peer_mask: dict[int, X25519PublicKey] = {}
-        self._enc_shared: dict[
-            int, bytes
-        ] = {}  # X25519(c_u^SK, c_v^PK), computed once per neighbour
+        # share keys (to, from) each neighbour, from X25519(c_u^SK, c_v^PK); computed once per neighbour
+        self._enc_shared: dict[int, tuple[bytes, bytes]] = {}
         self._held: dict[int, tuple[int, int]] = {}  # owner -> (y of s_owner^SK, y of b_owner)
         self._revealed: dict[int, str] = {}  # owner -> "mask key" | "self mask"
         self._uploaded = False
@@ -814,20 +818,21 @@ class SecAggClient:
                 self._held[self._id] = (s_share.y, b_share.y)
                 continue
             header = EncryptedShare(r, self._id, holder, b"")
-            key = _share_key(self._encryption_secret(holder), r, self._id, holder)
+            key = self._share_keys(holder)[0]
             plain = int_to_secret(s_share.y) + int_to_secret(b_share.y)
             ciphertext = ChaCha20Poly1305(key).encrypt(_ZERO_NONCE12, plain, header.header())
             out.append(EncryptedShare(r, self._id, holder, ciphertext).to_bytes())
         return out
 
-    def _encryption_secret(self, peer: int) -> bytes:
-        """X25519(c_u^SK, c_peer^PK): keys the share ciphertexts in both directions."""
-        secret = self._enc_shared.get(peer)
-        if secret is None:
+    def _share_keys(self, peer: int) -> tuple[bytes, bytes]:
+        """Keys of the share ciphertexts to and from ``peer``, from X25519(c_u^SK, c_peer^PK); computed once."""
+        keys = self._enc_shared.get(peer)
+        if keys is None:
             if self._enc_key is None:
                 raise SecAggError(f"client {self._id}: advertise_keys must run first")
-            secret = self._enc_shared[peer] = self._enc_key.exchange(self._peer_enc[peer])
-        return secret
+            shared = self._enc_key.exchange(self._peer_enc[peer])
+            keys = self._enc_shared[peer] = _share_keys(shared, self._round(), self._id, peer)
+        return keys
 
     def receive_shares(self, messages: Iterable[bytes]) -> None:
         """Round 1 (end): decrypt and keep the shares the neighbours sent to this client."""
@@ -847,7 +852,7 @@ class SecAggClient:
                 )
             if u in self._held:
                 raise SecAggError(f"client {self._id} got two share messages from client {u}")
-            key = _share_key(self._encryption_secret(u), r, u, self._id)
+            key = self._share_keys(u)[1]
             try:
                 plain = ChaCha20Poly1305(key).decrypt(_ZERO_NONCE12, msg.ciphertext, msg.header())
             except InvalidTag:
@@ -917,7 +922,7 @@ class SecAggClient:
                 )
             np.add(y, pair_mask_total, out=y)
         np.add(y, keystream.fill(self._self_seed), out=y)
-        payload = y.astype("<u4", copy=False).tobytes()
+        payload = memoryview(y.astype("<u4", copy=False)).cast("B")
         header = _UPLOAD_HDR.pack(MaskedUpload.MAGIC, cfg.round_id, self._id, cfg.dim)
         commitment = _commitment(self._self_seed, cfg.round_id, self._id)
         signature = self._identity.sign(MaskedUpload.signed_digest(header, commitment, payload))
