@@ -587,16 +587,26 @@ class EvalConfig:
         Distinct cut-offs K for HR@K, NDCG@K, ...
     chunk_users : int
         Users scored at once (memory is O(chunk_users x n_items)).
+    max_users : int
+        Largest number of users a federated run's validation and test rank (>= 0; 0 = no
+        limit). With more users holding a held-out item than this, every validation and
+        the test rank the same random sample of ``max_users`` of the users that have a test
+        item, drawn once from the run's seed (the validation: those of them with a
+        validation item); ``metrics.json`` gives the number ranked (``users``). The default
+        keeps every user up to 20,000 of them (ML-100K, ML-1M); a population of 100k users
+        and 50k items costs ~30 s per full ranking on 2 cores, ~6 s per sampled one.
     """
 
     ks: tuple[int, ...] = (10, 20, 50)
     chunk_users: int = 1024
+    max_users: int = 20000
 
     def __post_init__(self) -> None:
         _require(len(self.ks) >= 1, "eval.ks", "a non-empty list", list(self.ks))
         _require(all(k >= 1 for k in self.ks), "eval.ks", "a list of integers >= 1", list(self.ks))
         _require(len(set(self.ks)) == len(self.ks), "eval.ks", "without repeats", list(self.ks))
         _require(self.chunk_users >= 1, "eval.chunk_users", ">= 1", self.chunk_users)
+        _require(self.max_users >= 0, "eval.max_users", ">= 0 (0 = every user)", self.max_users)
 
 
 @dataclass(frozen=True)

@@ -122,17 +122,63 @@ def pessimistic_ranks(scores: Tensor, targets: Tensor, exclude: Tensor) -> Tenso
             f"targets must lie in [0, {n_items}), got values in "
             f"[{int(targets.min())}, {int(targets.max())}]"
         )
-    nan_rows = torch.isnan(scores).any(dim=1)
-    if bool(nan_rows.any()):
-        first = int(nan_rows.nonzero()[0, 0])
-        raise ValueError(
-            f"scores contain NaN in {int(nan_rows.sum())} of {n_rows} rows (first: row {first})"
-        )
+    _check_no_nan(scores)
     rows = torch.arange(n_rows, device=scores.device)
     target_scores = scores[rows, targets].unsqueeze(1)  # [B, 1]
     above = (scores >= target_scores) & ~exclude.to(scores.device)  # [B, I]
     above[rows, targets] = False
     return above.sum(dim=1)
+
+
+def _check_no_nan(scores: Tensor) -> None:
+    """Raise ValueError naming the rows of ``scores`` [B, I] that hold a NaN.
+
+    A row whose sum is finite holds no NaN (NaN propagates), so only rows with a
+    non-finite sum (a NaN, or an infinity) are searched.
+    """
+    suspect = ~torch.isfinite(scores.sum(dim=1))
+    if not bool(suspect.any()):
+        return
+    nan_rows = torch.zeros_like(suspect)
+    nan_rows[suspect] = torch.isnan(scores[suspect]).any(dim=1)
+    if bool(nan_rows.any()):
+        first = int(nan_rows.nonzero()[0, 0])
+        raise ValueError(
+            f"scores contain NaN in {int(nan_rows.sum())} of {scores.shape[0]} rows (first: row {first})"
+        )
+
+
+def _sparse_ranks(
+    scores: Tensor, targets: Tensor, ex_rows: Tensor, ex_items: Tensor, buffer: Tensor
+) -> Tensor:
+    """:func:`pessimistic_ranks` with the excluded items given as a sparse list, not a mask.
+
+    The rank is the number of items scoring at least the target, less the target
+    itself, less the excluded items (other than the target) that score at least it;
+    no ``[B, I]`` mask is built, and the comparison is written into ``buffer``
+    (float, at least ``B x I`` entries), reused across chunks.
+
+    Parameters
+    ----------
+    scores : Tensor, shape [B, I], floating point, without NaN.
+    targets : Tensor, shape [B], int64.
+    ex_rows, ex_items : Tensor, shape [T], int64
+        Row and item of each excluded entry; each (row, item) pair at most once.
+    buffer : Tensor, float32, at least ``B * I`` entries.
+
+    Returns
+    -------
+    Tensor, shape [B], int64.
+    """
+    n_rows, n_items = scores.shape
+    rows = torch.arange(n_rows, device=scores.device)
+    target_scores = scores[rows, targets]  # [B]
+    ex_above = (scores[ex_rows, ex_items] >= target_scores[ex_rows]) & (ex_items != targets[ex_rows])
+    ex_count = torch.bincount(ex_rows[ex_above], minlength=n_rows)
+    hits = torch.ge(scores, target_scores.unsqueeze(1), out=buffer[: n_rows * n_items].view(n_rows, n_items))
+    # a float32 sum of zeros and ones is exact below 2^24 items
+    at_least = hits.sum(dim=1, dtype=torch.float32 if n_items < 2**24 else torch.float64)
+    return at_least.to(torch.int64) - 1 - ex_count
 
 
 def metrics_from_ranks(ranks: Tensor, ks: Sequence[int] = (10, 20, 50)) -> dict[str, float]:
@@ -190,6 +236,18 @@ def _as_long(array: np.ndarray | Tensor, name: str) -> Tensor:
     return tensor.to(torch.int64)
 
 
+def _csr_entries(users: Tensor, indptr: Tensor, items: Tensor) -> tuple[Tensor, Tensor]:
+    """(row in ``users`` [T], item [T]) of every CSR entry of ``users`` [B], row by row."""
+    starts = indptr[users]
+    lengths = indptr[users + 1] - starts  # [B]
+    total = int(lengths.sum())
+    rows = torch.repeat_interleave(torch.arange(users.numel()), lengths)  # [T]
+    # Position of each entry inside its user's segment, then its CSR offset.
+    seg_offsets = torch.cumsum(lengths, 0) - lengths  # [B]
+    within = torch.arange(total) - torch.repeat_interleave(seg_offsets, lengths)
+    return rows, items[torch.repeat_interleave(starts, lengths) + within]
+
+
 def train_mask(
     users: Tensor, indptr: Tensor, items: Tensor, n_items: int, device: torch.device | str = "cpu"
 ) -> Tensor:
@@ -209,14 +267,7 @@ def train_mask(
     Tensor, shape [B, n_items], bool
         ``mask[b, i]`` is True iff item ``i`` is in the training set of ``users[b]``.
     """
-    starts = indptr[users]
-    lengths = indptr[users + 1] - starts  # [B]
-    total = int(lengths.sum())
-    rows = torch.repeat_interleave(torch.arange(users.numel()), lengths)  # [T]
-    # Position of each entry inside its user's segment, then its CSR offset.
-    seg_offsets = torch.cumsum(lengths, 0) - lengths  # [B]
-    within = torch.arange(total) - torch.repeat_interleave(seg_offsets, lengths)
-    cols = items[torch.repeat_interleave(starts, lengths) + within]  # [T]
+    rows, cols = _csr_entries(users, indptr, items)  # [T], [T]
     mask = torch.zeros(users.numel(), n_items, dtype=torch.bool, device=device)
     mask[rows.to(device), cols.to(device)] = True
     return mask
@@ -228,14 +279,17 @@ def evaluate_ranking(
     which: str = "test",
     ks: Sequence[int] = (10, 20, 50),
     chunk_size: int = 1024,
+    users: np.ndarray | Tensor | None = None,
 ) -> dict[str, float]:
     """Full-ranking leave-one-out evaluation of ``score_fn`` on one held-out split.
 
-    Every user with a held-out item for ``which`` is evaluated; users are
-    scored ``chunk_size`` at a time. For each user the training items are
-    masked; for ``which == "test"`` the validation item is masked as well (it
-    is known history by test time). The held-out item's rank is pessimistic
-    (:func:`pessimistic_ranks`).
+    Every user with a held-out item for ``which`` is evaluated (or, with ``users``,
+    every such user among them); users are scored ``chunk_size`` at a time. For
+    each user the training items are masked; for ``which == "test"`` the
+    validation item is masked as well (it is known history by test time). The
+    held-out item's rank is pessimistic (:func:`pessimistic_ranks`); it is
+    computed from the masked items as a list, without a ``[B, I]`` mask, so
+    besides the scores a chunk costs one reused ``[B, I]`` float buffer.
 
     Parameters
     ----------
@@ -250,6 +304,9 @@ def evaluate_ranking(
         Cut-offs.
     chunk_size : int
         Users scored per call of ``score_fn``; bounds memory to ``O(chunk_size x n_items)``.
+    users : int64 array or tensor [S], optional
+        Evaluate only these users (a sample of a large population); those without
+        a ``which`` item are skipped. Default: all users.
 
     Returns
     -------
@@ -263,7 +320,8 @@ def evaluate_ranking(
         For a bad ``which`` or ``chunk_size``, or if ``score_fn`` returns a
         wrongly shaped result or NaN.
     DataError
-        If the split's arrays are inconsistent, or no user has a ``which`` item.
+        If the split's arrays are inconsistent, or no user (of ``users``) has a
+        ``which`` item.
     """
     if which not in ("val", "test"):
         raise ValueError(f"which must be 'val' or 'test', got {which!r}")
@@ -290,27 +348,41 @@ def evaluate_ranking(
             raise DataError(f"split.{name} holds item {int(held.max())} >= n_items={n_items}")
 
     targets_all = val_items if which == "val" else test_items
-    users_all = torch.nonzero(targets_all >= 0).flatten()
+    has_target = targets_all >= 0
+    if users is not None:
+        chosen = torch.zeros(n_users, dtype=torch.bool)
+        chosen[_as_long(users, "users (evaluated)")] = True
+        has_target &= chosen
+    users_all = torch.nonzero(has_target).flatten()
     if users_all.numel() == 0:
-        raise DataError(f"no user has a {which} item: nothing to evaluate")
+        raise DataError(f"no user{' of the given ones' if users is not None else ''} has a {which} item: nothing to evaluate")
 
     rank_chunks: list[Tensor] = []
+    buffer: Tensor | None = None
     with torch.no_grad():
         for start in range(0, users_all.numel(), chunk_size):
-            users = users_all[start : start + chunk_size]  # [B]
-            scores = score_fn(users)  # [B, I]
-            if not isinstance(scores, Tensor) or tuple(scores.shape) != (users.numel(), n_items):
+            chunk = users_all[start : start + chunk_size]  # [B]
+            scores = score_fn(chunk)  # [B, I]
+            if not isinstance(scores, Tensor) or tuple(scores.shape) != (chunk.numel(), n_items):
                 got = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
                 raise ValueError(
-                    f"score_fn must return a tensor of shape [{users.numel()}, {n_items}], got {got}"
+                    f"score_fn must return a tensor of shape [{chunk.numel()}, {n_items}], got {got}"
                 )
-            exclude = train_mask(users, indptr, items, n_items, device=scores.device)
-            if which == "test":
-                held_val = val_items[users]
-                has_val = held_val >= 0
-                rows = torch.nonzero(has_val).flatten()
-                exclude[rows.to(scores.device), held_val[has_val].to(scores.device)] = True
-            ranks = pessimistic_ranks(scores, targets_all[users], exclude)
+            if not torch.is_floating_point(scores):
+                raise ValueError(f"scores must be floating point, got dtype {scores.dtype}")
+            _check_no_nan(scores)
+            ex_rows, ex_items = _csr_entries(chunk, indptr, items)
+            keys = ex_rows * n_items + ex_items
+            if which == "test":  # the validation item is known history by test time
+                held_val = val_items[chunk]
+                has_val = torch.nonzero(held_val >= 0).flatten()
+                keys = torch.cat([keys, has_val * n_items + held_val[has_val]])
+            keys = torch.unique(keys)  # an item masked twice is still one item
+            ex_rows, ex_items = keys // n_items, keys % n_items
+            if buffer is None or buffer.numel() < scores.numel() or buffer.device != scores.device:
+                buffer = torch.empty(scores.numel(), dtype=torch.float32, device=scores.device)
+            device = scores.device
+            ranks = _sparse_ranks(scores, targets_all[chunk].to(device), ex_rows.to(device), ex_items.to(device), buffer)
             rank_chunks.append(ranks.cpu())
     ranks_all = torch.cat(rank_chunks)
     result: dict[str, float] = metrics_from_ranks(ranks_all, ks)

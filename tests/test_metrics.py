@@ -324,3 +324,37 @@ def test_perfect_scorer_scores_one(case, which):
     m = evaluate_ranking(table_scorer(perfect), split, which, ks=(1, 5))
     assert m.pop("users") == len(has)
     assert all(v == 1.0 for v in m.values())
+
+
+@settings(max_examples=60, deadline=None)
+@given(split_and_scores(), st.sampled_from(["val", "test"]), st.data())
+def test_infinite_scores_and_user_subsets_match_brute_force(case, which, data):
+    split, scores = case
+    if not (getattr(split, f"{which}_items") >= 0).any():
+        which = "test"
+    # some entries at +-inf (ties between infinities count against the model, as finite ties do)
+    marks = data.draw(st.lists(st.sampled_from([0.0, math.inf, -math.inf]), min_size=scores.numel(), max_size=scores.numel()))
+    marks = torch.tensor(marks).reshape(scores.shape)
+    scores = torch.where(marks == 0, scores, marks)
+    subset = data.draw(st.lists(st.integers(0, split.n_users - 1), unique=True))
+    ranks = brute_force_ranks(split, scores, which)
+    has = np.flatnonzero(getattr(split, f"{which}_items") >= 0)
+    keep = np.isin(has, subset)
+    if not keep.any():
+        with pytest.raises(DataError, match="of the given ones"):
+            evaluate_ranking(table_scorer(scores), split, which, users=np.array(subset, dtype=np.int64))
+        return
+    expected = metrics_from_ranks(ranks[torch.from_numpy(keep)], (1, 2, 5))
+    got = evaluate_ranking(table_scorer(scores), split, which, ks=(1, 2, 5), chunk_size=2, users=torch.tensor(subset))
+    assert got.pop("users") == int(keep.sum())
+    assert got == pytest.approx(expected)
+
+
+def test_evaluate_counts_a_twice_masked_item_once_and_never_masks_the_target():
+    # user 0 lists item 1 twice among its training items and its validation item 2 there too;
+    # user 1 lists its own test item 3 among its training items: it is ranked, not masked
+    split = make_split(train=[[1, 1, 2], [3]], val=[2, -1], test=[0, 3], n_items=5)
+    scores = torch.tensor([[1.0, 5.0, 5.0, 2.0, 0.0], [0.0, 4.0, 0.0, 3.0, 1.0]])
+    m = evaluate_ranking(table_scorer(scores), split, "test", ks=(1, 2))
+    # user 0: items 1, 2 masked; item 3 (2.0) above the target (1.0): rank 1. user 1: item 1 above: rank 1
+    assert m["HR@1"] == 0.0 and m["HR@2"] == 1.0

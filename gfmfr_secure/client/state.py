@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["ClientStateStore", "RowStore", "put_rows", "take_rows"]
+__all__ = ["ClientRows", "ClientStateStore", "RowStore", "put_rows", "take_rows"]
 
 
 def _row_view(table: torch.Tensor) -> np.ndarray:
@@ -239,6 +239,124 @@ class RowStore:
         return out
 
 
+class ClientRows:
+    """Per-client rows of a ``[U, W]`` table, stored only for the clients that wrote one.
+
+    A row-index map (``slot``, int64 ``[U]``, -1 where a client has no row) into a buffer
+    that grows by half when full; a client without a row reads as ``default`` ``[W]``.
+    Memory is ``8 U`` bytes for the map plus ``W`` values per client that has written,
+    not ``U x W``: with a 1% cohort only the clients sampled so far hold a row.
+
+    Indexing follows a tensor's: ``rows[i]`` ([W]), ``rows[a:b]``, ``rows[idx]`` with an
+    int64 tensor or array ([n, W], copies), and the same forms on the left of ``=``.
+    """
+
+    def __init__(self, n_users: int, default: torch.Tensor) -> None:
+        if default.ndim != 1:
+            raise ValueError(f"default must be one row [W], got shape {tuple(default.shape)}")
+        self.n_users = int(n_users)
+        self.default = default.detach().clone()
+        self.slot = np.full(self.n_users, -1, dtype=np.int64)
+        self._buffer = torch.empty(0, default.numel(), dtype=default.dtype)
+        self._used = 0
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(U, W)``, the shape of the table the rows stand for."""
+        return (self.n_users, int(self.default.numel()))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.default.dtype
+
+    def clients(self) -> np.ndarray:
+        """int64 ids of the clients that hold a row, ascending."""
+        return np.flatnonzero(self.slot >= 0)
+
+    def __len__(self) -> int:
+        """Rows stored (clients that have written one), not ``U``."""
+        return self._used
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.slot.nbytes + self._used * self.shape[1] * self._buffer.element_size())
+
+    def _users(self, index: object) -> tuple[np.ndarray, bool]:
+        """``index`` as int64 user ids ``[n]``, and whether it named a single row."""
+        if isinstance(index, slice):
+            return np.arange(*index.indices(self.n_users), dtype=np.int64), False
+        arr = index.cpu().numpy() if isinstance(index, torch.Tensor) else np.asarray(index)
+        if arr.dtype.kind not in "iu" or arr.ndim > 1:
+            raise TypeError(f"ClientRows takes an int, a slice or a 1-D integer tensor or array of user ids, got {type(index).__name__} {arr.dtype}")
+        users, single = arr.reshape(-1).astype(np.int64, copy=False), arr.ndim == 0
+        if users.size and (users.min() < 0 or users.max() >= self.n_users):
+            raise IndexError(f"user ids must lie in [0, {self.n_users}), got range [{users.min()}, {users.max()}]")
+        return users, single
+
+    def gather(self, users: np.ndarray) -> torch.Tensor:
+        """Rows of ``users`` [n] -> [n, W] (a copy); ``default`` where a client has none."""
+        slots = self.slot[np.asarray(users, dtype=np.int64)]
+        out = self.default.expand(slots.size, -1).clone()
+        have = np.flatnonzero(slots >= 0)
+        if have.size:
+            put_rows(out, have, take_rows(self._buffer, slots[have]))
+        return out
+
+    def scatter(self, users: np.ndarray, values: torch.Tensor) -> None:
+        """Write ``values`` [n, W] as the rows of ``users`` [n] (a later duplicate wins)."""
+        users = np.asarray(users, dtype=np.int64)
+        values = values.detach().to(self.dtype).reshape(users.size, self.shape[1]).contiguous()
+        new = np.unique(users[self.slot[users] < 0])
+        if new.size:
+            self._reserve(self._used + new.size)
+            self.slot[new] = np.arange(self._used, self._used + new.size)
+            self._used += new.size
+        put_rows(self._buffer, self.slot[users], values)
+
+    def _reserve(self, rows: int) -> None:
+        capacity = self._buffer.shape[0]
+        if rows <= capacity:
+            return
+        grown = torch.empty(max(rows, capacity + capacity // 2), self.shape[1], dtype=self.dtype)
+        grown[: self._used].copy_(self._buffer[: self._used])
+        self._buffer = grown
+
+    def __getitem__(self, index: object) -> torch.Tensor:
+        users, single = self._users(index)
+        rows = self.gather(users)
+        return rows[0] if single else rows
+
+    def __setitem__(self, index: object, values: torch.Tensor) -> None:
+        users, _ = self._users(index)
+        self.scatter(users, torch.as_tensor(values))
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The rows as stored: ``slot`` [U], ``rows`` [stored, W], ``default`` [W] (:meth:`from_state_tensors`)."""
+        return {"slot": torch.from_numpy(self.slot), "rows": self._buffer[: self._used].clone(), "default": self.default}
+
+    @classmethod
+    def from_state_tensors(cls, state: dict[str, torch.Tensor]) -> ClientRows:
+        """Inverse of :meth:`state_tensors`."""
+        out = cls(state["slot"].numel(), state["default"])
+        out.slot = state["slot"].numpy().astype(np.int64, copy=True)
+        out._buffer = state["rows"].contiguous()
+        out._used = int(out._buffer.shape[0])
+        return out
+
+    @classmethod
+    def from_dense(cls, table: torch.Tensor, default: torch.Tensor) -> ClientRows:
+        """Rows of a dense ``[U, W]`` table that differ from ``default`` (NaN equal to NaN)."""
+        same = (table == default) | (torch.isnan(table) & torch.isnan(default))
+        users = np.flatnonzero(~same.all(dim=1).numpy())
+        out = cls(table.shape[0], default)
+        out.scatter(users, table[torch.from_numpy(users)])
+        return out
+
+    def copy(self) -> ClientRows:
+        """An independent copy."""
+        return ClientRows.from_state_tensors({k: v.clone() for k, v in self.state_tensors().items()})
+
+
 @dataclass
 class ClientStateStore:
     """Everything private to the clients, for all users (a simulation convenience).
@@ -253,9 +371,14 @@ class ClientStateStore:
     ema_ratio : [U] float64, each client's running ratio of base loss to distillation loss (NaN until first used).
     heads : [U, H] private heads (PFedRec), or None.
     group : [U] int64, the group each client was last told or chose (-1 = none).
-    head_offset : [U, H] float32, each client's head change in the last round it took
-        part in (NaN rows before its first), which oblivious grouping compares with the
-        centroids of that same round; None until oblivious grouping first needs it.
+    head_offset : :class:`ClientRows` ``[U, H]`` float32, each client's head change in the
+        last round it took part in (a NaN row before its first), which oblivious grouping
+        compares with the centroids of that same round; rows exist only for clients that
+        have taken part; None until oblivious grouping first needs it.
+
+    Memory: the user embeddings, loss ratios and groups are ``O(U)`` (``4 d + 16`` bytes a
+    client); personal rows and head changes exist only for the clients that have trained.
+    The private heads of ``pfedrec`` are still one dense ``[U, H]`` table.
     """
 
     user_embedding: torch.Tensor
@@ -263,7 +386,7 @@ class ClientStateStore:
     ema_ratio: torch.Tensor
     heads: torch.Tensor | None
     group: np.ndarray
-    head_offset: torch.Tensor | None = None
+    head_offset: ClientRows | None = None
 
     @classmethod
     def create(
@@ -296,7 +419,7 @@ class ClientStateStore:
             ema_ratio=self.ema_ratio.clone(),
             heads=self.heads.clone() if self.heads is not None else None,
             group=self.group.copy(),
-            head_offset=self.head_offset.clone() if self.head_offset is not None else None,
+            head_offset=self.head_offset.copy() if self.head_offset is not None else None,
         )
 
     @property
@@ -307,5 +430,5 @@ class ClientStateStore:
         if self.heads is not None:
             n += self.heads.numel() * 4
         if self.head_offset is not None:
-            n += self.head_offset.numel() * 4
+            n += self.head_offset.nbytes
         return int(n)

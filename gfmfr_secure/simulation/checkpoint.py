@@ -8,7 +8,8 @@ checkpoint. It holds
 
 * the round to run next, and whether early stopping already ended the loop;
 * the shared parameters and every client's private state (user embeddings, the
-  sparse personal tables in their exact layout, heads, groups, loss ratios);
+  sparse personal tables and the per-client head changes of oblivious grouping in
+  their exact layout, heads, groups, loss ratios);
 * the server's state: fusion-module parameters, teacher, server-side group
   assignment, oblivious-grouping centroids, the aggregation backend's round counter;
 * the privacy ledger and adaptive clip (user-level DP) or each client's DP-SGD
@@ -46,7 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gfmfr_secure.client.state import ClientStateStore, RowStore
+from gfmfr_secure.client.state import ClientRows, ClientStateStore, RowStore
 from gfmfr_secure.config import config_to_yaml
 from gfmfr_secure.errors import ConfigError, DataError
 from gfmfr_secure.models import SharedParams
@@ -193,8 +194,9 @@ def _model_tensors(shared: SharedParams, store: ClientStateStore) -> dict[str, t
         "store.ema_ratio": store.ema_ratio,
         "store.heads": store.heads,
         "store.group": torch.from_numpy(store.group),
-        "store.head_offset": store.head_offset,
     })
+    if store.head_offset is not None:
+        out.update({f"store.head_offset.{k}": v for k, v in store.head_offset.state_tensors().items()})
     if store.personal is not None:
         out.update({f"store.personal.{k}": v for k, v in store.personal.state_tensors().items()})
     return out
@@ -206,13 +208,19 @@ def _model_from_tensors(t: dict[str, Any]) -> tuple[SharedParams, ClientStateSto
     personal = None
     if "store.personal.keys" in t:
         personal = RowStore.from_state_tensors(n_users, n_items, {k: t[f"store.personal.{k}"] for k in ("keys", "slot", "rows")})
+    head_offset = None
+    if "store.head_offset.slot" in t:
+        head_offset = ClientRows.from_state_tensors({k: t[f"store.head_offset.{k}"] for k in ("slot", "rows", "default")})
+    elif t.get("store.head_offset") is not None:  # written before the rows were stored per client: a dense [U, H] table
+        dense = t["store.head_offset"]
+        head_offset = ClientRows.from_dense(dense, torch.full((dense.shape[1],), float("nan"), dtype=dense.dtype))
     store = ClientStateStore(
         user_embedding=t["store.user_embedding"],
         personal=personal,
         ema_ratio=t["store.ema_ratio"],
         heads=t["store.heads"],
         group=t["store.group"].numpy(),
-        head_offset=t.get("store.head_offset"),
+        head_offset=head_offset,
     )
     return shared, store
 

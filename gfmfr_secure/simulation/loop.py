@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from gfmfr_secure import schedules
 from gfmfr_secure.aggregation import get_aggregator, group_sums
 from gfmfr_secure.client.cohort import train_cohort
-from gfmfr_secure.client.state import ClientStateStore
+from gfmfr_secure.client.state import ClientRows, ClientStateStore
 from gfmfr_secure.data import Split, sample_training
 from gfmfr_secure.errors import ConfigError
 from gfmfr_secure.metrics import evaluate_ranking
@@ -59,7 +59,7 @@ from gfmfr_secure.simulation.scoring import score_users
 from gfmfr_secure.simulation.selection import ValidationSelector
 from gfmfr_secure.types import AdversaryView, CohortUpdate, Exposure, LocalHyper
 
-__all__ = ["SERVER_GROUPING", "FederatedRun", "RoundCallback", "run_federated"]
+__all__ = ["SERVER_GROUPING", "FederatedRun", "RoundCallback", "evaluation_users", "run_federated"]
 
 RoundCallback = Callable[[AdversaryView], None]
 
@@ -217,6 +217,10 @@ def run_federated(
     def scorer(sh: Any, st: ClientStateStore) -> Callable[[torch.Tensor], torch.Tensor]:
         return lambda users: score_users(sh, st, backbone, users, scorer=mc.scorer)
 
+    eval_users = evaluation_users(split, cfg.eval.max_users, seed)
+    if eval_users is not None:
+        log.info("validation and test rank a fixed sample of %d of the %d users with a test item (eval.max_users)", eval_users.size, int((split.test_items >= 0).sum()))
+
     selector = ValidationSelector(tc.patience, mode=tc.selection)
     history: list[dict[str, Any]] = []
     timing: dict[str, list[float]] = {"client": [], "server": [], "eval": []}
@@ -258,7 +262,7 @@ def run_federated(
         if not ((t + 1) % tc.eval_every == 0 or t == tc.rounds - 1):
             return False
         t3 = time.perf_counter()
-        val = evaluate_ranking(scorer(server.shared, store), split, "val", ks=ks, chunk_size=cfg.eval.chunk_users)
+        val = evaluate_ranking(scorer(server.shared, store), split, "val", ks=ks, chunk_size=cfg.eval.chunk_users, users=eval_users)
         timing["eval"].append(time.perf_counter() - t3)
         rec["val"] = val
         bar.set_postfix(ndcg10=f"{val['NDCG@10']:.4f}")
@@ -478,7 +482,7 @@ def run_federated(
     if selector.snapshot is None:
         raise RuntimeError("no validation round was run; check eval.every and train.rounds")
     sel_shared, sel_store = selector.snapshot
-    test = evaluate_ranking(scorer(sel_shared, sel_store), split, "test", ks=ks, chunk_size=cfg.eval.chunk_users)
+    test = evaluate_ranking(scorer(sel_shared, sel_store), split, "test", ks=ks, chunk_size=cfg.eval.chunk_users, users=eval_users)
     metrics = {
         "privacy": record_dp.report(cfg, grouping, n_groups) if record_dp is not None else privacy_report(cfg, dp, grouping, n_groups),
         "val": selector.best_val,
@@ -502,6 +506,21 @@ def run_federated(
     if floor is not None:
         privacy["group_floor"] = floor_report(floor, floor_stats["merged_rounds"], floor_stats["skipped_rounds"], floor_stats["smallest"])
     return FederatedRun(shared=sel_shared, store=sel_store, server=server, metrics=metrics, history=history)
+
+
+def evaluation_users(split: Split, max_users: int, seed: int) -> np.ndarray | None:
+    """The users validation and test rank: None (all) or a fixed sample, int64 [max_users] ascending.
+
+    With more than ``max_users`` users holding a test item (and ``max_users > 0``),
+    ``max_users`` of them are drawn uniformly without replacement from the run's seed;
+    every validation and the test use the same sample (a validation ranks those of
+    them with a validation item).
+    """
+    candidates = np.flatnonzero(split.test_items >= 0)
+    if max_users <= 0 or candidates.size <= max_users:
+        return None
+    rng = numpy_rng(seed, "eval-users")
+    return np.sort(rng.choice(candidates, size=max_users, replace=False))
 
 
 def _check_finite(update: CohortUpdate, round_idx: int, hyper: LocalHyper) -> None:
@@ -553,20 +572,21 @@ def oblivious_groups(
 
     Parameters
     ----------
-    store : the clients' private state (``head_offset`` [U, H] is created here).
+    store : the clients' private state (``head_offset``, rows ``[U, H]`` kept for the clients
+        that took part, is created here).
     cohort : [n] int64 user ids; offsets : [n, H] this round's head changes.
     centroids : [G, H] broadcast centroids, or None before any were released.
     init_groups : [U] int64 random partition.
     """
     if store.head_offset is None:
-        store.head_offset = torch.full((init_groups.size, offsets.shape[1]), float("nan"))
+        store.head_offset = ClientRows(init_groups.size, torch.full((offsets.shape[1],), float("nan")))
     groups = init_groups[cohort].copy()
     if centroids is not None:
-        previous = store.head_offset[torch.from_numpy(cohort)]
+        previous = store.head_offset.gather(cohort)
         known = ~torch.isnan(previous).any(dim=1)
         if bool(known.any()):
             groups[known.numpy()] = nearest_centroid(previous[known].double().numpy(), centroids)
-    store.head_offset[torch.from_numpy(cohort)] = offsets.float()
+    store.head_offset.scatter(cohort, offsets.float())
     return groups
 
 
