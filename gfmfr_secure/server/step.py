@@ -17,7 +17,7 @@ import torch
 from gfmfr_secure.models.params import SharedParams, unflatten_heads
 from gfmfr_secure.server.fusion import GroupFusion
 from gfmfr_secure.server.fusion_training import train_fusion
-from gfmfr_secure.server.teacher import group_preferences
+from gfmfr_secure.server.teacher import fused_preferences
 from gfmfr_secure.types import AggregateResult
 
 __all__ = ["ServerState", "apply_fedavg_", "group_targets", "update_teacher_"]
@@ -146,9 +146,7 @@ def update_teacher_(
             generator=generator,
             compiled=compiled,
         )
-    with torch.no_grad():
-        fused = state.fusion.forward_all()
-        q = group_preferences(fused, w2, b2)
+    q = fused_preferences(state.fusion, w2, b2)  # in item chunks: no [G, I, width] intermediates at scale
     if state.teacher is None:
         state.teacher = torch.full_like(q, 0.5)
     state.teacher[mask] = q[mask]

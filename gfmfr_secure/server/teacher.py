@@ -8,12 +8,18 @@ clients' prediction head, averaged over the group's members):
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
 from gfmfr_secure.errors import DataError
 
-__all__ = ["group_preferences"]
+__all__ = ["TEACHER_CHUNK_ITEMS", "fused_preferences", "group_preferences"]
+
+#: Items fused at once for the teacher: its transient memory is ``G x chunk x width``, not
+#: ``G x I x width`` (ML-100K's 1,682 items are one chunk).
+TEACHER_CHUNK_ITEMS = 8192
 
 
 def group_preferences(fused: Tensor, out_weight: Tensor, out_bias: Tensor) -> Tensor:
@@ -59,3 +65,30 @@ def group_preferences(fused: Tensor, out_weight: Tensor, out_bias: Tensor) -> Te
             raise DataError(f"{name} contains NaN/inf entries")
     logits = torch.einsum("gid,gd->gi", fused, out_weight) + out_bias[:, None]
     return torch.sigmoid(logits)
+
+
+@torch.no_grad()
+def fused_preferences(fusion: Any, out_weight: Tensor, out_bias: Tensor, chunk_items: int = TEACHER_CHUNK_ITEMS) -> Tensor:
+    """:func:`group_preferences` of ``fusion.forward_all()``, computed ``chunk_items`` items at a time.
+
+    Parameters
+    ----------
+    fusion : a :class:`~gfmfr_secure.server.fusion.GroupFusion` (``G`` groups, ``I`` items).
+    out_weight : Tensor, shape [G, d]; out_bias : Tensor, shape [G].
+    chunk_items : items per chunk (>= 1); with ``I <= chunk_items`` this is exactly
+        ``group_preferences(fusion.forward_all(), out_weight, out_bias)``.
+
+    Returns
+    -------
+    Tensor, shape [G, I].
+    """
+    if chunk_items < 1:
+        raise DataError(f"chunk_items must be >= 1, got {chunk_items}")
+    n_items = int(fusion.n_items)
+    if n_items <= chunk_items:
+        return group_preferences(fusion.forward_all(), out_weight, out_bias)
+    out = torch.empty(int(fusion.n_groups), n_items, dtype=out_weight.dtype)
+    for start in range(0, n_items, chunk_items):
+        items = torch.arange(start, min(start + chunk_items, n_items))
+        out[:, start : start + items.numel()] = group_preferences(fusion.forward_grid(None, items), out_weight, out_bias)
+    return out
