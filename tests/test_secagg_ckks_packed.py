@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gfmfr_secure.aggregation.ckks import ckks_params_for
-from gfmfr_secure.secagg import ckks as ckks_module
+from gfmfr_secure.secagg.ckks import driver as ckks_driver
 from gfmfr_secure.secagg.ckks import (
     HE_STANDARD_MAX_LOG_Q,
     CKKSError,
@@ -24,6 +24,7 @@ from gfmfr_secure.secagg.ckks import (
     encrypted_sum,
     slots_to_coefficients,
 )
+from gfmfr_secure.secagg.ckks.messages import Scratch
 
 ts = pytest.importorskip("tenseal")
 from tenseal import sealapi  # noqa: E402  (after the skip)
@@ -37,7 +38,7 @@ def exact_packed_decryption(holder: KeyHolder, enc_sum: list[bytes]) -> np.ndarr
     seal_context = holder._context.seal_context().data
     decryptor = sealapi.Decryptor(seal_context, holder._context.secret_key().data)
     encoder = sealapi.CKKSEncoder(seal_context)
-    scratch = ckks_module._Scratch()
+    scratch = Scratch()
     slots = []
     for blob in enc_sum:
         plain = sealapi.Plaintext()
@@ -57,7 +58,7 @@ def test_coefficient_and_slot_maps_are_inverse(seed: int, degree: int) -> None:
 @pytest.mark.parametrize("custody", ["authority", "shared-clients"])
 @pytest.mark.parametrize("workers", [1, 2])
 def test_packed_sum_equals_numpy_sum(custody: str, workers: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ckks_module, "_PARALLEL_MIN_VALUES", 1)  # fork even for a small test
+    monkeypatch.setattr(ckks_driver, "_PARALLEL_MIN_VALUES", 1)  # fork even for a small test
     x = np.random.default_rng(0).uniform(-8, 8, (5, N + 700)).astype(np.float32)
     total, cost = encrypted_sum(x, params=P, custody=custody, wire="packed", workers=workers)  # type: ignore[arg-type]
     symmetric = custody == "shared-clients"

@@ -24,7 +24,7 @@ from test_ckks_key_recovery import N, _psi, _zstd_decompress, intt, ntt  # noqa:
 
 from gfmfr_secure.aggregation.ckks import ckks_params_for  # noqa: E402
 from gfmfr_secure.secagg.ckks import KeyHolder  # noqa: E402
-from gfmfr_secure.secagg.ckks import _Scratch as Scratch  # noqa: E402
+from gfmfr_secure.secagg.ckks.messages import Scratch  # noqa: E402
 from gfmfr_secure.secagg.ckks import slots_to_coefficients  # noqa: E402
 
 PARAMS = ckks_params_for(8.0, 943, packing="coefficients")  # the backend's: (60, 49), Delta = 2**46

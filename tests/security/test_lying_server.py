@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 
 from gfmfr_secure.config import config_from_dict, with_overrides
 from gfmfr_secure.errors import ConfigError
-from gfmfr_secure.secagg import masking
+from gfmfr_secure.secagg.masking import primitives as masking
 from gfmfr_secure.secagg.fixedpoint import decode_sum
 from gfmfr_secure.secagg.masking import (
     KeyAdvert,
@@ -75,7 +75,7 @@ def _lying_server_attack(config, clients, uploads, adverts, b_half, s_half):
     for v in range(N):
         if v == VICTIM:
             continue
-        pair = masking._pair_seed(mask_key, X25519PublicKey.from_public_bytes(adverts[v].mask_public), config.round_id, VICTIM, v)
+        pair = masking.derive_pair_seed(mask_key, X25519PublicKey.from_public_bytes(adverts[v].mask_public), config.round_id, VICTIM, v)
         mask = masking.prg_mask(pair, DIM)
         y = y - mask if v > VICTIM else y + mask
     return decode_sum(y, frac_bits=config.frac_bits)

@@ -13,7 +13,7 @@ import secrets
 import numpy as np
 import pytest
 
-from gfmfr_secure.secagg import masking
+from gfmfr_secure.secagg.masking import client as masking
 from gfmfr_secure.secagg.fixedpoint import HEADROOM_BITS, centre, decode_sum, sum_bound
 from gfmfr_secure.secagg.masking import SecAggClient, SecAggConfig, SecAggError, SecAggServer, neighbourhood_graph
 
