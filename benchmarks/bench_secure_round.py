@@ -18,7 +18,8 @@ must stay within 1e-3 (its release carries the flooding noise).
 
 The secure backends spread their simulated clients over the CPUs this process may use
 (``GFMFR_WORKERS`` overrides the count); the load average is printed because the
-timings are wall-clock.
+round times are wall-clock (the CPU seconds of each run, children included, are printed
+beside them: on a shared machine they move less with the load).
 
     python benchmarks/bench_secure_round.py --data ../shared/datasets/ml-100k-mm --backends plain masking ckks --rounds 2
 """
@@ -44,6 +45,12 @@ from gfmfr_secure.simulation.runner import prepare_data
 TARGETS = {"masking": (2.0, None), "ckks": (20.0, 8.0)}
 #: backend -> largest |NDCG@10 - plain's| after every round
 ACCURACY = {"masking": 0.0, "ckks": 1e-3}
+
+
+def cpu_seconds() -> float:
+    """CPU seconds of this process and of its finished children (the secure backends' workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def verdict(value: float, limit: float | None) -> str:
@@ -75,29 +82,33 @@ def main() -> int:
     rows = {}
     for backend in args.backends:
         cfg = load_config(args.config, [*base, f"aggregation.backend={backend}"])
+        cpu0 = cpu_seconds()
         run = loop.run_federated(cfg, data, split, progress=False)
+        cpu = (cpu_seconds() - cpu0) / args.rounds
         hist = run.history
         per_round = sum(h["client_s"] + h["server_s"] for h in hist) / len(hist)
         cost = run.metrics["cost"]
         ndcg = [h["val"]["NDCG@10"] for h in hist]
-        rows[backend] = (per_round, cost, ndcg)
+        rows[backend] = (per_round, cost, ndcg, cpu)
         print(
-            f"{backend}: {per_round:.2f} s per round (client training {sum(h['client_s'] for h in hist) / len(hist):.2f} s), "
+            f"{backend}: {per_round:.2f} s per round (client training {sum(h['client_s'] for h in hist) / len(hist):.2f} s; "
+            f"{cpu:.1f} CPU s per round, validation included), "
             f"val NDCG@10 by round {', '.join(f'{v:.5f}' for v in ndcg)}; cost {', '.join(f'{k} {v:.4g}' for k, v in cost.items())}"
         )
     print(f"load average after: {os.getloadavg()[0]:.1f}")
     if "plain" not in rows:
         return 0
-    p_time, p_cost, p_ndcg = rows["plain"]
+    p_time, p_cost, p_ndcg, p_cpu = rows["plain"]
     sparse = p_cost["bytes_up_per_client"]
-    for backend, (secs, cost, ndcg) in rows.items():
+    for backend, (secs, cost, ndcg, cpu) in rows.items():
         if backend == "plain":
             continue
         time_limit, bytes_limit = TARGETS.get(backend, (None, None))
         dense = cost.get("plain_dense_bytes_per_client", float("nan"))
         ratio = cost["bytes_up_per_client"] / dense
         print(
-            f"{backend} / plain: time x{secs / p_time:.2f}{verdict(secs / p_time, time_limit)}; bytes up x{ratio:.2f} vs plain with the same "
+            f"{backend} / plain: time x{secs / p_time:.2f}{verdict(secs / p_time, time_limit)} (CPU x{cpu / p_cpu:.2f}); "
+            f"bytes up x{ratio:.2f} vs plain with the same "
             f"information ({dense / 2**20:.2f} MiB dense float32){verdict(ratio, bytes_limit)}, "
             f"x{cost['bytes_up_per_client'] / sparse:.1f} vs plain's sparse upload ({sparse / 2**10:.0f} KiB)"
         )
