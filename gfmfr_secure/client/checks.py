@@ -122,8 +122,10 @@ class BroadcastAttestation:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> BroadcastAttestation:
-        if not isinstance(data, (bytes, bytearray)) or len(data) != cls.SIZE:
-            raise ClientRefusal(f"a broadcast attestation is {cls.SIZE} bytes, got {type(data).__name__} of length {len(data) if isinstance(data, (bytes, bytearray)) else '?'}")
+        if not isinstance(data, (bytes, bytearray)):
+            raise ClientRefusal(f"a broadcast attestation must be bytes, got {type(data).__name__}")
+        if len(data) != cls.SIZE:
+            raise ClientRefusal(f"a broadcast attestation is {cls.SIZE} bytes, got {len(data)}")
         magic, round_id, client, digest = _ATTEST.unpack_from(data)
         if magic != cls.MAGIC:
             raise ClientRefusal(f"not a broadcast attestation: bad magic {magic!r}")
@@ -271,13 +273,13 @@ def verify_count_transcript(
     ClientRefusal
         The client's own upload is missing, or any message fails the server's checks.
     """
-    digest = hashlib.sha256(MaskedUpload.from_bytes(own_upload, config.dim).payload).digest()
+    mine = MaskedUpload.from_bytes(own_upload, config.dim)
+    digest, own = hashlib.sha256(mine.payload).digest(), mine.client
     try:
         server = SecAggServer(config, graph, identity_keys)
         server.collect_adverts(transcript.adverts)
         server.route_shares(transcript.shares)
         accepted = [server.receive_upload(u) for u in transcript.uploads]
-        own = MaskedUpload.from_bytes(own_upload, config.dim).client
         if own not in accepted or server.upload_digest(own) != digest:
             raise ClientRefusal(f"client {own} refuses: its own upload is not in the transcript of round {config.round_id}")
         server.unmask_requests()
