@@ -128,14 +128,15 @@ def sybil_section(cfg: Any, split: Any, cohort: np.ndarray, repeats: int) -> str
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    for name in ("users", "loop_users", "dim", "repeats"):
-        if getattr(args, name) < 1:
-            print(f"error: --{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}", file=sys.stderr)
+    # the secure sums need 2 clients; the loop's group floor is 10
+    for name, least in (("users", 2), ("loop_users", 10), ("dim", 1), ("repeats", 1)):
+        if getattr(args, name) < least:
+            print(f"error: --{name.replace('_', '-')} must be at least {least}, got {getattr(args, name)}", file=sys.stderr)
             return 2
     try:
         data = make_synthetic(60, 80, n_groups=3, mean_interactions=12, text_dim=8, image_dim=6, seed=7) if args.data is None else load_dataset(args.data)
     except (GfmfrError, OSError) as err:
-        print(f"error: cannot load --data {args.data}: {err}", file=sys.stderr)
+        print(f"error: cannot load --data {args.data}: {err}; pass a dataset folder or an interactions CSV file, or leave --data out for the synthetic data", file=sys.stderr)
         return 2
     split = leave_one_out(data)
     active = np.flatnonzero(split.train_counts() > 0)
