@@ -36,7 +36,7 @@ import gfmfr_secure  # noqa: F401  (first: sets the OpenMP wait policy before to
 # isort: split
 import torch
 
-from gfmfr_secure.aggregation.ckks import simulation_workers
+from gfmfr_secure.secagg.simulation import simulation_workers
 from gfmfr_secure.config import load_config
 from gfmfr_secure.simulation import loop
 from gfmfr_secure.simulation.runner import prepare_data
@@ -78,7 +78,7 @@ def main() -> int:
     ]
     cfg0 = load_config(args.config, base)
     data, split = prepare_data(cfg0)
-    print(f"{os.cpu_count()} CPUs, secure backends on {simulation_workers()} worker process(es); load average {os.getloadavg()[0]:.1f}")
+    print(f"{os.cpu_count()} CPUs, secure backends on {simulation_workers()} workers (masking: threads, ckks: processes); load average {os.getloadavg()[0]:.1f}")
     rows = {}
     for backend in args.backends:
         cfg = load_config(args.config, [*base, f"aggregation.backend={backend}"])

@@ -18,7 +18,6 @@ the flooding bound are documented in :mod:`gfmfr_secure.secagg.ckks`.
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 import numpy as np
@@ -30,11 +29,11 @@ from gfmfr_secure.aggregation.layout import (
     noisy_dense_uploads,
     secure_layout,
 )
-from gfmfr_secure.errors import ConfigError
 from gfmfr_secure.privacy.release import ReleaseNoise
+from gfmfr_secure.secagg.simulation import simulation_workers
 from gfmfr_secure.types import AggregateResult, CohortUpdate, Exposure
 
-__all__ = ["CKKSAggregatorBackend", "ckks_params_for", "simulation_workers"]
+__all__ = ["CKKSAggregatorBackend", "ckks_params_for"]
 
 
 def ckks_params_for(value_bound: float, max_summands: int, packing: str = "slots") -> Any:
@@ -63,19 +62,6 @@ def ckks_params_for(value_bound: float, max_summands: int, packing: str = "slots
         raise CKKSError(f"no scale lets {max_summands} values |x| <= {value_bound} fit a 60-bit data prime")
     bits = min(56, math.floor(66.9 - math.log2(max_summands * value_bound)))
     return CKKSParams(4096, (34, 34, 41), bits, max_abs_value=float(value_bound), max_summands=int(max_summands))
-
-
-def simulation_workers() -> int:
-    """Processes the simulated clients run on: ``GFMFR_WORKERS`` if set, else the CPUs this process may use.
-
-    The count changes wall time only: secure sums are exact, whatever the split.
-    """
-    raw = os.environ.get("GFMFR_WORKERS", "").strip()
-    if raw:
-        if not raw.isdigit() or int(raw) < 1:
-            raise ConfigError(f"GFMFR_WORKERS must be a whole number >= 1 (processes for the simulated clients), got {raw!r}")
-        return int(raw)
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 @register_aggregator("ckks")

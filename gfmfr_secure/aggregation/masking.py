@@ -26,6 +26,7 @@ from gfmfr_secure.aggregation.layout import (
 from gfmfr_secure.errors import ConfigError
 from gfmfr_secure.privacy.release import ReleaseNoise
 from gfmfr_secure.rng import derive_seed, numpy_rng
+from gfmfr_secure.secagg.simulation import simulation_workers
 from gfmfr_secure.types import AggregateResult, CohortUpdate, Exposure
 
 __all__ = ["MaskingAggregator"]
@@ -91,6 +92,7 @@ class MaskingAggregator(Aggregator):
             dropped=dropped,
             round_id=t_round,
             secrets=self.secrets.mode,
+            workers=simulation_workers(),
         )
         c = result.costs
         survivors = np.asarray(result.survivors)
@@ -102,6 +104,7 @@ class MaskingAggregator(Aggregator):
             )
         agg = decode_sum(result.total, layout, n_clients=int(survivors.size), grouped=groups is not None)
         self.last_cost = {
+            "workers": float(simulation_workers()),
             "bytes_up_per_client": float(np.mean(c.bytes_up[survivors])),
             "bytes_down_per_client": float(np.mean(c.bytes_down[survivors])),
             "plain_dense_bytes_per_client": float(c.plain_bytes),

@@ -7,8 +7,10 @@ roles passes as bytes.
 from __future__ import annotations
 
 import secrets as _os_secrets
+import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,7 +18,7 @@ import numpy as np
 from gfmfr_secure.rng import SECRET_MODES
 from gfmfr_secure.secagg.fixedpoint import centre, check_values, decode_sum
 from gfmfr_secure.secagg.masking.client import SecAggClient
-from gfmfr_secure.secagg.masking.params import SecAggConfig, neighbourhood_graph
+from gfmfr_secure.secagg.masking.params import NeighbourGraph, SecAggConfig, neighbourhood_graph
 from gfmfr_secure.secagg.masking.primitives import KEY_BYTES, Keystream, client_secret_seed
 from gfmfr_secure.secagg.masking.server import SecAggServer
 
@@ -91,6 +93,66 @@ def _check_dropped(dropped: Sequence[int], n: int) -> frozenset[int]:
     return frozenset(ids)
 
 
+@dataclass(frozen=True, eq=False)
+class _ArcJob:
+    """Round 2 for a contiguous arc of the ring: pair masks, masked uploads, delivery to the server.
+
+    Each pair's mask is expanded once when both endpoints lie on the arc and once per
+    endpoint otherwise (only pairs across the ends of an arc: about ``k^2 / 4`` per arc),
+    and added to the running totals of its surviving endpoints on the arc; its cost is
+    charged to each of them. Visiting the arc in ring order finishes a client as soon as
+    all its pairs are done, so only the totals of about k clients are alive per arc.
+    """
+
+    clients: list[SecAggClient]
+    vectors: np.ndarray
+    partners: dict[int, frozenset[int]]
+    drop: frozenset[int]
+    graph: NeighbourGraph
+    mask_s: np.ndarray
+    bytes_up: np.ndarray
+    deliver: Callable[[int, bytes], None]
+
+    def run(self, arc: list[int]) -> None:
+        on_arc = set(arc)
+        dim = self.vectors.shape[1]
+        keystream = Keystream(dim)
+        partial: dict[int, np.ndarray] = {}
+        visited: set[int] = set()
+        for u in arc:
+            for v in self.graph.neighbours[u]:
+                if v in visited:
+                    continue
+                ends = [w for w, other in ((u, v), (v, u)) if w in on_arc and w in self.partners and other in self.partners[w]]
+                if not ends:
+                    continue
+                t0 = time.perf_counter()
+                mask = keystream.fill(self.clients[ends[0]].pair_seed(v if ends[0] == u else u))
+                expand_s = time.perf_counter() - t0
+                for w in ends:
+                    other = v if w == u else u
+                    t0 = time.perf_counter()
+                    acc = partial.get(w)
+                    if acc is None:
+                        acc = partial[w] = np.zeros(dim, dtype=np.uint32)
+                    if other > w:
+                        np.add(acc, mask, out=acc)
+                    else:
+                        np.subtract(acc, mask, out=acc)
+                    self.mask_s[w] += expand_s + time.perf_counter() - t0
+            visited.add(u)
+            if u in self.drop:
+                continue
+            pair_total = partial.pop(u, None)
+            if pair_total is None:
+                pair_total = np.zeros(dim, dtype=np.uint32)
+            t0 = time.perf_counter()
+            upload = self.clients[u].masked_upload(self.vectors[u], pair_mask_total=pair_total)
+            self.mask_s[u] += time.perf_counter() - t0
+            self.bytes_up[u] += len(upload)
+            self.deliver(u, upload)
+
+
 def secure_sum(
     vectors: np.ndarray,
     *,
@@ -102,6 +164,7 @@ def secure_sum(
     round_id: int = 0,
     on_upload: Callable[[int, bytes], None] | None = None,
     secrets: str = "os",
+    workers: int = 1,
 ) -> SecureSumResult:
     """Simulate one full secure-aggregation round for n clients and return the survivors' sum.
 
@@ -122,6 +185,10 @@ def secure_sum(
     secrets : ``os`` (default): each client's secret seed is 32 bytes from the OS CSPRNG.
         ``reproducible``: derived from ``seed`` (:func:`client_secret_seed`), so equal seeds give
         identical uploads; a simulation mode that protects nothing against whoever knows the seed.
+    workers : threads that play the clients (and hash, check and unmask for the server). The
+        AES keystream, SHA-256, Ed25519, X25519 and numpy release the GIL, so most of a round
+        runs in parallel. The ring is cut into ``workers`` arcs for the masking round: pairs
+        across two arcs are expanded once per arc. The sum does not depend on ``workers``.
 
     Returns
     -------
@@ -137,6 +204,8 @@ def secure_sum(
         raise ValueError(f"vectors must be a float32 array of shape [n, D], got {got}")
     if secrets not in SECRET_MODES:
         raise ValueError(f"secrets must be one of {', '.join(SECRET_MODES)}, got {secrets!r}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an int >= 1, got {workers!r}")
     n, dim = vectors.shape
     drop = _check_dropped(dropped, n)
     check_values(vectors, value_bound)
@@ -154,109 +223,93 @@ def secure_sum(
     unmask_s = np.zeros(n)
     server_setup = server_aggregate = server_unmask = 0.0
 
-    clients = []
-    for u in range(n):
-        t0 = time.perf_counter()
-        secret_seed = (
-            client_secret_seed(seed, u) if secrets == "reproducible" else _os_secrets.token_bytes(KEY_BYTES)
-        )
-        clients.append(SecAggClient(u, config, graph, secret_seed))
-        keygen_s[u] += time.perf_counter() - t0
-    identity_keys = {u: c.identity_public_key for u, c in enumerate(clients)}
-    server = SecAggServer(config, graph, identity_keys)
-
-    # Round 0: AdvertiseKeys.
-    adverts = []
-    for u, client in enumerate(clients):
-        t0 = time.perf_counter()
-        adverts.append(client.advertise_keys())
-        keygen_s[u] += time.perf_counter() - t0
-        bytes_up[u] += len(adverts[-1])
-    t0 = time.perf_counter()
-    routed_adverts = server.collect_adverts(adverts)
-    server_setup += time.perf_counter() - t0
-
-    # Round 1: ShareKeys.
-    outgoing: list[bytes] = []
-    for u, client in enumerate(clients):
-        incoming = routed_adverts.get(u, [])
-        bytes_down[u] += sum(len(m) for m in incoming)
-        t0 = time.perf_counter()
-        sent = client.share_keys(incoming, identity_keys)
-        share_s[u] += time.perf_counter() - t0
-        bytes_up[u] += sum(len(m) for m in sent)
-        outgoing.extend(sent)
-    t0 = time.perf_counter()
-    routed_shares = server.route_shares(outgoing)
-    server_setup += time.perf_counter() - t0
-    del outgoing
-    for u, client in enumerate(clients):
-        incoming = routed_shares.get(u, [])
-        bytes_down[u] += sum(len(m) for m in incoming)
-        t0 = time.perf_counter()
-        client.receive_shares(incoming)
-        share_s[u] += time.perf_counter() - t0
-
-    # Round 2: MaskedInputCollection. Each pair's mask is expanded once (by a surviving endpoint)
-    # and added to both endpoints' running totals; its cost is charged to both. Visiting clients
-    # in ring order finishes each client as soon as all its pairs are done, so only the totals of
-    # about k clients are alive at once for a SecAgg+ graph.
-    keystream = Keystream(dim)
-    partners = {u: frozenset(clients[u].mask_partners()) for u in range(n) if u not in drop}
-    partial: dict[int, np.ndarray] = {}
-    visited: set[int] = set()
-    for u in graph.order:
-        for v in graph.neighbours[u]:
-            if v in visited:
-                continue
-            ends = [w for w, other in ((u, v), (v, u)) if w in partners and other in partners[w]]
-            if not ends:
-                continue
+    pool = ThreadPoolExecutor(workers) if workers > 1 else None
+    run = pool.map if pool is not None else map
+    try:
+        # Round 0: AdvertiseKeys (each client makes its keys from its own secret seed).
+        def make_client(u: int) -> tuple[SecAggClient, bytes]:
             t0 = time.perf_counter()
-            mask = keystream.fill(clients[ends[0]].pair_seed(v if ends[0] == u else u))
-            expand_s = time.perf_counter() - t0
-            for w in ends:
-                other = v if w == u else u
-                t0 = time.perf_counter()
-                acc = partial.get(w)
-                if acc is None:
-                    acc = partial[w] = np.zeros(dim, dtype=np.uint32)
-                if other > w:
-                    np.add(acc, mask, out=acc)
-                else:
-                    np.subtract(acc, mask, out=acc)
-                mask_s[w] += expand_s + time.perf_counter() - t0
-        visited.add(u)
-        if u in drop:
-            continue
-        pair_total = partial.pop(u, None)
-        if pair_total is None:
-            pair_total = np.zeros(dim, dtype=np.uint32)
-        t0 = time.perf_counter()
-        upload = clients[u].masked_upload(vectors[u], pair_mask_total=pair_total)
-        mask_s[u] += time.perf_counter() - t0
-        bytes_up[u] += len(upload)
-        if on_upload is not None:
-            on_upload(u, upload)
-        t0 = time.perf_counter()
-        server.receive_upload(upload)
-        server_aggregate += time.perf_counter() - t0
-        del upload, pair_total
+            secret_seed = client_secret_seed(seed, u) if secrets == "reproducible" else _os_secrets.token_bytes(KEY_BYTES)
+            client = SecAggClient(u, config, graph, secret_seed)
+            advert = client.advertise_keys()
+            keygen_s[u] += time.perf_counter() - t0
+            bytes_up[u] += len(advert)
+            return client, advert
 
-    # Round 3: Unmasking.
-    t0 = time.perf_counter()
-    requests = server.unmask_requests()
-    server_unmask += time.perf_counter() - t0
-    reveals = []
-    for v, request in requests.items():
-        bytes_down[v] += len(request)
+        made = list(run(make_client, range(n)))
+        clients = [c for c, _ in made]
+        identity_keys = {u: c.identity_public_key for u, c in enumerate(clients)}
+        server = SecAggServer(config, graph, identity_keys, workers=workers)
         t0 = time.perf_counter()
-        reveals.append(clients[v].reveal_shares(request))
-        unmask_s[v] += time.perf_counter() - t0
-        bytes_up[v] += len(reveals[-1])
-    t0 = time.perf_counter()
-    ring_total = server.finish(reveals)
-    server_unmask += time.perf_counter() - t0
+        routed_adverts = server.collect_adverts([a for _, a in made])
+        server_setup += time.perf_counter() - t0
+        del made
+
+        # Round 1: ShareKeys.
+        def share(u: int) -> list[bytes]:
+            incoming = routed_adverts.get(u, [])
+            bytes_down[u] += sum(len(m) for m in incoming)
+            t0 = time.perf_counter()
+            sent = clients[u].share_keys(incoming, identity_keys)
+            share_s[u] += time.perf_counter() - t0
+            bytes_up[u] += sum(len(m) for m in sent)
+            return sent
+
+        outgoing = [m for sent in run(share, range(n)) for m in sent]
+        t0 = time.perf_counter()
+        routed_shares = server.route_shares(outgoing)
+        server_setup += time.perf_counter() - t0
+        del outgoing
+
+        def receive(u: int) -> None:
+            incoming = routed_shares.get(u, [])
+            bytes_down[u] += sum(len(m) for m in incoming)
+            t0 = time.perf_counter()
+            clients[u].receive_shares(incoming)
+            share_s[u] += time.perf_counter() - t0
+
+        list(run(receive, range(n)))
+
+        # Round 2: MaskedInputCollection, on ``workers`` arcs of the ring (see _mask_arc).
+        partners = {u: frozenset(clients[u].mask_partners()) for u in range(n) if u not in drop}
+        lock = threading.Lock()
+        server_s = np.zeros(n)
+
+        def deliver(u: int, upload: bytes) -> None:
+            t0 = time.perf_counter()
+            checked = server.check_upload(upload)  # hashing and the signature, in parallel
+            with lock:
+                if on_upload is not None:
+                    on_upload(u, upload)
+                server.accept_upload(checked)
+            server_s[u] = time.perf_counter() - t0
+
+        arcs = [[int(u) for u in a] for a in np.array_split(np.asarray(graph.order), max(1, min(workers, n))) if len(a)]
+        arc_job = _ArcJob(clients, vectors, partners, drop, graph, mask_s, bytes_up, deliver)
+        list(run(arc_job.run, arcs))
+        server_aggregate = float(server_s.sum())
+
+        # Round 3: Unmasking.
+        t0 = time.perf_counter()
+        requests = server.unmask_requests()
+        server_unmask += time.perf_counter() - t0
+
+        def reveal(item: tuple[int, bytes]) -> bytes:
+            v, request = item
+            bytes_down[v] += len(request)
+            t0 = time.perf_counter()
+            answer = clients[v].reveal_shares(request)
+            unmask_s[v] += time.perf_counter() - t0
+            bytes_up[v] += len(answer)
+            return answer
+
+        reveals = list(run(reveal, requests.items()))
+        t0 = time.perf_counter()
+        ring_total = server.finish(reveals)
+        server_unmask += time.perf_counter() - t0
+    finally:
+        if pool is not None:
+            pool.shutdown()
 
     survivors = server.survivors
     alive = np.array(survivors, dtype=np.int64)

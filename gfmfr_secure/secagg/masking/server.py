@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -19,7 +21,18 @@ from gfmfr_secure.secagg.masking.params import NeighbourGraph, SecAggConfig
 from gfmfr_secure.secagg.masking.primitives import Keystream, SecAggError, commitment_to, derive_pair_seed, verify_signature
 from gfmfr_secure.secagg.shamir import Share, int_to_secret, reconstruct_secret
 
-__all__ = ["SecAggServer"]
+__all__ = ["CheckedUpload", "SecAggServer"]
+
+
+@dataclass(frozen=True, eq=False)
+class CheckedUpload:
+    """A masked upload that passed :meth:`SecAggServer.check_upload`: its client, the SHA-256
+    of its payload, its commitment to b_u and the payload as uint32 [D] (a view of the bytes)."""
+
+    client: int
+    digest: bytes
+    commitment: bytes
+    payload: np.ndarray
 
 
 class SecAggServer:
@@ -34,12 +47,17 @@ class SecAggServer:
     config : the round's public parameters.
     graph : the public neighbourhood graph.
     identity_keys : the PKI: client id -> raw Ed25519 public key, for all n clients.
+    workers : threads that expand the masks removed when unmasking (the AES keystream and
+        numpy release the GIL).
     """
 
     def __init__(
-        self, config: SecAggConfig, graph: NeighbourGraph, identity_keys: Mapping[int, bytes]
+        self, config: SecAggConfig, graph: NeighbourGraph, identity_keys: Mapping[int, bytes], *, workers: int = 1
     ) -> None:
         config.check_graph(graph)
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers must be an int >= 1, got {workers!r}")
+        self._workers = workers
         missing = set(range(config.n_clients)) - set(identity_keys)
         if missing:
             raise ValueError(
@@ -145,11 +163,22 @@ class SecAggServer:
     def receive_upload(self, data: bytes) -> int:
         """Round 2: check one masked upload and add it to the running sum; return its client id.
 
+        The same as :meth:`accept_upload` of :meth:`check_upload`.
+
         Raises
         ------
         SecAggError
             Not bytes, wrong length (truncated, wrong dtype or dim), bad header, unknown or
             duplicate client, a client that did not share keys, or a failed signature.
+        """
+        return self.accept_upload(self.check_upload(data))
+
+    def check_upload(self, data: bytes) -> CheckedUpload:
+        """Round 2, first half: parse and authenticate one masked upload without changing any state.
+
+        Safe to call from several threads at once (hashing the payload and checking the
+        signature are the expensive part of receiving an upload); :meth:`accept_upload`
+        then adds it, one upload at a time.
         """
         if not self._shares_routed:
             raise SecAggError("route_shares must run before uploads are accepted")
@@ -167,10 +196,36 @@ class SecAggServer:
         header = bytes(data[: UPLOAD_HEADER.size])
         signed = header + upload.commitment + digest
         verify_signature(self._identity[u], upload.signature, signed, f"masked upload of client {u}")
-        np.add(self._total, np.frombuffer(upload.payload, dtype="<u4"), out=self._total)
-        self._uploaded[u] = digest
-        self._commitments[u] = upload.commitment
+        return CheckedUpload(u, digest, upload.commitment, np.frombuffer(upload.payload, dtype="<u4"))
+
+    def accept_upload(self, checked: CheckedUpload) -> int:
+        """Round 2, second half: add an upload :meth:`check_upload` passed to the running sum; return its client id."""
+        u = checked.client
+        if self._requests is not None:
+            raise SecAggError("uploads are closed: unmasking has started")
+        if u in self._uploaded:
+            raise SecAggError(f"client {u} uploaded twice")
+        np.add(self._total, checked.payload, out=self._total)
+        self._uploaded[u] = checked.digest
+        self._commitments[u] = checked.commitment
         return u
+
+    def _mask_sum(self, seeds: list[bytes]) -> np.ndarray:
+        """uint32 [D]: the sum of PRG(seed) over ``seeds``, expanded on ``workers`` threads."""
+        dim, k = self._config.dim, max(1, min(self._workers, len(seeds)))
+
+        def part(chunk: list[bytes]) -> np.ndarray:
+            acc, keystream = np.zeros(dim, dtype=np.uint32), Keystream(dim)
+            for seed in chunk:
+                np.add(acc, keystream.fill(seed), out=acc)
+            return acc
+
+        chunks = [seeds[i::k] for i in range(k)]
+        if k == 1:
+            return part(chunks[0])
+        with ThreadPoolExecutor(k) as pool:
+            parts = list(pool.map(part, chunks))
+        return np.sum(parts, axis=0, dtype=np.uint32)
 
     def unmask_requests(self) -> dict[int, bytes]:
         """Round 3: close uploads; check every needed secret can be rebuilt; address the survivors.
@@ -297,9 +352,9 @@ class SecAggServer:
                 f"cannot unmask: {len(short)} secret(s) have fewer revealed shares than the threshold "
                 f"t={t}: " + "; ".join(short[:5]) + ("; ..." if len(short) > 5 else "")
             )
-        total = self._total.copy()
-        keystream = Keystream(cfg.dim)
         alive = set(self._uploaded)
+        added: list[bytes] = []  # masks to add back: y_v carried -PRG(s_uv) for a dropped u > v
+        removed: list[bytes] = []  # masks to take away: +PRG(s_uv) for u < v, and every PRG(b_u)
         for u in self._dropped_needed:
             key_bytes = int_to_secret(reconstruct_secret(mask_key_shares[u], t))
             key = X25519PrivateKey.from_private_bytes(key_bytes)
@@ -308,20 +363,19 @@ class SecAggServer:
                     f"reconstructed mask key of dropped client {u} does not match its public key"
                 )
             for v in self._graph.neighbours[u]:
-                if v not in alive:
-                    continue
-                mask = keystream.fill(derive_pair_seed(key, self._mask_public[v], cfg.round_id, u, v))
-                if u > v:  # y_v carried +PRG(s_uv)
-                    np.subtract(total, mask, out=total)
-                else:
-                    np.add(total, mask, out=total)
+                if v in alive:
+                    seed = derive_pair_seed(key, self._mask_public[v], cfg.round_id, u, v)
+                    (removed if u > v else added).append(seed)  # y_v carried +PRG(s_uv) when u > v
         for u in sorted(alive):
             seed_b = int_to_secret(reconstruct_secret(self_shares[u], t))
             if commitment_to(seed_b, cfg.round_id, u) != self._commitments[u]:
                 raise SecAggError(
                     f"reconstructed self-mask seed of client {u} does not match its commitment"
                 )
-            np.subtract(total, keystream.fill(seed_b), out=total)
+            removed.append(seed_b)
+        total = self._total.copy()
+        np.add(total, self._mask_sum(added), out=total)
+        np.subtract(total, self._mask_sum(removed), out=total)
         self._finished = True
         bad = out_of_range(total, len(alive), cfg.frac_bits, cfg.value_bound)
         if bad.size:

@@ -1,0 +1,82 @@
+"""The threaded masking driver and the server's split of receiving an upload into check and accept.
+
+With ``secrets="reproducible"`` every client's upload is a function of the seed alone, so
+a round played on several threads must give the same uploads, the same exact sum and the
+same survivors as on one, with and without dropouts; the server's parallel half
+(:meth:`SecAggServer.check_upload`) changes no state, and its serial half refuses a
+second upload from a client.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gfmfr_secure.secagg.masking import SecAggClient, SecAggConfig, SecAggError, SecAggServer, neighbourhood_graph, secure_sum
+from gfmfr_secure.secagg.simulation import simulation_workers
+
+
+@pytest.mark.parametrize(("n", "neighbours", "dropped"), [(30, 6, ()), (30, 6, (3, 17)), (9, None, (4,))])
+def test_threads_give_the_same_round(n: int, neighbours: int | None, dropped: tuple[int, ...]) -> None:
+    x = np.random.default_rng(n).uniform(-8, 8, (n, 257)).astype(np.float32)
+    hood = n if neighbours is None else neighbours + 1
+    kwargs = dict(value_bound=8.0, threshold=hood // 2 + 1, neighbours=neighbours, seed=5, dropped=dropped, secrets="reproducible")
+    one = secure_sum(x, workers=1, **kwargs)  # type: ignore[arg-type]
+    for workers in (2, 4):
+        many = secure_sum(x, workers=workers, **kwargs)  # type: ignore[arg-type]
+        np.testing.assert_array_equal(many.fixed_total, one.fixed_total)
+        assert many.survivors == one.survivors and many.dropped == one.dropped == tuple(sorted(dropped))
+        assert many.upload_digests == one.upload_digests  # the same bytes left every client
+        np.testing.assert_array_equal(many.costs.bytes_up, one.costs.bytes_up)
+    alive = [u for u in range(n) if u not in dropped]
+    exact = x[alive].astype(np.float64).sum(0)
+    assert np.abs(one.total - exact).max() <= len(alive) * 2.0 ** -(one.frac_bits + 1)
+
+
+def test_on_upload_sees_every_upload_once_with_threads() -> None:
+    x = np.random.default_rng(0).uniform(-1, 1, (12, 40)).astype(np.float32)
+    seen: list[int] = []
+    secure_sum(x, value_bound=1.0, threshold=4, neighbours=4, seed=0, workers=3, on_upload=lambda u, _: seen.append(u))
+    assert sorted(seen) == list(range(12))
+
+
+def test_check_upload_changes_nothing_and_accept_refuses_a_second_upload() -> None:
+    n, dim = 4, 16
+    config = SecAggConfig.create(n, dim, threshold=3, value_bound=1.0)
+    graph = neighbourhood_graph(n, None, seed=0)
+    clients = [SecAggClient(u, config, graph, bytes([u + 1]) * 32) for u in range(n)]
+    pki = {u: c.identity_public_key for u, c in enumerate(clients)}
+    server = SecAggServer(config, graph, pki, workers=2)
+    routed = server.collect_adverts([c.advertise_keys() for c in clients])
+    shares = server.route_shares([m for u, c in enumerate(clients) for m in c.share_keys(routed[u], pki)])
+    for u, c in enumerate(clients):
+        c.receive_shares(shares.get(u, []))
+    uploads = [c.masked_upload(np.full(dim, 0.25, dtype=np.float32)) for c in clients]
+    checked = server.check_upload(uploads[0])
+    assert server.survivors == () and checked.client == 0
+    assert server.accept_upload(checked) == 0
+    with pytest.raises(SecAggError, match="uploaded twice"):
+        server.accept_upload(checked)
+    with pytest.raises(SecAggError, match="uploaded twice"):
+        server.check_upload(uploads[0])
+    forged = bytearray(uploads[1])
+    forged[60] ^= 1
+    with pytest.raises(SecAggError, match="signature verification"):
+        server.check_upload(bytes(forged))
+    for upload in uploads[1:]:
+        server.receive_upload(upload)
+    requests = server.unmask_requests()
+    total = server.finish([clients[v].reveal_shares(r) for v, r in requests.items()])
+    assert np.all(total.view(np.int32) == round(n * 0.25 * 2**config.frac_bits))
+
+
+def test_workers_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GFMFR_WORKERS", "3")
+    assert simulation_workers() == 3
+    monkeypatch.setenv("GFMFR_WORKERS", "0")
+    with pytest.raises(ValueError, match="GFMFR_WORKERS must be a whole number >= 1"):
+        simulation_workers()
+    monkeypatch.delenv("GFMFR_WORKERS")
+    assert simulation_workers() >= 1
+    with pytest.raises(ValueError, match="workers must be an int >= 1"):
+        secure_sum(np.zeros((3, 2), dtype=np.float32), value_bound=1.0, threshold=2, neighbours=None, seed=0, workers=0)
