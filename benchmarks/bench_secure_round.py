@@ -16,10 +16,11 @@ the validation NDCG@10 of each round is printed beside plain's: masking must mat
 (its masks cancel exactly; only the fixed-point rounding of the values differs), CKKS
 must stay within 1e-3 (its release carries the flooding noise).
 
-The secure backends spread their simulated clients over the CPUs this process may use
-(``GFMFR_WORKERS`` overrides the count); the load average is printed because the
-round times are wall-clock (the CPU seconds of each run, children included, are printed
-beside them: on a shared machine they move less with the load).
+A one-round plain run warms up first (it compiles the fusion kernel), untimed. The
+secure backends spread their simulated clients over the CPUs this process may use
+(``GFMFR_WORKERS`` overrides the count); the load average is printed because the round
+times are wall-clock (the CPU seconds of each run, children included, are printed beside
+them: on a shared machine they move less with the load).
 
     python benchmarks/bench_secure_round.py --data ../shared/datasets/ml-100k-mm --backends plain masking ckks --rounds 2
 """
@@ -79,6 +80,8 @@ def main() -> int:
     cfg0 = load_config(args.config, base)
     data, split = prepare_data(cfg0)
     print(f"{os.cpu_count()} CPUs, secure backends on {simulation_workers()} workers (masking: threads, ckks: processes); load average {os.getloadavg()[0]:.1f}")
+    # warm-up, not timed: the first run pays for compiling the fusion kernel and filling caches
+    loop.run_federated(load_config(args.config, [*base, "train.rounds=1", "aggregation.backend=plain"]), data, split, progress=False)
     rows = {}
     for backend in args.backends:
         cfg = load_config(args.config, [*base, f"aggregation.backend={backend}"])
