@@ -25,6 +25,7 @@ import numpy as np
 
 from gfmfr_secure.secagg.fixedpoint import max_sum_error, resolution
 from gfmfr_secure.secagg.masking import neighbourhood_graph, secure_sum
+from gfmfr_secure.secagg.simulation import simulation_workers
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--bound", type=float, default=1.0, help="value bound B")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=None, help="threads playing the clients (default: GFMFR_WORKERS or the usable CPUs)")
     args = parser.parse_args(argv)
 
     n, dim = args.n, args.dim
@@ -54,6 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     n_drop = round(args.drop * n)
     dropped = tuple(int(u) for u in rng.choice(n, size=n_drop, replace=False))
 
+    workers = simulation_workers() if args.workers is None else args.workers
     load = os.getloadavg()[0]
     t0, cpu0 = time.perf_counter(), time.process_time()
     result = secure_sum(
@@ -63,6 +66,7 @@ def main(argv: list[str] | None = None) -> None:
         neighbours=k,
         seed=args.seed,
         dropped=dropped,
+        workers=workers,
     )
     wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     c = result.costs
@@ -73,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     err = float(np.abs(result.total - exact).max())
 
     graph = "complete graph" if k is None or size == n else f"SecAgg+ k={k}"
-    print(f"secure_sum: n={n} D={dim} {graph} t={threshold} (of |N[u]|={size}) dropped={n_drop}")
+    print(f"secure_sum: n={n} D={dim} {graph} t={threshold} (of |N[u]|={size}) dropped={n_drop} workers={workers}")
     print(
         f"  wall time                      {wall:9.2f} s  (CPU {cpu:.2f} s; load average before {load:.1f})"
     )

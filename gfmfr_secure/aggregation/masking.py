@@ -2,7 +2,7 @@
 
 Each client uploads its dense group-indexed layout (:mod:`.layout`), fixed-point encoded
 in Z_{2^32} and masked by :mod:`gfmfr_secure.secagg.masking` (X25519 key agreement,
-ChaCha20 masks, Shamir-shared seeds, Ed25519-signed uploads, SecAgg+ neighbourhoods).
+AES-256-CTR masks, Shamir-shared seeds, Ed25519-signed uploads, SecAgg+ neighbourhoods).
 Clients that drop after masking are recovered while at least t of each neighbourhood
 remain. DP noise must come from the clients (``privacy.mechanism=distributed`` or
 ``local``): the server unmasks the sum itself, so central noise would be added after it

@@ -11,7 +11,7 @@ prime), so any 32-byte secret below ``p`` is shared in one piece; the
 secure-aggregation code only shares values below ``2^255`` (clamped X25519
 private keys and 255-bit seeds). Shares are 32 bytes each.
 
-Randomness is an argument (``randomness`` bytes, e.g. a ChaCha20 keystream),
+Randomness is an argument (``randomness`` bytes, e.g. an AES-256-CTR keystream),
 so ``split_secret`` is a pure, deterministic function of its inputs. Each
 coefficient takes 40 bytes reduced mod ``p``: the bias from the reduction is
 below ``2^-64``.

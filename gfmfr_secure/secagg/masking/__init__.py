@@ -114,6 +114,12 @@ Per client uploaded bytes are ``4 D + 112`` (masked vector) plus
 For ``D`` in the hundreds of thousands this is within a fraction of a
 percent of the ``4 D`` bytes of a plain float32 upload.
 
+Per round the clients expand ``(k / 2 + 1) n`` keystreams of ``4 D`` bytes (each pair
+mask once, shared by its endpoints in the simulation, plus the self masks) and hash
+their uploads; the server hashes every upload and expands the n self masks again.
+:func:`secure_sum` plays the clients on ``workers`` threads: the AES-CTR keystream,
+SHA-256 and numpy, the bulk of a round, run with the GIL released.
+
 Randomness
 ----------
 Each client derives all its secrets (identity key, round keys, ``b_u``, Shamir

@@ -186,9 +186,10 @@ def secure_sum(
         ``reproducible``: derived from ``seed`` (:func:`client_secret_seed`), so equal seeds give
         identical uploads; a simulation mode that protects nothing against whoever knows the seed.
     workers : threads that play the clients (and hash, check and unmask for the server). The
-        AES keystream, SHA-256, Ed25519, X25519 and numpy release the GIL, so most of a round
-        runs in parallel. The ring is cut into ``workers`` arcs for the masking round: pairs
-        across two arcs are expanded once per arc. The sum does not depend on ``workers``.
+        AES keystream, SHA-256 and numpy release the GIL, so the bulk of a round runs in
+        parallel (the key rounds' Python and signature work may not). The ring is cut into
+        ``workers`` arcs for the masking round: pairs across two arcs are expanded once per
+        arc. The sum does not depend on ``workers``.
 
     Returns
     -------
