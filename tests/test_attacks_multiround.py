@@ -333,3 +333,15 @@ def test_membership_leave_one_out_needs_shadows_on_both_sides(tmp_path, capsys) 
     assert main(["membership", "configs/fedrap.yaml", "--leave-one-out", "--shadows", "2", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("warning: --shadows 2") and "error: --leave-one-out needs --shadows >= 4" in err
+
+
+def test_membership_table_says_not_estimable_for_too_few_non_members(ml100k_dir, tmp_path, capsys) -> None:
+    from gfmfr_secure.cli import main
+
+    sets = ["train.rounds=1", "model.latent_dim=8", "train.local_epochs=1", "train.selection=last"]
+    args = ["membership", "configs/fedrap.yaml", "--shadows", "2", "--data", str(ml100k_dir), "--out", str(tmp_path)]
+    assert main([*args, *[x for s in sets for x in ("--set", s)]]) == 0
+    row = json.loads((tmp_path / "membership.json").read_text())[0]
+    assert row["lira_tpr_at_fpr_0.01"] == "not estimable (472 non-members)"  # a TPR at 1% FPR needs 10,000
+    assert 0.0 <= row["lira_auc"] <= 1.0
+    assert "not estimable (472 non-members)" in capsys.readouterr().out
