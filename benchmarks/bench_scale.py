@@ -14,7 +14,7 @@ interactions.
 
     python benchmarks/bench_scale.py                               # default grid, FedRAP
     python benchmarks/bench_scale.py --sizes 100000x50000 --method gfmfr --rounds 10
-    python benchmarks/bench_scale.py --cohort 1000 --method gfmfr   # a fixed cohort at every size
+    python benchmarks/bench_scale.py --cohort 1000 --method fedrap,gfmfr   # a fixed cohort at every size
     python benchmarks/bench_scale.py --sizes 20000x10000 --set eval.max_users=0
 
 ``--max-rss-gib`` (default 10) kills a size's process when its resident memory exceeds it
@@ -268,6 +268,14 @@ def _parse_size(text: str) -> tuple[int, int]:
     return users, items
 
 
+def _parse_methods(text: str) -> list[str]:
+    methods = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [m for m in methods if m not in _CONFIGS]
+    if not methods or unknown:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {unknown or text!r}: choose from {', '.join(sorted(_CONFIGS))}")
+    return methods
+
+
 def _parse_sizes(text: str) -> list[str]:
     sizes = [part.strip() for part in text.split(",") if part.strip()]
     if not sizes:
@@ -288,9 +296,9 @@ def _rss_mib(pid: int) -> float:
     return 0.0
 
 
-def run_child(size: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Run one size in a subprocess, killing it above ``--max-rss-gib``; its JSON result."""
-    cmd = [sys.executable, __file__, "--one", size, "--method", args.method, "--rounds", str(args.rounds), "--fraction", str(args.fraction),
+def run_child(size: str, method: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Run one method at one size in a subprocess, killing it above ``--max-rss-gib``; its JSON result."""
+    cmd = [sys.executable, __file__, "--one", size, "--method", method, "--rounds", str(args.rounds), "--fraction", str(args.fraction),
            "--cohort", str(args.cohort), "--threads", str(args.threads), "--seed", str(args.seed), "--cache", args.cache]
     for item in args.overrides:
         cmd += ["--set", item]
@@ -316,9 +324,9 @@ def run_child(size: str, args: argparse.Namespace) -> dict[str, Any]:
         lines = [line for line in out.read().splitlines() if line.startswith("{")]
     users, items = _parse_size(size)
     if killed:
-        return {"method": args.method, "users": users, "items": items, "failed": f"killed at {killed[0] / 1024:.1f} GiB RSS after {time.perf_counter() - t0:.0f} s"}
+        return {"method": method, "users": users, "items": items, "failed": f"killed at {killed[0] / 1024:.1f} GiB RSS after {time.perf_counter() - t0:.0f} s"}
     if rc != 0 or not lines:
-        return {"method": args.method, "users": users, "items": items, "failed": f"exit status {rc}"}
+        return {"method": method, "users": users, "items": items, "failed": f"exit status {rc}"}
     return json.loads(lines[-1])
 
 
@@ -373,7 +381,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=_parse_sizes, default=_DEFAULT_SIZES, help=f"comma-separated USERSxITEMS (default {_DEFAULT_SIZES})")
-    ap.add_argument("--method", choices=sorted(_CONFIGS), default="fedrap")
+    ap.add_argument("--method", type=_parse_methods, default="fedrap", help=f"comma-separated methods from {', '.join(sorted(_CONFIGS))} (default fedrap)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--fraction", type=float, default=0.01, help="train.client_fraction (default 0.01)")
     ap.add_argument("--cohort", type=int, default=0, help="expected cohort size instead: fraction = COHORT / users at every size")
@@ -392,13 +400,17 @@ def main() -> int:
     if args.cohort < 0:
         ap.error(f"--cohort must be >= 0 (0: use --fraction), got {args.cohort}")
     if args.one:
+        if len(args.method) != 1:
+            ap.error("--one runs a single method")
+        args.method = args.method[0]
         print(json.dumps(run_one(args)), flush=True)
         return 0
     results = []
-    for size in args.sizes:
-        result = run_child(size, args)
-        print_result(result)
-        results.append(result)
+    for method in args.method:
+        for size in args.sizes:
+            result = run_child(size, method, args)
+            print_result(result)
+            results.append(result)
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(results, indent=1))
     plot(results, out.with_suffix(".png"))
