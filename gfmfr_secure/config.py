@@ -593,8 +593,8 @@ class EvalConfig:
         the test rank the same random sample of ``max_users`` of the users that have a test
         item, drawn once from the run's seed (the validation: those of them with a
         validation item); ``metrics.json`` gives the number ranked (``users``). The default
-        keeps every user up to 20,000 of them (ML-100K, ML-1M); a population of 100k users
-        and 50k items costs ~30 s per full ranking on 2 cores, ~6 s per sampled one.
+        keeps every user up to 20,000 of them (ML-100K, ML-1M); on 2 cores ranking all of
+        100k users over 50k items takes about 15 s, a sample of 20,000 about 3 s.
     """
 
     ks: tuple[int, ...] = (10, 20, 50)
