@@ -125,16 +125,29 @@ def test_merged_partial_sums_count_towards_max_summands() -> None:
         server.merge([], 1)
 
 
-def test_backend_parameters_are_128_bit_secure_and_small_enough() -> None:
+def test_backend_parameters_are_192_bit_secure_small_and_nearly_exact() -> None:
     """943 clients, |x| <= 8, the default ML-100K layout of D = 579,850 values."""
     params = ckks_params_for(8.0, 943, packing="coefficients")
-    assert sum(params.coeff_mod_bit_sizes) <= HE_STANDARD_MAX_LOG_Q[params.poly_modulus_degree]
+    degree = params.poly_modulus_degree
+    assert sum(params.coeff_mod_bit_sizes) <= HE_STANDARD_MAX_LOG_Q[degree]
+    assert sum(params.coeff_mod_bit_sizes) <= 152  # the standard's 192-bit bound at N = 8192
     assert params.max_summands * params.max_abs_value <= params.capacity
-    sigma = params.flooding_std(579_850, packing="coefficients")
-    assert sigma < 1e-2  # on a sum; a mean over 943 clients moves by ~1e-5
-    assert params.n_ciphertexts(579_850, "coefficients") == 142
+    n, d = params.max_summands, 579_850
+    sigma = params.flooding_std(d, packing="coefficients")
+    assert sigma < 1e-7  # on a sum of 943 uploads: far below what moves a ranking
+    assert params.n_ciphertexts(d, "coefficients") == 71
     # the flooding bound: KL(real || ideal) = ||delta||^2 / (2 sigma^2) <= 2^-40 at
     # ||delta|| <= 2 sqrt(D n v) / Delta, v = (1 + N) / 12 for any ternary key
-    n, d = params.max_summands, 579_850
-    bound = 2.0 * np.sqrt(d * n * (1 + N) / 12.0) / params.scale
+    bound = 2.0 * np.sqrt(d * n * (1 + degree) / 12.0) / params.scale
     assert bound**2 / (2 * sigma**2) == pytest.approx(2.0**-40, rel=1e-6)
+    # the smaller ring holds a 2**46 scale only: a million times more flooding noise
+    small = ckks_params_for(8.0, 943, packing="coefficients").__class__(4096, (60, 49), 46, max_abs_value=8.0, max_summands=943)
+    assert small.flooding_std(d, packing="coefficients") > 1e5 * sigma
+
+
+def test_backend_parameters_round_trip() -> None:
+    params = ckks_params_for(8.0, 4, packing="coefficients")
+    x = np.random.default_rng(4).uniform(-8, 8, (4, 4 * params.poly_modulus_degree))
+    total, cost = encrypted_sum(x, params=params, wire="packed")
+    np.testing.assert_allclose(total, x.sum(0), rtol=0, atol=params.release_tolerance(4, x.shape[1], packing="coefficients") + 1e-9)
+    assert cost.n_ciphertexts == 4 and cost.ratio_to_float32 < 6.5

@@ -22,12 +22,13 @@ ts = pytest.importorskip("tenseal")
 from tenseal import sealapi  # noqa: E402  (after the skip)
 from test_ckks_key_recovery import N, _psi, _zstd_decompress, intt, ntt  # noqa: E402  (same folder)
 
-from gfmfr_secure.aggregation.ckks import ckks_params_for  # noqa: E402
-from gfmfr_secure.secagg.ckks import KeyHolder  # noqa: E402
+from gfmfr_secure.secagg.ckks import CKKSParams, KeyHolder  # noqa: E402
 from gfmfr_secure.secagg.ckks.messages import Scratch  # noqa: E402
 from gfmfr_secure.secagg.ckks import slots_to_coefficients  # noqa: E402
 
-PARAMS = ckks_params_for(8.0, 943, packing="coefficients")  # the backend's: (60, 49), Delta = 2**46
+# N = 4096 (the attack helpers' ring), one 60-bit data prime, Delta = 2**46: the smallest packed
+# parameters; the backend's N = 8192 ring floods by the same rule (test_backend_parameters_are_...).
+PARAMS = CKKSParams(4096, (60, 49), 46, max_abs_value=8.0, max_summands=943)
 
 
 def coefficients_of(blob: bytes, seal_context) -> np.ndarray:

@@ -86,16 +86,20 @@ Two ways to place values in a ciphertext (``PACKING``):
   (:func:`slots_to_coefficients`).
 
 The backend's parameters (:func:`gfmfr_secure.aggregation.ckks.ckks_params_for`
-with ``packing="coefficients"``): ``N = 4096``, one 60-bit data prime and a
-49-bit special prime, 109 bits in all: the standard's limit for 128-bit security
-at N = 4096. The scale is the largest the data prime holds: ``Delta = 2**46``
-for 943 summands of ``|x| <= 8``. Then:
+with ``packing="coefficients"``): ``N = 8192``, data primes of 60 and 20 bits and a
+45-bit special prime, 125 bits in all. The HomomorphicEncryption.org table allows
+218 bits at N = 8192 for 128-bit security and 152 for 192-bit, so these parameters
+meet 192-bit security. The scale is the largest the 80-bit data modulus holds:
+``Delta = 2**66`` for 943 summands of ``|x| <= 8``. Then:
 
-* **Bytes**: a fresh ciphertext is sent at the data prime only (the special
-  prime lives in the public key): two polynomials of N 64-bit words, 16 bytes
-  per value under public-key encryption (4.0x float32), 8 under the seeded
-  symmetric form. The slot parameters below send 34 + 34-bit primes for N / 2
-  values: ~40 bytes per value.
+* **Bytes**: a fresh ciphertext is sent at the data primes only (the special
+  prime lives in the public key): two polynomials of N 64-bit words per prime,
+  zstd-compressed by SEAL (the 20-bit prime's words shrink), 22.9 bytes per value
+  under public-key encryption (5.7x float32). At N = 4096 the standard allows 109
+  bits: one 60-bit data prime and a 49-bit special prime send 16.1 bytes per value,
+  but hold ``Delta = 2**46`` only, whose flooding noise (below) is a million times
+  larger. The slot parameters below send 34 + 34-bit primes for N / 2 values:
+  ~40 bytes per value.
 * **Capacity**: a sum of n vectors with ``|x| <= B`` has coefficients up to
   ``Delta * n * B``, which must stay below ``q_data / 2`` or the sum wraps
   around (:attr:`CKKSParams.capacity`, checked on construction;
@@ -151,14 +155,15 @@ key through ChaCha20 in float64:
   adds ~1e-20) or ``v = 10.5`` (symmetric), so ``E ||e||^2 <= D n_max v``.
   ``e`` is a linear image of independent bounded rounding errors, so by the
   Hanson-Wright inequality ``||e||^2`` exceeds four times that mean with
-  probability ``exp(-c t)``, ``t ~ D n_max N / (12 max_k |s(zeta_k)|^2)``:
-  ``t ~ 10^4`` at the backend's parameters for all but a fraction 1e-6 of keys
+  probability ``exp(-c t)``, ``t ~ D ||s||^2 / (4 max_k |s(zeta_k)|^2)``, about
+  7e3 at the backend's parameters for all but a fraction 1e-6 of keys
   (the key tail of the slot model). Hence ``B_delta = 2 sqrt(D n_max v) / Delta``.
-  At the backend's
-  parameters (943 summands, ``Delta = 2**46``, D = 579,850 values)
-  ``sigma_flood = 9.1e-3`` on each value of a sum, ``1e-5`` on a mean over
-  943 clients. The noise fits the data prime with room to spare: its ``10
-  sigma_flood`` is checked against the capacity.
+  At the backend's parameters (943 summands, ``Delta = 2**66``, D = 579,850
+  values) ``sigma_flood = 1.2e-8`` on each value of a sum; at N = 4096 with one
+  60-bit data prime (``Delta = 2**46``) it would be 9.1e-3, enough to move the
+  validation NDCG@10 of a default run by 2.1e-3 in two rounds. The noise fits the
+  data modulus with room to spare: its ``10 sigma_flood`` is checked against the
+  capacity.
 * Slots (``tenseal``, ``seeded``; flooded after decoding, in float64):
   ``B_delta = sqrt(D) * (2 * error_std(n_max) + u_fp)``; the squared norm of D
   such values exceeds ``4 D`` times their variance with probability below
