@@ -65,11 +65,13 @@ DENSE_KEYS = 1 << 26
 def unique_keys(keys: np.ndarray, universe: int) -> tuple[np.ndarray, np.ndarray]:
     """``np.unique(keys, return_inverse=True)`` for int64 keys in ``[0, universe)``.
 
-    Up to :data:`DENSE_KEYS` it marks the keys in a boolean array and ranks them with a
-    cumulative sum (linear time: 12 against 46 ms for a round's 0.5M keys over
-    943 x 1682 pairs); beyond, it sorts.
+    While the universe is at most :data:`DENSE_KEYS` and at most 16 times the number of
+    keys, it marks the keys in a boolean array and ranks them with a cumulative sum (linear
+    time: 12 against 46 ms for a round's 0.5M keys over 943 x 1682 pairs); otherwise it
+    sorts, so a small cohort over many items costs what its keys cost, not the universe
+    (1,000 clients over 50k items: 0.4 against 1.6 s of client training a round).
     """
-    if universe > DENSE_KEYS:
+    if universe > min(DENSE_KEYS, 16 * keys.size):
         return np.unique(keys, return_inverse=True)
     mark = np.zeros(universe, dtype=bool)
     mark[keys] = True
