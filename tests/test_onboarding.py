@@ -326,3 +326,13 @@ def test_log_lines_never_share_a_line_with_a_progress_bar():
     assert lines[0] == "before"
     for text in ("round 0", "round 1", "round 2", "after"):
         assert text in lines  # a line of its own: no bar text before or after it
+
+
+def test_items_csv_with_only_the_id_column_sets_the_item_order(tmp_path, capsys):
+    """An items.csv listing itemId alone (no attribute columns) is a valid item list."""
+    folder = tmp_path / "ids"
+    _write_ratings(folder / "interactions.csv")
+    listed = [f"i{k}" for k in reversed(range(N_ITEMS))]
+    (folder / "items.csv").write_text("itemId\n" + "\n".join(listed) + "\n", encoding="utf-8")
+    stats = _stats(capsys, folder)
+    assert stats["items"] == N_ITEMS and stats["users"] == N_USERS

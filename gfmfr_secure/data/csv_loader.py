@@ -78,7 +78,7 @@ def _side_table(frame: pd.DataFrame, id_column: str, order: np.ndarray) -> pd.Da
             arr = text.to_numpy(dtype=object)
             arr[arr == ""] = None
             columns[name] = arr[order]
-    return pd.DataFrame(columns)
+    return pd.DataFrame(columns, index=pd.RangeIndex(order.shape[0]))
 
 
 def find_interactions_csv(folder: Path) -> Path:
