@@ -81,9 +81,18 @@ def broadcast_section(cfg: Any, split: Any, cohort: np.ndarray, repeats: int) ->
 
 def centroid_section(cfg: Any, data: Any, split: Any, participants: np.ndarray) -> str:
     rows, target = [], None
-    for label, kwargs in (("crafted centroids, no floor", {"floor_on": False}), ("crafted centroids, floor 10", {}), ("crafted centroids, floor 10, lying counts", {"lie": True})):
+    settings = (
+        ("crafted centroids, no floor", {"floor_on": False}),
+        ("crafted centroids, floor 10", {}),
+        ("crafted centroids, floor 10, lying counts, count check bypassed", {"lie": True, "counts_checked": False}),
+        ("crafted centroids, floor 10, lying counts, count check on", {"lie": True}),
+    )
+    for label, kwargs in settings:
         out = centroid_attack(cfg, data, split, target, participants=participants, **kwargs)
         target = out["target"]
+        if out["refused"] is not None:
+            rows.append([label, f"{out['isolable']:.3f}", "refused: nothing released", "-", "-", "-", 0])
+            continue
         inf = out["inference"]
         rows.append([label, f"{out['isolable']:.3f}", int(round(out["counts"][out["group"]])), f"{out['gap']:.2g}", f"{inf['auc']:.3f}", f"{inf['f1_sign']:.3f}", inf["exact"]])
     return _table(["setting", "isolable share of clients", "count of the target's released group", "max gap to the target's upload", "AUC", "F1 (sign)", "exact"], rows)

@@ -18,7 +18,9 @@ merge the group into its nearest neighbour before any sum is released. What the 
 cannot see is a server that *lies about the counts* (:func:`lying_counts`: it reports
 ``min_group_size`` for ``trap``): the clients then keep the singleton group and its sum is
 again the target's update. The client-side check against that is
-:func:`gfmfr_secure.client.checks.verify_count_transcript`.
+:func:`gfmfr_secure.client.checks.verify_count_transcript`, which the round loop runs on the
+count phase's transcript (``masking``) or the key holder's release (``ckks``): the lie is
+refused and the round releases nothing.
 
 :func:`centroid_attack` runs this server inside :func:`gfmfr_secure.simulation.loop.run_federated`
 (two rounds: it learns the features in round 0 and isolates the target in round 1) by
@@ -92,7 +94,7 @@ def lying_counts(counts: np.ndarray, trap: int, floor: int) -> np.ndarray:
 
 def centroid_attack(
     cfg: Any, data: InteractionData, split: Split, target: int | None = None, *, floor_on: bool = True, lie: bool = False, trap: int = 0,
-    participants: np.ndarray | None = None,
+    participants: np.ndarray | None = None, counts_checked: bool = True,
 ) -> dict[str, Any]:
     """Two rounds of oblivious grouping against a server that isolates ``target`` in round 1.
 
@@ -104,11 +106,13 @@ def centroid_attack(
         order) that crafted centroids can isolate.
     floor_on : False replaces the clients' merge by the identity (no group floor).
     lie : the server reports the trap group's count as ``grouping.min_group_size``.
+    counts_checked : False bypasses the clients' count check in the loop (they accept any
+        reported counts, as before the check was wired in).
     participants : int64 user ids that take part (default: every user with training data).
 
     Returns
     -------
-    dict: ``target``, ``isolable`` (the share of round 0's clients crafted centroids can
+    dict: ``refused`` (the clients' refusal of round 1, or None: then the rest), ``target``, ``isolable`` (the share of round 0's clients crafted centroids can
     isolate), ``counts`` (the counts released in round 1's sums), ``group`` (the block that
     carried the target), ``isolated`` (that block's count is 1), ``gap`` (largest absolute
     difference between that block's item-table sum and the target's upload), and
@@ -145,13 +149,19 @@ def centroid_attack(
             stack.enter_context(mock.patch.object(loop, "count_phase", lying_count_phase))
         if not floor_on:
             stack.enter_context(mock.patch.object(loop, "merge_small_groups", lambda counts, centroids, floor: np.arange(len(counts))))
-        loop.run_federated(cfg, data, split, progress=False, upload_hook=hook, callbacks=[views.append], participants=participants)
+        if not counts_checked:
+            stack.enter_context(mock.patch.object(loop, "check_reported_counts", lambda *a, **k: None))
+        run = loop.run_federated(cfg, data, split, progress=False, upload_hook=hook, callbacks=[views.append], participants=participants)
+    refused = run.history[1].get("refused")
+    if refused is not None:  # nothing was released in round 1
+        return {"refused": refused, "target": state["target"], "isolable": state["isolable"], "isolated": False}
     view = next(v for v in views if v.observer == "server" and v.round == 1)
     received, target = view.received, state["target"]
     group = int(view.truth["groups"][np.flatnonzero(view.truth["clients"] == target)[0]])
     block = received["group_item_sum"][group]
     counts = received["group_counts"].double().numpy()
     return {
+        "refused": None,
         "target": target,
         "isolable": state["isolable"],
         "counts": counts.tolist(),

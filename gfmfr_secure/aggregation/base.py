@@ -9,8 +9,10 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from gfmfr_secure.client.checks import CountEvidence, check_round_parameters
 from gfmfr_secure.privacy.release import ReleaseNoise
 from gfmfr_secure.rng import SecretMode, SecretSource
+from gfmfr_secure.secagg.masking import SecAggConfig, neighbourhood_graph
 from gfmfr_secure.types import AggregateResult, CohortUpdate
 
 __all__ = ["AGGREGATORS", "Aggregator", "get_aggregator", "group_sums", "register_aggregator", "weighted_sums"]
@@ -28,16 +30,52 @@ class Aggregator(ABC):
     name: ClassVar[str]
     exposure: ClassVar[str]
 
-    def __init__(self, settings: Any = None, seed: int = 0, secrets: SecretMode = "os") -> None:
+    def __init__(self, settings: Any = None, seed: int = 0, secrets: SecretMode = "os", min_group_size: int = 2) -> None:
         """``settings``: the ``aggregation`` config section (None = defaults); ``seed``: the run's root
         seed (public randomness: dropout simulation, the SecAgg+ graph); ``secrets``: where keys and
-        mask seeds come from (:class:`gfmfr_secure.rng.SecretSource`)."""
+        mask seeds come from (:class:`gfmfr_secure.rng.SecretSource`); ``min_group_size``: the
+        clients' ``grouping.min_group_size``, the fewest clients they let a secure sum cover."""
         self.settings = settings
         self.seed = int(seed)
         self.secrets = SecretSource(secrets, self.seed)
+        self.min_group_size = int(min_group_size)
         self.rounds_done = 0
         #: cost of the last round: bytes per client up and down, client and server seconds
         self.last_cost: dict[str, float] = {}
+        #: when True, the next sums keep what the clients need to check the released result
+        #: (a count phase's transcript or the key holder's release) in ``last_evidence``
+        self.record_transcript = False
+        self.last_evidence: CountEvidence | None = None
+
+    def attestation_scope(self, n: int) -> tuple[Any, int]:
+        """Where broadcast attestations go in a secure round of ``n`` clients: (graph, min_matching).
+
+        ``graph``: the :class:`~gfmfr_secure.secagg.masking.NeighbourGraph` of the next sum, or
+        None for the whole cohort; ``min_matching``: the fewest matching attestations a
+        client accepts. Default: the whole cohort, and ``min_group_size - 1`` others (a sum
+        that covers the floor covers that many clients who received the same model).
+        """
+        return None, self.min_group_size - 1
+
+    def check_clients_accept(self, n: int, dim: int, threshold: int, neighbours: int | None, seed: int, round_id: int) -> None:
+        """The clients' :func:`~gfmfr_secure.client.checks.check_round_parameters` on a secure round about to start.
+
+        Parameters
+        ----------
+        n, dim : clients and summed coordinates of the round.
+        threshold : t (``n`` for a sum that needs every upload).
+        neighbours : SecAgg+ degree k, or None for the complete graph.
+        seed, round_id : the round's public graph seed and round number.
+
+        Raises
+        ------
+        ClientRefusal
+            Fewer than ``min_group_size`` clients, or a threshold below
+            ``aggregation.threshold_fraction`` of a neighbourhood or not a strict majority of it.
+        """
+        config = SecAggConfig.create(n, dim, threshold=threshold, value_bound=8.0, round_id=round_id)
+        fraction = 0.6 if self.settings is None else float(self.settings.threshold_fraction)
+        check_round_parameters(config, neighbourhood_graph(n, neighbours, seed), min_group_size=self.min_group_size, threshold_fraction=fraction)
 
     def min_reporting(self, n: int) -> int:
         """The fewest of ``n`` uploads that can reach a sum this backend releases.

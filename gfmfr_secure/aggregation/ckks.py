@@ -29,6 +29,7 @@ from gfmfr_secure.aggregation.layout import (
     noisy_dense_uploads,
     secure_layout,
 )
+from gfmfr_secure.client.checks import CountEvidence
 from gfmfr_secure.privacy.release import ReleaseNoise
 from gfmfr_secure.secagg.simulation import simulation_workers
 from gfmfr_secure.types import AggregateResult, CohortUpdate, Exposure
@@ -73,8 +74,8 @@ class CKKSAggregatorBackend(Aggregator):
 
     exposure = Exposure.GROUP_SUMS
 
-    def __init__(self, settings: Any = None, seed: int = 0, secrets: str = "os") -> None:
-        super().__init__(settings, seed, secrets)  # type: ignore[arg-type]
+    def __init__(self, settings: Any = None, seed: int = 0, secrets: str = "os", min_group_size: int = 2) -> None:
+        super().__init__(settings, seed, secrets, min_group_size)  # type: ignore[arg-type]
 
     def aggregate(
         self,
@@ -95,6 +96,7 @@ class CKKSAggregatorBackend(Aggregator):
         bound = 8.0 if self.settings is None else self.settings.value_bound
         custody = "authority" if self.settings is None else self.settings.custody
         central = None if noise is None or not noise.has_central else noise.central.reshape(-1).double().numpy()
+        self.check_clients_accept(n, vectors.shape[1], n, None, self.seed, self.rounds_done)  # the sum needs every upload: t = n
         total, cost = encrypted_sum(
             vectors,
             params=ckks_params_for(bound, max(n, 1), packing="coefficients"),
@@ -116,5 +118,7 @@ class CKKSAggregatorBackend(Aggregator):
             "flooding_std": cost.flooding_std,
             "workers": float(cost.workers),
         }
+        if self.record_transcript:  # what the key holder released: the clients compare reported counts with it
+            self.last_evidence = CountEvidence(layout=layout, released=np.asarray(total, dtype=np.float64).copy())
         self.rounds_done += 1
         return decode_sum(total, layout, n_clients=n, grouped=groups is not None)

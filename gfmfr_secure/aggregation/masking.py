@@ -11,12 +11,15 @@ had seen the noiseless sum, and is refused.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
+from typing import Any
 
 import numpy as np
 
 from gfmfr_secure.aggregation.base import Aggregator, register_aggregator
+from gfmfr_secure.client.checks import CountEvidence, SecAggTranscript
 from gfmfr_secure.aggregation.layout import (
     check_uniform,
     decode_sum,
@@ -26,10 +29,54 @@ from gfmfr_secure.aggregation.layout import (
 from gfmfr_secure.errors import ConfigError
 from gfmfr_secure.privacy.release import ReleaseNoise
 from gfmfr_secure.rng import derive_seed, numpy_rng
+from gfmfr_secure.secagg.fixedpoint import decode_sum as decode_sum_ring
 from gfmfr_secure.secagg.simulation import simulation_workers
 from gfmfr_secure.types import AggregateResult, CohortUpdate, Exposure
 
-__all__ = ["MaskingAggregator"]
+__all__ = ["MaskingAggregator", "recorded_secure_sum"]
+
+
+def recorded_secure_sum(
+    vectors: np.ndarray, *, value_bound: float, threshold: int, neighbours: int | None, seed: int, dropped: list[int], round_id: int, secrets: str
+) -> tuple[np.ndarray, CountEvidence]:
+    """One secure-aggregation round that keeps every message: float64 [D] sum and the clients' evidence.
+
+    The same protocol as :func:`gfmfr_secure.secagg.masking.secure_sum`, played one client
+    at a time through the public client and server classes, for short vectors (a count
+    phase: D = G). The evidence holds the transcript of what the server received (signed
+    key advertisements, share ciphertexts, masked uploads, share reveals) and each
+    surviving client's own upload, for :func:`gfmfr_secure.client.checks.verify_count_evidence`.
+
+    Parameters
+    ----------
+    vectors : float32 [n, D]; the other parameters as in ``secure_sum``.
+    """
+    import secrets as os_secrets
+
+    from gfmfr_secure.secagg.masking import SecAggClient, SecAggConfig, SecAggServer, client_secret_seed, neighbourhood_graph
+
+    n, dim = vectors.shape
+    config = SecAggConfig.create(n, dim, threshold=threshold, value_bound=value_bound, round_id=round_id)
+    graph = neighbourhood_graph(n, neighbours, seed)
+    clients = [
+        SecAggClient(u, config, graph, client_secret_seed(seed, u) if secrets == "reproducible" else os_secrets.token_bytes(32)) for u in range(n)
+    ]
+    pki = {u: c.identity_public_key for u, c in enumerate(clients)}
+    server = SecAggServer(config, graph, pki)
+    adverts = [c.advertise_keys() for c in clients]
+    routed = server.collect_adverts(adverts)
+    shares = [m for u, c in enumerate(clients) for m in c.share_keys(routed.get(u, []), pki)]
+    routed = server.route_shares(shares)
+    for u, c in enumerate(clients):
+        c.receive_shares(routed.get(u, []))
+    gone = set(dropped)
+    uploads = tuple(clients[u].masked_upload(vectors[u]) for u in range(n) if u not in gone)
+    for upload in uploads:
+        server.receive_upload(upload)
+    reveals = tuple(clients[v].reveal_shares(request) for v, request in server.unmask_requests().items())
+    total = decode_sum_ring(server.finish(reveals), frac_bits=config.frac_bits)
+    transcript = SecAggTranscript(tuple(adverts), tuple(shares), uploads, reveals)
+    return total, CountEvidence(layout=None, transcript=transcript, config=config, graph=graph, identity_keys=pki, own_uploads=uploads)
 
 
 @register_aggregator("masking")
@@ -51,6 +98,24 @@ class MaskingAggregator(Aggregator):
         shares (they were sized for this many survivors).
         """
         return self._threshold(n, n)
+
+    def _round_shape(self, n: int) -> tuple[int | None, int]:
+        """SecAgg+ degree k (None: complete graph) and Shamir threshold t of a round of ``n`` clients."""
+        k = 0 if self.settings is None else self.settings.neighbours
+        neighbours = None if (k == 0 or k >= n - 1) else k
+        return neighbours, self._threshold(n, n if neighbours is None else neighbours + 1)
+
+    def attestation_scope(self, n: int) -> tuple[Any, int]:
+        """The neighbourhood graph of the next secure sum over ``n`` clients and ``t - 1``.
+
+        A client's broadcast attestation goes to its neighbours in this graph, and it
+        uploads only when at least ``t - 1`` of them attest its broadcast.
+        """
+        from gfmfr_secure.secagg.masking import neighbourhood_graph
+
+        neighbours, threshold = self._round_shape(n)
+        graph = None if neighbours is None else neighbourhood_graph(n, neighbours, derive_seed(self.seed, "masking", self.rounds_done))
+        return graph, threshold - 1
 
     def aggregate(
         self,
@@ -77,40 +142,41 @@ class MaskingAggregator(Aggregator):
         vectors = noisy_dense_uploads(update, layout, groups, noise)
         encode_s = time.perf_counter() - t0
         n = len(update)
-        k = 0 if st is None else st.neighbours
-        neighbours = None if (k == 0 or k >= n - 1) else k
-        hood = n if neighbours is None else neighbours + 1
-        threshold = self._threshold(n, hood)
+        neighbours, threshold = self._round_shape(n)
         drop_frac = 0.0 if st is None else st.dropout
         dropped = np.flatnonzero(numpy_rng(self.seed, "dropout", t_round).random(n) < drop_frac).tolist() if drop_frac else []
-        result = secure_sum(
-            vectors,
-            value_bound=8.0 if st is None else st.value_bound,
-            threshold=threshold,
-            neighbours=neighbours,
-            seed=derive_seed(self.seed, "masking", t_round),
-            dropped=dropped,
-            round_id=t_round,
-            secrets=self.secrets.mode,
-            workers=simulation_workers(),
-        )
-        c = result.costs
-        survivors = np.asarray(result.survivors)
+        round_seed = derive_seed(self.seed, "masking", t_round)
+        self.check_clients_accept(n, vectors.shape[1], threshold, neighbours, round_seed, t_round)
+        value_bound = 8.0 if st is None else st.value_bound
+        protocol = {"value_bound": value_bound, "threshold": threshold, "neighbours": neighbours, "seed": round_seed, "dropped": dropped, "round_id": t_round}
+        if self.record_transcript:
+            total, evidence = recorded_secure_sum(vectors, secrets=self.secrets.mode, **protocol)
+            self.last_evidence = dataclasses.replace(evidence, layout=layout)
+            survivors = np.setdiff1d(np.arange(n), dropped)
+        else:
+            result = secure_sum(vectors, secrets=self.secrets.mode, workers=simulation_workers(), **protocol)
+            total, survivors = result.total, np.asarray(result.survivors)
         if noise is not None and noise.shares is not None and survivors.size < self.min_reporting(n):
             raise ConfigError(
                 f"aggregation.backend=masking: only {survivors.size} of {n} clients survived, but the distributed DP "
                 f"noise shares were sized for at least {self.min_reporting(n)} survivors; the sum would carry less noise "
                 "than accounted and is not released: lower aggregation.dropout or raise aggregation.threshold_fraction"
             )
-        agg = decode_sum(result.total, layout, n_clients=int(survivors.size), grouped=groups is not None)
-        self.last_cost = {
-            "workers": float(simulation_workers()),
-            "bytes_up_per_client": float(np.mean(c.bytes_up[survivors])),
-            "bytes_down_per_client": float(np.mean(c.bytes_down[survivors])),
-            "plain_dense_bytes_per_client": float(c.plain_bytes),
-            "client_s": float(c.mean_client_s) + encode_s / max(n, 1),
-            "server_s": float(c.server_setup_s + c.server_aggregate_s + c.server_unmask_s),
-            "dropped": float(len(dropped)),
-        }
+        agg = decode_sum(total, layout, n_clients=int(survivors.size), grouped=groups is not None)
+        if self.record_transcript:
+            sent = self.last_evidence.transcript  # everything the clients sent the server
+            size = sum(len(m) for part in (sent.adverts, sent.shares, sent.uploads, sent.reveals) for m in part)
+            self.last_cost = {"bytes_up_per_client": size / max(int(survivors.size), 1), "dropped": float(len(dropped))}
+        else:
+            c = result.costs
+            self.last_cost = {
+                "workers": float(simulation_workers()),
+                "bytes_up_per_client": float(np.mean(c.bytes_up[survivors])),
+                "bytes_down_per_client": float(np.mean(c.bytes_down[survivors])),
+                "plain_dense_bytes_per_client": float(c.plain_bytes),
+                "client_s": float(c.mean_client_s) + encode_s / max(n, 1),
+                "server_s": float(c.server_setup_s + c.server_aggregate_s + c.server_unmask_s),
+                "dropped": float(len(dropped)),
+            }
         self.rounds_done += 1
         return agg

@@ -45,6 +45,7 @@ import math
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -57,12 +58,15 @@ from gfmfr_secure.secagg.masking import MaskedUpload, NeighbourGraph, SecAggConf
 __all__ = [
     "BroadcastAttestation",
     "ClientRefusal",
+    "CountEvidence",
     "SecAggTranscript",
     "attest_broadcast",
     "broadcast_digest",
+    "broadcast_refusals",
     "check_consistent_broadcast",
     "check_reported_counts",
     "check_round_parameters",
+    "verify_count_evidence",
     "verify_count_transcript",
 ]
 
@@ -198,6 +202,31 @@ def check_consistent_broadcast(
         )
 
 
+def broadcast_refusals(received: np.ndarray, graph: NeighbourGraph | None, min_matching: int) -> np.ndarray:
+    """Which clients :func:`check_consistent_broadcast` makes refuse, for a whole cohort at once; bool [n].
+
+    The cohort-level form of the check that the round loop runs: each broadcast is hashed
+    once (:func:`broadcast_digest`) and ``received[u]`` names the distinct digest client u
+    got. Attestations are signed by their senders, so the server can only withhold them;
+    its best routing sends each client exactly the attestations that match its own digest
+    (any other one makes it refuse on a mismatch). Client u therefore uploads exactly when
+    at least ``min_matching`` of its neighbours received u's digest.
+
+    Parameters
+    ----------
+    received : int64 [n] index of the broadcast each client received (equal index = equal digest).
+    graph : the round's neighbourhood graph over the n positions, or None for the complete graph.
+    min_matching : as in :func:`check_consistent_broadcast` (``t - 1``).
+    """
+    got = np.asarray(received, dtype=np.int64)
+    if graph is None or graph.degree is None:
+        matching = np.bincount(got)[got] - 1
+    else:
+        nbrs = np.asarray(graph.neighbours, dtype=np.int64)  # [n, k]
+        matching = (got[nbrs] == got[:, None]).sum(axis=1)
+    return matching < int(min_matching)
+
+
 # --------------------------------------------------------------------------- round parameters
 
 
@@ -254,6 +283,34 @@ class SecAggTranscript:
     reveals: tuple[bytes, ...]
 
 
+def _replay(transcript: SecAggTranscript, config: SecAggConfig, graph: NeighbourGraph, identity_keys: Mapping[int, bytes]) -> tuple[SecAggServer, np.ndarray]:
+    """Run the public server over a transcript; the replayed server and the float64 [D] sum.
+
+    Raises
+    ------
+    ClientRefusal
+        Any message fails the server's checks, or an upload is not in the transcript.
+    """
+    try:
+        server = SecAggServer(config, graph, identity_keys)
+        server.collect_adverts(transcript.adverts)
+        server.route_shares(transcript.shares)
+        for u in transcript.uploads:
+            server.receive_upload(u)
+        server.unmask_requests()
+        ring = server.finish(transcript.reveals)
+    except SecAggError as err:  # a protocol error in the transcript is a reason to refuse, not a crash
+        raise ClientRefusal(f"the transcript of round {config.round_id} does not verify: {err}") from err
+    return server, decode_sum(ring, frac_bits=config.frac_bits)
+
+
+def _check_own_upload(server: SecAggServer, own_upload: bytes, config: SecAggConfig) -> None:
+    """Refuse unless the bytes this client sent are the upload the replayed server summed for it."""
+    mine = MaskedUpload.from_bytes(own_upload, config.dim)
+    if mine.client not in server.survivors or server.upload_digest(mine.client) != hashlib.sha256(mine.payload).digest():
+        raise ClientRefusal(f"client {mine.client} refuses: its own upload is not in the transcript of round {config.round_id}")
+
+
 def verify_count_transcript(
     transcript: SecAggTranscript,
     config: SecAggConfig,
@@ -273,22 +330,59 @@ def verify_count_transcript(
     ClientRefusal
         The client's own upload is missing, or any message fails the server's checks.
     """
-    mine = MaskedUpload.from_bytes(own_upload, config.dim)
-    digest, own = hashlib.sha256(mine.payload).digest(), mine.client
-    try:
-        server = SecAggServer(config, graph, identity_keys)
-        server.collect_adverts(transcript.adverts)
-        server.route_shares(transcript.shares)
-        accepted = [server.receive_upload(u) for u in transcript.uploads]
-        if own not in accepted or server.upload_digest(own) != digest:
-            raise ClientRefusal(f"client {own} refuses: its own upload is not in the transcript of round {config.round_id}")
-        server.unmask_requests()
-        ring = server.finish(transcript.reveals)
-    except ClientRefusal:
-        raise
-    except SecAggError as err:  # a protocol error in the transcript is a reason to refuse, not a crash
-        raise ClientRefusal(f"the transcript of round {config.round_id} does not verify: {err}") from err
-    return decode_sum(ring, frac_bits=config.frac_bits)
+    MaskedUpload.from_bytes(own_upload, config.dim)  # a malformed own upload is the caller's error, raised first
+    server, total = _replay(transcript, config, graph, identity_keys)
+    _check_own_upload(server, own_upload, config)
+    return total
+
+
+@dataclass(frozen=True)
+class CountEvidence:
+    """What the clients of a round check the server's reported group counts against.
+
+    Exactly one of two forms:
+
+    * ``masking``: ``transcript`` with the round's public ``config``, ``graph`` and PKI
+      ``identity_keys``, and ``own_uploads`` (the masked upload bytes each client kept);
+      the counts are the replayed sum.
+    * ``ckks``: ``released``, float64 [D] the sum as the key holder decrypted and released it
+      (the aggregator cannot produce a decryption; the key holder's release is what the
+      clients compare with).
+
+    ``layout`` maps the summed vector to counts: the count coordinate of each block,
+    divided by ``layout.count_value``.
+    """
+
+    layout: Any
+    transcript: SecAggTranscript | None = None
+    config: SecAggConfig | None = None
+    graph: NeighbourGraph | None = None
+    identity_keys: Mapping[int, bytes] | None = None
+    own_uploads: tuple[bytes, ...] = ()
+    released: np.ndarray | None = None
+
+
+def verify_count_evidence(evidence: CountEvidence) -> np.ndarray:
+    """The verified group counts, float64 [G], as every client of the round computes them.
+
+    The transcript is replayed once: every client holds the same bytes, and the replay is
+    deterministic. Each client then checks that its own upload is the one summed for it.
+
+    Raises
+    ------
+    ClientRefusal
+        The transcript does not verify, or a client's own upload is not in it.
+    """
+    if evidence.transcript is not None:
+        server, total = _replay(evidence.transcript, evidence.config, evidence.graph, evidence.identity_keys)
+        for own in evidence.own_uploads:
+            _check_own_upload(server, own, evidence.config)
+    elif evidence.released is not None:
+        total = np.asarray(evidence.released, dtype=np.float64)
+    else:
+        raise ValueError("count evidence needs a transcript (masking) or the key holder's release (ckks)")
+    layout = evidence.layout
+    return total.reshape(layout.n_groups, layout.block_size)[:, -1] / float(layout.count_value)
 
 
 def check_reported_counts(reported: Sequence[float] | np.ndarray, verified: np.ndarray, *, count_value: float = 1.0, tolerance: float = 1e-6) -> None:

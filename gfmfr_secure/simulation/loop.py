@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from gfmfr_secure import schedules
 from gfmfr_secure.aggregation import get_aggregator, group_sums
+from gfmfr_secure.client.checks import ClientRefusal, broadcast_digest, broadcast_refusals, check_reported_counts, verify_count_evidence
 from gfmfr_secure.client.cohort import train_cohort
 from gfmfr_secure.client.state import ClientRows, ClientStateStore
 from gfmfr_secure.data import Split, sample_training
@@ -178,9 +179,14 @@ def run_federated(
     n_groups = _n_groups(cfg)
     server = ServerState(shared=shared, fusion=_make_fusion(cfg, data, n_groups, seed), teacher=None, assignment=np.full(n_users, -1, dtype=np.int64), n_groups=n_groups)
     secret_source = SecretSource(cfg.secrets, seed)  # keys, masks and DP noise: not the run seed unless reproducible
-    aggregator = get_aggregator(cfg.aggregation.backend, settings=cfg.aggregation, seed=seed, secrets=cfg.secrets)
+    aggregator = get_aggregator(cfg.aggregation.backend, settings=cfg.aggregation, seed=seed, secrets=cfg.secrets, min_group_size=cfg.grouping.min_group_size)
     grouping = cfg.grouping.method
-    floor = cfg.grouping.min_group_size if n_groups and grouping == "oblivious" else None
+    # the clients' checks (broadcast consistency, verified counts, round parameters) matter where the
+    # server sees only sums; under plain it receives every upload anyway
+    secure = aggregator.exposure != Exposure.PER_CLIENT
+    grouped_floor = bool(n_groups) and grouping == "oblivious"  # counts first, small groups merged
+    floor = cfg.grouping.min_group_size if grouped_floor or secure else None  # no release below it
+    check_stats = {"refused_rounds": 0, "broadcast_refusals": 0}
     floor_stats: dict[str, Any] = {"merged_rounds": 0, "skipped_rounds": 0, "smallest": None}
     if n_groups and grouping in SERVER_GROUPING and aggregator.exposure != Exposure.PER_CLIENT:
         raise ConfigError(
@@ -203,7 +209,7 @@ def run_federated(
     if floor is not None and eligible.size < floor:
         raise ConfigError(
             f"grouping.min_group_size={floor} exceeds the {eligible.size} clients that can take part: no round could "
-            f"release a group sum; lower grouping.min_group_size (>= 2) or use more clients"
+            f"release a {'group ' if grouped_floor else 'secure '}sum; lower grouping.min_group_size (>= 2) or use more clients"
         )
     ks = tuple(cfg.eval.ks)
     dp = plan_privacy(cfg, eligible.size, logger=log)
@@ -269,6 +275,26 @@ def run_federated(
         log.info("round %d: val HR@10 %.4f NDCG@10 %.4f (%s)", t, val["HR@10"], val["NDCG@10"], note)
         return selector.observe(t, val, lambda: (server.shared.clone(), store.snapshot()))
 
+    def release_nothing(t: int, rec: dict[str, Any], why: str) -> bool:
+        """Close round ``t`` that released no sum; True when early stopping ends training."""
+        rec["skipped"] = why
+        if dp is not None:  # the round happened (and under the floor its counts were released): account for it
+            dp.record(t)
+        # clients that trained kept their private state: validate as usual
+        if validate(t, rec, "nothing released"):
+            finish(t, rec, stop=True)
+            log.info("early stop after round %d (best round %d)", t, selector.best_round)
+            return True
+        finish(t, rec)
+        return False
+
+    def refuse(t: int, rec: dict[str, Any], err: ClientRefusal) -> bool:
+        """The clients refused round ``t`` (one of their checks failed): nothing is released."""
+        log.warning("round %d: the clients refused the round, nothing is released: %s", t, err)
+        check_stats["refused_rounds"] += 1
+        rec["refused"] = str(err)
+        return release_nothing(t, rec, "clients refused the round")
+
     bar = tqdm(range(tc.rounds if stopped else start, tc.rounds), desc=label or cfg.method, disable=None if progress else True, unit="round", initial=start, total=tc.rounds)
     for t in bar:
         rec: dict[str, Any] = {"round": t}
@@ -287,6 +313,20 @@ def run_federated(
             finish(t, rec)
             continue
         t0 = time.perf_counter()
+        if secure and cohort.size >= floor:  # (below the floor nothing is released anyway)
+            # every client attests what it received; one with too few neighbours attesting the same refuses
+            refused = broadcast_refusals_of(aggregator, server, centroids, cohort, t)
+            if refused.any():
+                log.warning("round %d: %d clients refused the broadcast (too few neighbours attested the one they received)", t, int(refused.sum()))
+                check_stats["broadcast_refusals"] += int(refused.sum())
+                rec["broadcast_refusals"] = int(refused.sum())
+                cohort = cohort[~refused]  # they neither train on the broadcast nor upload
+                if cohort.size < floor:
+                    stop = release_nothing(t, rec, "cohort below grouping.min_group_size after broadcast refusals")
+                    floor_stats["skipped_rounds"] += 1
+                    if stop:
+                        break
+                    continue
         if cfg.data.negatives_fixed:  # compatibility: one draw for every user, reused every round
             if fixed_samples is None:
                 fixed_samples = sample_training(split, tc.num_negatives, numpy_rng(seed, "negatives", 0), exclude_heldout=cfg.data.negatives_exclude_heldout)
@@ -350,30 +390,30 @@ def run_federated(
             if n_groups and grouping in SERVER_GROUPING and len(upload) != len(update):
                 raise ConfigError("synthetic clients from upload_hook need client-side grouping (oblivious or none)")
 
-        # ---- group floor (oblivious): count phase, groups below the floor merged before any sum
+        # ---- group floor: no secure sum below it; under oblivious grouping a count phase first,
+        # checked by the clients, and groups below the floor merged before any sum
         phase_counts = None
         if floor is not None:
-            if len(upload) >= floor:
-                phase_counts, count_cost = count_phase(aggregator, upload, client_groups, n_groups, dp, secret_source, t)
+            if grouped_floor and len(upload) >= floor:
+                try:
+                    phase_counts, count_cost = counted_groups(aggregator, upload, client_groups, n_groups, dp, secret_source, t, secure)
+                except ClientRefusal as err:
+                    if refuse(t, rec, err):
+                        break
+                    continue
                 merge = merge_small_groups(phase_counts, centroids, floor)
                 phase_counts = np.bincount(merge, weights=phase_counts, minlength=n_groups)
                 floor_stats["merged_rounds"] += int((merge != np.arange(n_groups)).any())
                 client_groups = merge[client_groups]  # each client maps its own choice
                 upload = dataclasses.replace(upload, group=client_groups)
-            if len(upload) < floor or phase_counts.max() < floor:
+            if not releasable(len(upload), phase_counts, floor):
                 log.info("round %d: cohort of %d clients is below grouping.min_group_size=%d; nothing is released", t, len(upload), floor)
                 floor_stats["skipped_rounds"] += 1
-                rec["skipped"] = "cohort below grouping.min_group_size"
-                if dp is not None:
-                    dp.record(t)
-                # the clients still trained their private state this round: validate as usual
-                if validate(t, rec, "nothing released"):
-                    finish(t, rec, stop=True)
-                    log.info("early stop after round %d (best round %d)", t, selector.best_round)
+                if release_nothing(t, rec, "cohort below grouping.min_group_size"):
                     break
-                finish(t, rec)
                 continue
-            rec["count_cost"] = count_cost
+            if phase_counts is not None:
+                rec["count_cost"] = count_cost
 
         # ---- aggregation backend, then (paper mode) grouping by the server
         if tc.weighting == "samples" and len(upload) != len(update):
@@ -386,7 +426,12 @@ def run_federated(
             share_std = dp.share_std(len(upload), aggregator.min_reporting(len(upload)))
             shares = NoiseShares(secret_source.key("dp-share", t), t, upload.clients, share_std, layout) if share_std > 0 else None
             release_noise = ReleaseNoise(layout, central_noise(layout, dp.central_std(), secret_source.key("dp-central", t)), shares)
-        agg = aggregator.aggregate(upload, n_items=n_items, weights=weights, groups=client_groups, n_groups=max(n_groups, 1), noise=release_noise)
+        try:
+            agg = aggregator.aggregate(upload, n_items=n_items, weights=weights, groups=client_groups, n_groups=max(n_groups, 1), noise=release_noise)
+        except ClientRefusal as err:  # check_round_parameters: a round the clients' own configuration forbids
+            if refuse(t, rec, err):
+                break
+            continue
         if phase_counts is not None and dp is not None:  # the counts were released (noised) in the count phase
             agg = dataclasses.replace(agg, group_counts=torch.as_tensor(phase_counts, dtype=torch.float32), weight_total=max(float(phase_counts.sum()), 1.0))
         if phase_counts is not None:
@@ -505,7 +550,69 @@ def run_federated(
         privacy["epsilon_withheld_because"] = "; ".join(filter(None, [privacy.get("epsilon_withheld_because"), reason]))
     if floor is not None:
         privacy["group_floor"] = floor_report(floor, floor_stats["merged_rounds"], floor_stats["skipped_rounds"], floor_stats["smallest"])
+    if secure:
+        privacy["client_checks"] = dict(check_stats)
     return FederatedRun(shared=sel_shared, store=sel_store, server=server, metrics=metrics, history=history)
+
+
+def deliver_broadcast(server: ServerState, centroids: np.ndarray | None, cohort: np.ndarray) -> tuple[list[dict[str, Any]], np.ndarray]:
+    """What the server sends the cohort at the start of a round.
+
+    Returns the distinct broadcasts (each: shared item table ``[I, d]``, head ``[H]``, teacher
+    ``[G, I]`` or None, centroids ``[G, H]`` or None) and int64 [n] which one each client
+    received. The in-process server sends every client the same objects: one broadcast.
+    """
+    parts = {"item_table": server.shared.item_table, "head": server.shared.head_flat(), "teacher": server.teacher, "centroids": centroids}
+    return [parts], np.zeros(cohort.size, dtype=np.int64)
+
+
+def broadcast_refusals_of(aggregator: Any, server: ServerState, centroids: np.ndarray | None, cohort: np.ndarray, round_idx: int) -> np.ndarray:
+    """The broadcast-consistency check of a secure round; bool [n], True for each client that refuses.
+
+    Each distinct broadcast is hashed once (:func:`~gfmfr_secure.client.checks.broadcast_digest`);
+    clients compare digests with the neighbours the backend's attestation graph gives them
+    (:func:`~gfmfr_secure.client.checks.broadcast_refusals`).
+    """
+    sent, received = deliver_broadcast(server, centroids, cohort)
+    digests = [broadcast_digest(round_idx, parts) for parts in sent]
+    first = {dg: i for i, dg in reversed(list(enumerate(digests)))}  # equal bytes, equal class
+    classes = np.array([first[dg] for dg in digests], dtype=np.int64)[received]
+    graph, min_matching = aggregator.attestation_scope(int(cohort.size))
+    return broadcast_refusals(classes, graph, min_matching)
+
+
+def counted_groups(
+    aggregator: Any, upload: CohortUpdate, groups: np.ndarray, n_groups: int, dp: Any, source: SecretSource, round_idx: int, verify: bool
+) -> tuple[np.ndarray, dict[str, float]]:
+    """The count phase and, under a secure backend, the clients' check of the counts the server reports.
+
+    Returns the reported counts float64 [G] and the phase's cost. With ``verify`` the
+    backend keeps the phase's evidence (masking: its transcript; ckks: the key holder's
+    release) and the clients refuse counts that differ from it.
+
+    Raises
+    ------
+    ClientRefusal
+        The reported counts differ from the verified ones, or the evidence does not verify.
+    """
+    aggregator.record_transcript = verify
+    try:
+        counts, cost = count_phase(aggregator, upload, groups, n_groups, dp, source, round_idx)
+    finally:
+        aggregator.record_transcript = False
+    if verify:
+        check_reported_counts(counts, verify_count_evidence(aggregator.last_evidence), tolerance=COUNT_TOLERANCE)
+    return counts, cost
+
+
+#: slack on a verified count: the float32 decoding of a count of up to ~10^4 (a lie moves a count by >= 1)
+COUNT_TOLERANCE = 1e-2
+
+
+def releasable(n: int, counts: np.ndarray | None, floor: int) -> bool:
+    """The honest server's floor: a round of ``n`` uploads releases sums only when ``n >= floor``
+    and, after the merge, some group count reaches it."""
+    return n >= floor and (counts is None or float(counts.max()) >= floor)
 
 
 def evaluation_users(split: Split, max_users: int, seed: int) -> np.ndarray | None:

@@ -136,18 +136,20 @@ def test_isolating_centroids_leave_the_target_alone() -> None:
         isolating_centroids(inside, 40, 3)
 
 
-def test_crafted_centroids_expose_the_target_only_without_the_floor_or_with_lying_counts(tiny_synthetic, split) -> None:
+def test_crafted_centroids_expose_the_target_only_without_the_floor_or_with_unchecked_lying_counts(tiny_synthetic, split) -> None:
     """Through the masking backend: no floor, the trap group's sum is the target's upload; with the floor
     it is merged (no released group below 10 clients); a server that reports the trap's count as 10
-    keeps it unmerged, since the clients in the loop do not check the counts."""
+    keeps it unmerged when the clients' count check is bypassed, and the clients refuse the round with it on."""
     cfg = _cfg("gfmfr")
     bare = centroid_attack(cfg, tiny_synthetic, split, floor_on=False)
     assert bare["isolated"] and bare["gap"] < 1e-4 and bare["inference"]["exact"] == 1.0
     floored = centroid_attack(cfg, tiny_synthetic, split, bare["target"])
     assert not floored["isolated"] and all(c < 0.5 or c >= 10 for c in floored["counts"])
     assert floored["inference"]["exact"] == 0.0 and floored["inference"]["f1_at_k"] < 0.5 and floored["gap"] > 1e-2
-    lied = centroid_attack(cfg, tiny_synthetic, split, bare["target"], lie=True)
-    assert lied["isolated"] and lied["gap"] < 1e-4 and lied["inference"]["exact"] == 1.0
+    lied = centroid_attack(cfg, tiny_synthetic, split, bare["target"], lie=True, counts_checked=False)
+    assert lied["refused"] is None and lied["isolated"] and lied["gap"] < 1e-4 and lied["inference"]["exact"] == 1.0
+    checked = centroid_attack(cfg, tiny_synthetic, split, bare["target"], lie=True)
+    assert checked["refused"] is not None and "reported 10 clients in group 0" in checked["refused"] and not checked["isolated"]
 
 
 def test_count_transcript_check_refuses_lying_counts() -> None:
@@ -229,8 +231,8 @@ def test_claiming_every_other_client_dropped_is_refused() -> None:
 
 
 def test_a_cohort_of_the_target_alone_releases_nothing(tiny_synthetic, split) -> None:
-    """The server samples only the target in round 1: under oblivious grouping the round is below the
-    floor and releases nothing; without groups the protocol itself refuses a sum of one client."""
+    """The server samples only the target in round 1: the round is below the floor and releases nothing,
+    under oblivious grouping and without groups."""
     real = loop._sample_cohort
     only_target = lambda eligible, fraction, seed, t: np.array([5]) if t == 1 else real(eligible, fraction, seed, t)  # noqa: E731
     views = []
@@ -238,19 +240,14 @@ def test_a_cohort_of_the_target_alone_releases_nothing(tiny_synthetic, split) ->
         run = loop.run_federated(_cfg("gfmfr"), tiny_synthetic, split, progress=False, callbacks=[views.append])
         assert run.history[1]["skipped"] == "cohort below grouping.min_group_size"
         assert [v.round for v in views if v.observer == "server"] == [0]
-        with pytest.raises(ValueError, match="n_clients must be >= 2"):
-            loop.run_federated(_cfg("fedrap", "grouping.method=none"), tiny_synthetic, split, progress=False)
+        views.clear()
+        run = loop.run_federated(_cfg("fedrap", "grouping.method=none"), tiny_synthetic, split, progress=False, callbacks=[views.append])
+        assert run.history[1]["skipped"] == "cohort below grouping.min_group_size"
+        assert [v.round for v in views if v.observer == "server"] == [0]
 
 
-def test_small_secure_rounds_without_oblivious_grouping_are_released_unless_clients_check(tiny_synthetic, split) -> None:
-    """The group floor only applies to oblivious grouping: a masking run without groups releases the sum
-    of a cohort of 2 (the target and, say, one Sybil). checks.check_round_parameters makes a client refuse it."""
-    real = loop._sample_cohort
-    two = lambda eligible, fraction, seed, t: np.array([5, 6]) if t == 1 else real(eligible, fraction, seed, t)  # noqa: E731
-    views = []
-    with mock.patch.object(loop, "_sample_cohort", two):
-        loop.run_federated(_cfg("fedrap", "grouping.method=none"), tiny_synthetic, split, progress=False, callbacks=[views.append])
-    assert [v.meta["n_clients"] for v in views if v.observer == "server" and v.round == 1] == [2]
+def test_round_parameter_check_refuses_small_rounds_and_weak_thresholds() -> None:
+    """checks.check_round_parameters, as every secure backend calls it before a sum (loop-level: test_active_server_loop.py)."""
     config = SecAggConfig.create(2, 16, threshold=2, value_bound=8.0)
     with pytest.raises(checks.ClientRefusal, match="round of 2 clients.*min_group_size=10"):
         checks.check_round_parameters(config, neighbourhood_graph(2, None, 0), min_group_size=10, threshold_fraction=0.6)
