@@ -17,6 +17,20 @@ interactions.
     python benchmarks/bench_scale.py --cohort 1000 --method fedrap,gfmfr   # a fixed cohort at every size
     python benchmarks/bench_scale.py --sizes 20000x10000 --set eval.max_users=0
 
+``--secure masking,ckks`` adds, per method and size, the cost of secure aggregation for a
+cohort of ``--secure-cohort`` clients (default 1000): bytes uploaded and downloaded per
+client, client seconds and server seconds per client, measured with the library's
+protocol code over the dense group-indexed layout of ``D = G * (I*d + H + 1)`` values
+that the ``masking`` and ``ckks`` backends sum (G groups for GFMFR, 1 for FedRAP), beside
+a plain item-sparse upload (touched rows only) and a plain dense float32 one. Masking plays
+one SecAgg+ closed neighbourhood (k + 1 clients, a full round of ``secure_sum``: each
+client does what a client of an n-client SecAgg+ round does); CKKS encrypts
+``--secure-clients`` uploads (default 4) and adds them one at a time. Nobody builds an
+n x D matrix: per-client server time is multiplied by n (a linear extrapolation, printed
+as such). ``--secure-only`` skips the training runs::
+
+    python benchmarks/bench_scale.py --sizes 100000x50000 --method fedrap,gfmfr --secure masking,ckks --secure-only
+
 ``--max-rss-gib`` (default 10) kills a size's process when its resident memory exceeds it
 (the row then says so); run large sizes under ``prlimit --as=...`` as well on a shared
 machine. Phase times are summed over the calls of a run (negatives, client training,
@@ -30,6 +44,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 import resource
 import subprocess
@@ -254,6 +269,258 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+# --------------------------------------------------------------------------- secure aggregation at scale (child process)
+
+_SCHEMES = ("masking", "ckks")
+_MEAN_INTERACTIONS = 24.0  # zipf_interactions' default: about 24 interactions per user
+_HELD_OUT = 2  # leave-one-out holds out a validation and a test item per user
+
+
+def secure_layout_for(method: str, n_items: int, overrides: list[str]) -> tuple[Any, Any, int]:
+    """The dense group-indexed layout a secure backend sums for ``method`` on ``n_items`` items.
+
+    Returns (the :class:`~gfmfr_secure.privacy.release.ReleaseLayout` of G blocks of
+    ``I * d + H + 1`` values, the config, the item rows a client touches in a round:
+    ``(mean interactions - held-out) * (1 + train.num_negatives)``).
+    """
+    from gfmfr_secure.config import load_config
+    from gfmfr_secure.models.backbones import get_backbone
+    from gfmfr_secure.models.params import head_size
+    from gfmfr_secure.privacy.release import ReleaseLayout
+
+    cfg = load_config(_ROOT / _CONFIGS[method], overrides)
+    d = cfg.model.latent_dim
+    groups = cfg.grouping.num_groups if method == "gfmfr" and cfg.grouping.method != "none" else 1
+    head = 0 if get_backbone(cfg.model.backbone).private_head else head_size(d)
+    positives = round(_MEAN_INTERACTIONS) - _HELD_OUT
+    rows = min(n_items, positives * (1 + cfg.train.num_negatives))
+    return ReleaseLayout(groups, n_items, d, head, 1.0), cfg, rows
+
+
+def synthetic_uploads(layout: Any, n_clients: int, rows: int, seed: int) -> np.ndarray:
+    """float32 [n_clients, G * block]: dense uploads made by the library's layout code.
+
+    Client ``u`` touches ``rows`` random item rows (item deltas N(0, 0.01^2)), has a head
+    delta of the same scale and sits in group ``u mod G``; the values do not change the
+    cost of masking or encryption, only D does.
+    """
+    import torch
+
+    from gfmfr_secure.aggregation.layout import dense_uploads
+    from gfmfr_secure.types import CohortUpdate
+
+    rng = np.random.default_rng([seed, n_clients, layout.n_items])
+    items = np.sort(np.argsort(rng.random((n_clients, layout.n_items)), axis=1)[:, :rows], axis=1)
+    head = layout.head_size
+    update = CohortUpdate(
+        clients=np.arange(n_clients, dtype=np.int64),
+        n_samples=np.full(n_clients, rows, dtype=np.int64),
+        row_ptr=np.arange(n_clients + 1, dtype=np.int64) * rows,
+        row_items=items.reshape(-1).astype(np.int64),
+        item_delta=torch.from_numpy(0.01 * rng.standard_normal((n_clients * rows, layout.latent_dim), dtype=np.float32)),
+        head_delta=torch.from_numpy(0.01 * rng.standard_normal((n_clients, head), dtype=np.float32)) if head else None,
+        head_after=None,
+        group=np.arange(n_clients, dtype=np.int64) % layout.n_groups,
+        loss=np.zeros(n_clients),
+    )
+    return dense_uploads(update, layout, update.group if layout.n_groups > 1 else None)
+
+
+def measure_masking(layout: Any, cfg: Any, rows: int, neighbours: int, seed: int) -> dict[str, Any]:
+    """Per-client cost of pairwise masking with SecAgg+ degree ``neighbours`` (k), measured on k + 1 clients.
+
+    One closed neighbourhood, k + 1 clients on the complete graph, runs a full round of
+    :func:`gfmfr_secure.secagg.masking.secure_sum` over the dense layout: each client then
+    does exactly what a client of a SecAgg+ round of any n does (k key agreements, k share
+    ciphertexts, k pair masks and one self mask of D words, threshold
+    ``ceil(threshold_fraction * (k + 1))``), and the server's work per survivor (check,
+    add, rebuild and remove its self mask) is the same; with no dropouts it is linear in n.
+    """
+    from gfmfr_secure.secagg.masking import secure_sum
+
+    n = neighbours + 1
+    threshold = max(2, math.ceil(cfg.aggregation.threshold_fraction * n))
+    t0 = time.perf_counter()
+    vectors = synthetic_uploads(layout, n, rows, seed)
+    layout_s = (time.perf_counter() - t0) / n
+    result = secure_sum(vectors, value_bound=cfg.aggregation.value_bound, threshold=threshold, neighbours=None, seed=seed, workers=1)
+    err = float(np.max(np.abs(result.total - vectors.sum(axis=0, dtype=np.float64))))
+    del vectors
+    c = result.costs
+    key_s = c.client_keygen_s + c.client_share_s + c.client_unmask_s
+    return {
+        "scheme": "masking",
+        "label": f"masking (SecAgg+ k={neighbours}, t={threshold})",
+        "clients_played": n,
+        "bytes_up": float(np.mean(c.bytes_up)),
+        "bytes_down": float(np.mean(c.bytes_down)),
+        "client_s": float(np.mean(key_s + c.client_mask_s)) + layout_s,
+        "client_key_s": float(np.mean(key_s)),
+        "client_mask_s": float(np.mean(c.client_mask_s)),
+        "layout_s": layout_s,
+        "server_s_per_client": (c.server_setup_s + c.server_aggregate_s + c.server_unmask_s) / n,
+        "max_abs_error": err,
+    }
+
+
+def measure_ckks(layout: Any, cfg: Any, rows: int, n_clients: int, cohort: int, seed: int) -> dict[str, Any]:
+    """Per-client cost of CKKS aggregation (the ``ckks`` backend's packed wire format), measured on ``n_clients``.
+
+    The key holder makes the keys of a ``cohort``-client sum (:func:`ckks_params_for`);
+    each client encrypts its dense layout (:class:`Encryptor`) and the aggregator validates
+    and adds it (:meth:`CKKSAggregator.add`), one upload at a time, timed apart; the key
+    holder then decrypts the sum once (its time is per round, not per client).
+    """
+    from gfmfr_secure.aggregation.ckks import ckks_params_for
+    from gfmfr_secure.secagg.ckks import KeyHolder
+
+    params = ckks_params_for(cfg.aggregation.value_bound, cohort, packing="coefficients")
+    t0 = time.perf_counter()
+    vectors = synthetic_uploads(layout, n_clients, rows, seed)
+    layout_s = (time.perf_counter() - t0) / n_clients
+    dim = vectors.shape[1]
+    t0 = time.perf_counter()
+    holder = KeyHolder(params, custody=cfg.aggregation.custody)
+    keygen_s = time.perf_counter() - t0
+    encryptor = holder.encryptor(dim, wire="packed")
+    aggregator = holder.aggregator(dim, wire="packed")
+    encrypt_s, add_s, sent = np.zeros(n_clients), np.zeros(n_clients), np.zeros(n_clients)
+    try:
+        for u in range(n_clients):  # K clients, each a whole D-vector: the loop is over a handful
+            t0 = time.perf_counter()
+            upload = encryptor.encrypt(vectors[u])
+            encrypt_s[u] = time.perf_counter() - t0
+            sent[u] = sum(len(blob) for blob in upload)
+            t0 = time.perf_counter()
+            aggregator.add(upload)
+            add_s[u] = time.perf_counter() - t0
+            del upload
+        encrypted = aggregator.result()
+    finally:
+        encryptor.close()
+        aggregator.close()
+    t0 = time.perf_counter()
+    total = holder.decryptor(dim, wire="packed").decrypt(encrypted)
+    decrypt_s = time.perf_counter() - t0
+    err = float(np.max(np.abs(total - vectors.sum(axis=0, dtype=np.float64))))
+    tolerance = params.release_tolerance(n_clients, dim, symmetric=holder.symmetric, packing="coefficients")
+    return {
+        "scheme": "ckks",
+        "label": f"ckks (packed, N={params.poly_modulus_degree}, {holder.custody})",
+        "clients_played": n_clients,
+        "bytes_up": float(np.mean(sent)),
+        "bytes_down": float(len(holder.client_context_bytes())),
+        "client_s": float(np.mean(encrypt_s)) + layout_s,
+        "layout_s": layout_s,
+        "server_s_per_client": float(np.mean(add_s)),
+        "keygen_s": keygen_s,
+        "decrypt_s": decrypt_s,
+        "ciphertexts": len(encrypted),
+        "max_abs_error": err,
+        "tolerance": tolerance,
+    }
+
+
+def run_secure(args: argparse.Namespace) -> dict[str, Any]:
+    """Bytes and seconds per client of each scheme in ``args.secure`` at one size (the child's JSON line)."""
+    import gfmfr_secure  # noqa: F401  (first: sets the OpenMP wait policy before torch loads OpenMP)
+
+    _, n_items = _parse_size(args.one_secure)
+    layout, cfg, rows = secure_layout_for(args.method, n_items, args.overrides)
+    dim = layout.n_groups * layout.block_size
+    neighbours = args.secure_neighbours if args.secure_neighbours is not None else cfg.aggregation.neighbours
+    if not 2 <= neighbours < args.secure_cohort or neighbours % 2:
+        print(
+            f"error: SecAgg+ degree k = {neighbours} must be even, >= 2 and below the cohort {args.secure_cohort} "
+            "(k = 0, the complete graph, would play all n clients over D): pass --secure-neighbours, e.g. 20",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+    d, head = layout.latent_dim, layout.head_size
+    sparse = rows * (8 + 4 * d) + 4 * head + 8  # as plain_cost: int64 id + d float32 per touched row, the head delta, the group
+    schemes = [
+        {"scheme": "plain-sparse", "label": "plain item-sparse", "bytes_up": float(sparse), "bytes_down": None, "client_s": None, "server_s_per_client": None},
+        {"scheme": "plain-dense", "label": "plain dense float32", "bytes_up": 4.0 * dim, "bytes_down": None, "client_s": None, "server_s_per_client": None},
+    ]
+    for scheme in args.secure:  # one measurement each, at most two
+        _peak_reset()
+        t0 = time.perf_counter()
+        if scheme == "masking":
+            row = measure_masking(layout, cfg, rows, neighbours, args.seed)
+        else:
+            row = measure_ckks(layout, cfg, rows, args.secure_clients, args.secure_cohort, args.seed)
+        row["wall_s"] = time.perf_counter() - t0
+        row["peak_rss_mib"] = _peak_mib()
+        schemes.append(row)
+    return {
+        "method": args.method,
+        "items": n_items,
+        "groups": layout.n_groups,
+        "latent_dim": d,
+        "head": head,
+        "dim": dim,
+        "touched_rows": rows,
+        "cohort": args.secure_cohort,
+        "schemes": schemes,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def _fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def print_secure(r: dict[str, Any]) -> None:
+    """The per-client cost table of one (method, size), and the trade-off it shows."""
+    if "failed" in r:
+        print(f"secure aggregation, {r['method']} {r['items']} items: FAILED ({r['failed']})", flush=True)
+        return
+    n, g, i, d, h = r["cohort"], r["groups"], r["items"], r["latent_dim"], r["head"]
+    print(
+        f"secure aggregation, {r['method']} on {i} items, cohort n = {n}: dense layout D = G * (I*d + H + 1) = "
+        f"{g} * ({i}*{d} + {h} + 1) = {r['dim']:,} values; item-sparse: {r['touched_rows']} touched rows per client "
+        f"({round(_MEAN_INTERACTIONS) - _HELD_OUT} positives and their negatives)",
+        flush=True,
+    )
+    sparse = r["schemes"][0]["bytes_up"]
+    header = f"  {'upload':<34} {'bytes up/client':>15} {'x sparse':>9} {'down/client':>12} {'client s':>9} {'server s/client':>15} {f'server s, n={n}':>15}"
+    print(header, flush=True)
+    for s in r["schemes"]:
+        server = s["server_s_per_client"]
+        print(
+            f"  {s['label']:<34} {_fmt_bytes(s['bytes_up']):>15} {s['bytes_up'] / sparse:>9.1f} {_fmt_bytes(s['bytes_down']):>12} "
+            f"{'-' if s['client_s'] is None else format(s['client_s'], '.3f'):>9} {'-' if server is None else format(server, '.4f'):>15} "
+            f"{'-' if server is None else format(server * n, '.1f'):>15}",
+            flush=True,
+        )
+    for s in r["schemes"][2:]:
+        extra = (
+            f"key rounds {s['client_key_s']:.3f} s + masks {s['client_mask_s']:.3f} s + layout {s['layout_s']:.3f} s per client"
+            if s["scheme"] == "masking"
+            else f"{s['ciphertexts']} ciphertexts; keys {s['keygen_s']:.2f} s and decryption {s['decrypt_s']:.2f} s once per round; "
+            f"error {s['max_abs_error']:.2e} (tolerance {s['tolerance']:.2e})"
+        )
+        if s["scheme"] == "masking":
+            extra += f"; error {s['max_abs_error']:.2e}"
+        print(f"  {s['scheme']}: measured on {s['clients_played']} clients in {s['wall_s']:.1f} s, peak RSS {s['peak_rss_mib'] / 1024:.2f} GiB; {extra}", flush=True)
+    print(
+        f"  server s for n = {n}: the measured per-client server time times n (linear extrapolation, no dropouts, one core); "
+        "client s is what each client spends on its own device",
+        flush=True,
+    )
+    print(
+        f"  trade-off: the dense layout hides which item rows a client touched, at a cost proportional to I*d*G "
+        f"({r['dim']:,} values, {r['schemes'][1]['bytes_up'] / sparse:.0f}x the item-sparse upload before any protocol overhead); "
+        f"item-sparse uploads cost ~ the {r['touched_rows']} touched rows but reveal each client's item set to the server",
+        flush=True,
+    )
+
+
 # --------------------------------------------------------------------------- the grid (parent process)
 
 
@@ -285,6 +552,14 @@ def _parse_sizes(text: str) -> list[str]:
     return sizes
 
 
+def _parse_schemes(text: str) -> list[str]:
+    schemes = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [x for x in schemes if x not in _SCHEMES]
+    if not schemes or unknown:
+        raise argparse.ArgumentTypeError(f"unknown secure scheme(s) {unknown or text!r}: choose from {', '.join(_SCHEMES)}")
+    return list(dict.fromkeys(schemes))
+
+
 def _rss_mib(pid: int) -> float:
     try:
         with open(f"/proc/{pid}/status") as fh:
@@ -296,10 +571,18 @@ def _rss_mib(pid: int) -> float:
     return 0.0
 
 
-def run_child(size: str, method: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Run one method at one size in a subprocess, killing it above ``--max-rss-gib``; its JSON result."""
-    cmd = [sys.executable, __file__, "--one", size, "--method", method, "--rounds", str(args.rounds), "--fraction", str(args.fraction),
-           "--cohort", str(args.cohort), "--threads", str(args.threads), "--seed", str(args.seed), "--cache", args.cache]
+def run_child(size: str, method: str, args: argparse.Namespace, *, secure: bool = False) -> dict[str, Any]:
+    """Run one method at one size in a subprocess, killing it above ``--max-rss-gib``; its JSON result.
+
+    ``secure``: measure the secure-aggregation costs (:func:`run_secure`) instead of training.
+    """
+    cmd = [sys.executable, __file__, "--one-secure" if secure else "--one", size, "--method", method, "--rounds", str(args.rounds),
+           "--fraction", str(args.fraction), "--cohort", str(args.cohort), "--threads", str(args.threads), "--seed", str(args.seed),
+           "--cache", args.cache]
+    if secure:
+        cmd += ["--secure", ",".join(args.secure), "--secure-clients", str(args.secure_clients), "--secure-cohort", str(args.secure_cohort)]
+        if args.secure_neighbours is not None:
+            cmd += ["--secure-neighbours", str(args.secure_neighbours)]
     for item in args.overrides:
         cmd += ["--set", item]
     with tempfile.TemporaryFile(mode="w+") as out:
@@ -391,7 +674,16 @@ def main() -> int:
     ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "gfmfr-bench-scale"), help="folder of the generated datasets")
     ap.add_argument("--out", default="bench_scale", help="prefix of the JSON and PNG written (default ./bench_scale)")
     ap.add_argument("--max-rss-gib", type=float, default=10.0, help="kill a size's process above this resident size")
+    ap.add_argument("--secure", type=_parse_schemes, default=[], help="also print the per-client cost of secure aggregation at each size: "
+                    "comma-separated schemes from masking,ckks (dense group-indexed uploads against item-sparse ones)")
+    ap.add_argument("--secure-clients", type=int, default=4, help="ckks: clients actually encrypted (K, default 4); masking plays one "
+                    "SecAgg+ neighbourhood of k + 1 clients; per-client costs are extrapolated linearly to --secure-cohort")
+    ap.add_argument("--secure-cohort", type=int, default=1000, help="cohort n of the secure sum (default 1000): sizes the CKKS "
+                    "parameters and the extrapolated server time")
+    ap.add_argument("--secure-neighbours", type=int, default=None, help="masking: SecAgg+ degree k (even, >= 2; default aggregation.neighbours)")
+    ap.add_argument("--secure-only", action="store_true", help="with --secure: skip the training runs")
     ap.add_argument("--one", type=lambda text: _parse_size(text) and text, help=argparse.SUPPRESS)  # child mode: run one size, print its JSON line
+    ap.add_argument("--one-secure", type=lambda text: _parse_size(text) and text, help=argparse.SUPPRESS)  # child mode: secure costs at one size
     args = ap.parse_args()
     if args.rounds < 1:
         ap.error(f"--rounds must be >= 1, got {args.rounds}")
@@ -399,23 +691,39 @@ def main() -> int:
         ap.error(f"--fraction must lie in (0, 1], got {args.fraction}")
     if args.cohort < 0:
         ap.error(f"--cohort must be >= 0 (0: use --fraction), got {args.cohort}")
-    if args.one:
+    if args.secure_clients < 1:
+        ap.error(f"--secure-clients must be >= 1, got {args.secure_clients}")
+    if args.secure_cohort < 3:
+        ap.error(f"--secure-cohort must be >= 3, got {args.secure_cohort}")
+    if args.secure_neighbours is not None and (args.secure_neighbours < 2 or args.secure_neighbours % 2 or args.secure_neighbours >= args.secure_cohort):
+        ap.error(f"--secure-neighbours must be even, >= 2 and below --secure-cohort, got {args.secure_neighbours}")
+    if args.secure_only and not args.secure:
+        ap.error("--secure-only needs --secure masking,ckks (or one of them)")
+    if args.one or args.one_secure:
         if len(args.method) != 1:
-            ap.error("--one runs a single method")
+            ap.error("--one and --one-secure run a single method")
         args.method = args.method[0]
-        print(json.dumps(run_one(args)), flush=True)
+        print(json.dumps(run_secure(args) if args.one_secure else run_one(args)), flush=True)
         return 0
-    results = []
+    out = Path(args.out)
+    results: list[dict[str, Any]] = []
+    secure: list[dict[str, Any]] = []
     for method in args.method:
         for size in args.sizes:
-            result = run_child(size, method, args)
-            print_result(result)
-            results.append(result)
-    out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=1))
-    plot(results, out.with_suffix(".png"))
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
-    return 0 if all("failed" not in r for r in results) else 1
+            if not args.secure_only:
+                results.append(run_child(size, method, args))
+                print_result(results[-1])
+            if args.secure:
+                secure.append(run_child(size, method, args, secure=True))
+                print_secure(secure[-1])
+    if secure:
+        out.with_name(out.name + "-secure.json").write_text(json.dumps(secure, indent=1))
+        print(f"wrote {out.with_name(out.name + '-secure.json')}")
+    if results:
+        out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+        plot(results, out.with_suffix(".png"))
+        print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+    return 0 if all("failed" not in r for r in results + secure) else 1
 
 
 if __name__ == "__main__":
