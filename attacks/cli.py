@@ -329,6 +329,17 @@ def attack_run(
     return results
 
 
+def _skipped_round(run_dir: Path, round_idx: int) -> str | None:
+    """Why round ``round_idx`` of a finished run released nothing (its history's ``skipped``), else None."""
+    path = run_dir / "history.json"
+    if not path.is_file():
+        return None
+    for rec in json.loads(path.read_text(encoding="utf-8")):
+        if rec.get("round") == round_idx:
+            return rec.get("skipped")
+    return None
+
+
 class AttackInputError(GfmfrError):
     """A run folder that cannot be attacked (no config, or no recorded views for the round)."""
 
@@ -341,6 +352,9 @@ def _check_attackable(run_dir: Path, round_idx: int) -> None:
         raise AttackInputError(f"{run_dir} is not a run folder (no config.yaml)")
     views = run_dir / "views"
     missing = [o for o in ("server", "outsider") if not view_path(views, round_idx, o).is_file()]
+    why = _skipped_round(run_dir, round_idx)
+    if missing and why is not None:
+        raise AttackInputError(f"{run_dir}: round {round_idx} released nothing ({why}): the server saw no upload to attack; attack another round")
     if missing:
         have = sorted({p.name.split("-")[0] for p in views.glob("round*-*.pt")}) if views.is_dir() else []
         recorded = ", ".join(have) if have else "none (train with record.views_rounds=[...])"
@@ -383,6 +397,7 @@ def _cmd_table(args: argparse.Namespace) -> int:
         raise ConfigError(f"--round must be >= 0, got {rounds[0]}")
     cells: dict[tuple[str, str, str, int], list[dict[str, float]]] = {}
     privacy: dict[str, Any] = {}
+    silent: list[str] = []  # (config, seed, round) that released nothing
     bases = {path: resolve_data_path(load_config(path, args.overrides), args.data) for path in args.configs}
     for path, base in bases.items():  # every config checked before anything trains
         if rounds[-1] >= base.train.rounds:
@@ -396,8 +411,8 @@ def _cmd_table(args: argparse.Namespace) -> int:
         for seed in args.seeds:
             cfg = with_overrides(base, [f"seed={seed}", f"record.views_rounds=[{', '.join(map(str, rounds))}]"])
             run_dir = out / "runs" / f"{label}-seed{seed}"
-            recorded = all(any((run_dir / "views").glob(f"round{r}-*")) for r in rounds)
-            if args.reuse and recorded and (run_dir / "metrics.json").is_file():
+            finished = (run_dir / "metrics.json").is_file() and (run_dir / "history.json").is_file()
+            if args.reuse and finished and all(any((run_dir / "views").glob(f"round{r}-*")) or _skipped_round(run_dir, r) for r in rounds):
                 metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
             else:
                 metrics, run_dir = train_and_record(cfg, out / "runs", name=f"{label}-seed{seed}", console=False, progress=False)
@@ -407,6 +422,11 @@ def _cmd_table(args: argparse.Namespace) -> int:
             if loaded is None:  # the dataset does not depend on the seed: load it once per config
                 loaded = prepare_data(base)
             for rnd in rounds:
+                why = _skipped_round(run_dir, rnd)
+                if why is not None:  # the server saw no upload that round: there is nothing to attack
+                    silent.append(f"{label}, seed {seed}, round {rnd}: nothing released ({why})")
+                    continue
+                _check_attackable(run_dir, rnd)
                 for r in attack_run(run_dir, rnd, args.data, seed, args.imia_clients, loaded, attribute_folds=args.attribute_folds):
                     m = {k: float(r.metrics[k]) for k in TABLE_METRICS if isinstance(r.metrics.get(k), (int, float))}
                     if "accuracy" not in m and "best_accuracy" in r.metrics:
@@ -424,7 +444,7 @@ def _cmd_table(args: argparse.Namespace) -> int:
                 cells.setdefault(("user-membership-lira", label, "outsider", rounds[-1]), []).append(m)
     summary = {f"{a}|{c}|{o}|round{t}": aggregate_runs(v) for (a, c, o, t), v in cells.items()}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "attacks.json").write_text(json.dumps({"cells": summary, "configs": privacy}, indent=2, default=float), encoding="utf-8")
+    (out / "attacks.json").write_text(json.dumps({"cells": summary, "configs": privacy, "nothing_released": silent}, indent=2, default=float), encoding="utf-8")
     command = "gfmfr-secure " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     lines = [f"Produced by: `{command}`", "", "| config | backend | grouping | DP | epsilon |", "|---|---|---|---|---|"]
     for label, p in privacy.items():
@@ -442,12 +462,17 @@ def _cmd_table(args: argparse.Namespace) -> int:
         def cell(key: str, agg: dict[str, Any] = agg) -> str:
             if key not in agg:
                 return "-"
-            return f"{agg[key]['mean']:.3f} ± {agg[key]['std']:.3f}" if agg[key]["n"] > 1 else f"{agg[key]['mean']:.3f}"
+            n = agg[key]["n"]
+            of = f" ({n} of {len(args.seeds)} seeds)" if n < len(args.seeds) else ""
+            return (f"{agg[key]['mean']:.3f} ± {agg[key]['std']:.3f}" if n > 1 else f"{agg[key]['mean']:.3f}") + of
 
         lines.append(
             f"| {a} | {c} | {o} | {t} | {cell('auc')} | {cell('tpr_at_fpr_0.01')} | {cell('tpr_at_fpr_0.001')} | {cell('accuracy')} | "
             f"{cell('baseline_accuracy')} | {cell('ceiling_auc')} | {cell('relabelled_match_rate')} |"
         )
+    if silent:
+        lines += ["", "Rounds that released nothing (the group floor stopped them; these cells average the other seeds):", ""]
+        lines += [f"- {s}" for s in silent]
     (out / "attacks.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
     return 0

@@ -86,3 +86,17 @@ def test_attack_table_attacks_several_rounds_of_the_same_runs(ml100k_dir, tmp_pa
     (tmp_path / "attacks.md").unlink()
     assert main([*args, *fast, "--set", "train.rounds=2", "--reuse"]) == 0
     assert (tmp_path / "attacks.md").read_text() == table
+
+
+def test_a_round_that_released_nothing_is_named_not_attacked(ml100k_dir, tmp_path, capsys) -> None:
+    """Under DP the noised counts can fall below the group floor: that round's server saw no upload."""
+    args = ["attack-table", "configs/attacks/masking-nodp.yaml", "--seeds", "0", "--data", str(ml100k_dir), "--out", str(tmp_path),
+            "--imia-clients", "0", "--attribute-folds", "0", *_sets("train.client_fraction=0.005", "grouping.min_group_size=20", "aggregation.neighbours=8")]
+    assert main(args) == 0
+    table = (tmp_path / "attacks.md").read_text()
+    assert "masking-nodp, seed 0, round 0: nothing released (cohort below grouping.min_group_size)" in table
+    assert json.loads((tmp_path / "attacks.json").read_text())["nothing_released"]
+    capsys.readouterr()
+    assert main(["attack", "--run", str(tmp_path / "runs" / "masking-nodp-seed0"), "--round", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "round 0 released nothing" in err
