@@ -1,0 +1,544 @@
+"""The messages clients and server exchange: typed, serialisable, nothing else crosses.
+
+Every message is a frozen dataclass of numpy arrays and scalars. ``to_arrays()`` gives
+``(arrays, config)``: a dict of plain numpy arrays and a dict of ``int | float | str |
+bool`` (they map one to one onto Flower's ``ArrayRecord`` and ``ConfigRecord``);
+``from_arrays(arrays, config)`` rebuilds the message and checks every array's dtype and
+rank. ``to_bytes()`` is an ``np.savez`` of the arrays with the config as JSON (no
+pickle); ``from_bytes()`` reads it back. The in-process engine passes every message
+through bytes, so what the server uses is exactly what crossed the boundary.
+
+One round (t)::
+
+    server --Broadcast--> nodes       (model, cohort, round hyper-parameters, clip)
+    server <--Upload----- nodes       (plain: every cohort member's update;
+                                       secure backends: the public part only)
+    server --SumRequest-> nodes       (count phase / sums / DP shares by group)
+    server <--SumReply--- nodes       (what the aggregation releases: AggregateResult)
+    server --Assignment-> nodes       (server-side grouping: each member's group)
+    server --EvalRequest-> nodes ; EvalReply <-- nodes    (validation, test)
+    server --KeepSnapshot-> nodes     (this round is the best so far: keep its state)
+
+A node answers ``Hello`` first: which of its users have training data and which a
+validation / test item.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
+
+import numpy as np
+
+from gfmfr_secure.errors import GfmfrError
+from gfmfr_secure.types import LocalHyper
+
+__all__ = [
+    "Assignment",
+    "Broadcast",
+    "EvalReply",
+    "EvalRequest",
+    "Hello",
+    "KeepSnapshot",
+    "MessageError",
+    "SumReply",
+    "SumRequest",
+    "Upload",
+    "merge_eval_replies",
+    "merge_hellos",
+    "merge_sum_replies",
+    "merge_uploads",
+]
+
+Scalar = int | float | str | bool
+M = TypeVar("M", bound="Message")
+
+_NONE_KEY = "__none__"  # config entry: JSON list of the fields that are None
+_TYPE_KEY = "__type__"  # config entry: the message's class name
+_CONFIG_ARRAY = "__config__"  # to_bytes: the config, as UTF-8 JSON in a uint8 array
+
+
+class MessageError(GfmfrError, ValueError):
+    """A message that does not decode: wrong type, missing field, wrong dtype or rank."""
+
+
+class Message:
+    """Mixin: (de)serialisation of a frozen dataclass of arrays and scalars.
+
+    Subclasses declare ``ARRAYS``: ``{field: (dtype, ndim)}`` for every array field
+    (an array field may be None). ``LocalHyper`` fields are flattened into the config as
+    ``hyper.<name>``; tuple-of-str fields are stored as JSON lists.
+    """
+
+    ARRAYS: ClassVar[dict[str, tuple[str, int]]] = {}
+
+    def to_arrays(self) -> tuple[dict[str, np.ndarray], dict[str, Scalar]]:
+        """``(arrays, config)``: numpy arrays (C-contiguous) and scalars; None fields listed in the config."""
+        arrays: dict[str, np.ndarray] = {}
+        config: dict[str, Scalar] = {_TYPE_KEY: type(self).__name__}
+        nones = []
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if value is None:
+                nones.append(f.name)
+            elif f.name in self.ARRAYS:
+                arrays[f.name] = np.ascontiguousarray(value)
+            elif isinstance(value, LocalHyper):
+                config.update({f"{f.name}.{k}": v for k, v in dataclasses.asdict(value).items()})
+            elif isinstance(value, tuple):
+                config[f.name] = json.dumps(list(value))
+            else:
+                config[f.name] = value
+        config[_NONE_KEY] = json.dumps(nones)
+        return arrays, config
+
+    @classmethod
+    def from_arrays(cls: type[M], arrays: dict[str, np.ndarray], config: dict[str, Scalar]) -> M:
+        """Rebuild the message; raises :class:`MessageError` on anything it does not expect."""
+        if config.get(_TYPE_KEY) != cls.__name__:
+            raise MessageError(f"expected a {cls.__name__} message, got {config.get(_TYPE_KEY)!r}")
+        nones = set(json.loads(str(config.get(_NONE_KEY, "[]"))))
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            name = f.name
+            if name in nones:
+                values[name] = None
+            elif name in cls.ARRAYS:
+                if name not in arrays:
+                    raise MessageError(f"{cls.__name__}: array {name!r} is missing")
+                values[name] = _checked(cls.__name__, name, np.asarray(arrays[name]), *cls.ARRAYS[name])
+            elif f.type in ("LocalHyper", LocalHyper):
+                try:
+                    values[name] = LocalHyper(**{h.name: config[f"{name}.{h.name}"] for h in dataclasses.fields(LocalHyper)})
+                except KeyError as err:
+                    raise MessageError(f"{cls.__name__}: {name}.{err.args[0]} is missing") from None
+            elif name not in config:
+                raise MessageError(f"{cls.__name__}: {name!r} is missing")
+            elif str(f.type).startswith("tuple"):
+                values[name] = tuple(json.loads(str(config[name])))
+            else:
+                values[name] = config[name]
+        return cls(**values)
+
+    def to_bytes(self) -> bytes:
+        """The message as one ``np.savez`` archive (arrays plus the config as JSON); no pickle."""
+        arrays, config = self.to_arrays()
+        buf = io.BytesIO()
+        blob = np.frombuffer(json.dumps(config, sort_keys=True).encode("utf-8"), dtype=np.uint8)
+        np.savez(buf, **{_CONFIG_ARRAY: blob}, **arrays)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls: type[M], data: bytes) -> M:
+        """Read a message written by :meth:`to_bytes`."""
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+                arrays = {k: archive[k] for k in archive.files}
+        except (OSError, ValueError) as err:
+            raise MessageError(f"not a {cls.__name__} message: {err}") from None
+        if _CONFIG_ARRAY not in arrays:
+            raise MessageError(f"not a {cls.__name__} message: no config")
+        config = json.loads(arrays.pop(_CONFIG_ARRAY).tobytes().decode("utf-8"))
+        return cls.from_arrays(arrays, config)
+
+
+def _checked(kind: str, name: str, array: np.ndarray, dtype: str, ndim: int) -> np.ndarray:
+    if array.dtype != np.dtype(dtype) or array.ndim != ndim:
+        raise MessageError(f"{kind}.{name} must be {dtype} with {ndim} dimensions, got {array.dtype} {array.shape}")
+    return array
+
+
+@dataclass(frozen=True, eq=False)
+class Hello(Message):
+    """A node's answer to the server's first message: which of its users can take part.
+
+    Attributes
+    ----------
+    hosted : int64 [k] every user the node hosts, ascending.
+    trainable : int64 [a] hosted users with training data (the eligible population).
+    val_users : int64 [b] hosted users with a validation item.
+    test_users : int64 [c] hosted users with a test item.
+    """
+
+    ARRAYS: ClassVar[dict[str, tuple[str, int]]] = {k: ("int64", 1) for k in ("hosted", "trainable", "val_users", "test_users")}
+
+    hosted: np.ndarray
+    trainable: np.ndarray
+    val_users: np.ndarray
+    test_users: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)
+class Broadcast(Message):
+    """What the server sends the cohort at the start of round ``round``.
+
+    Attributes
+    ----------
+    round : t.
+    cohort : int64 [n] sorted user ids; a node trains the ones it hosts.
+    item_table : float32 [I, d] the shared item table.
+    head : float32 [H] the shared head, flat (H = 0 when heads are private).
+    teacher : float32 [G, I] group preference scores, or None (no distillation this round).
+    centroids : float64 [G, H] oblivious grouping's centroids, or None.
+    groups : int64 [n] the group the server assigned each cohort member (server-side
+        grouping, -1 = none yet), or None (the clients keep their own).
+    hyper : this round's local hyper-parameters.
+    clip : the DP clip C in force (``inf`` without user-level DP).
+    count_value : kappa, what a client writes into its count coordinate.
+    population : the number of clients that can take part (the eligible population; the
+        clients' DP plan is sized with it).
+    """
+
+    ARRAYS: ClassVar[dict[str, tuple[str, int]]] = {
+        "cohort": ("int64", 1),
+        "item_table": ("float32", 2),
+        "head": ("float32", 1),
+        "teacher": ("float32", 2),
+        "centroids": ("float64", 2),
+        "groups": ("int64", 1),
+    }
+
+    round: int
+    cohort: np.ndarray
+    item_table: np.ndarray
+    head: np.ndarray
+    teacher: np.ndarray | None
+    centroids: np.ndarray | None
+    groups: np.ndarray | None
+    hyper: LocalHyper
+    clip: float
+    count_value: float
+    population: int
+
+
+@dataclass(frozen=True, eq=False)
+class Upload(Message):
+    """One node's uploads of a round; every user its own record (rows in client-id order).
+
+    The fields of :class:`~gfmfr_secure.types.CohortUpdate`, as numpy. Under a secure
+    backend a node sends the server only the public part (:meth:`public`): who took part
+    and its training loss; the updates reach the server only as sums (:class:`SumReply`).
+
+    Attributes
+    ----------
+    clients : int64 [n] user ids, ascending.
+    n_samples : int64 [n] training samples each used (0 where it keeps the count to itself).
+    row_ptr : int64 [n + 1] CSR pointer into the touched rows.
+    row_items : int64 [R] item ids of the touched rows.
+    item_delta : float32 [R, d] item-table change on those rows (clipped under DP).
+    head_delta : float32 [n, H] head change (clipped under DP), or None (private heads).
+    head_after : float32 [n, H] head after training (server-side grouping only), or None.
+    group : int64 [n] the group each client placed itself in, -1 if none.
+    loss : float64 [n] mean local training loss.
+    dpsgd : float64 [n, 3] record-level DP-SGD's (noise multiplier, sample rate, steps)
+        of each client this round, or None.
+    refused : cohort members of this node that refused the broadcast (did not train).
+    round : t.
+    """
+
+    ARRAYS: ClassVar[dict[str, tuple[str, int]]] = {
+        "clients": ("int64", 1),
+        "n_samples": ("int64", 1),
+        "row_ptr": ("int64", 1),
+        "row_items": ("int64", 1),
+        "item_delta": ("float32", 2),
+        "head_delta": ("float32", 2),
+        "head_after": ("float32", 2),
+        "group": ("int64", 1),
+        "loss": ("float64", 1),
+        "dpsgd": ("float64", 2),
+    }
+
+    clients: np.ndarray
+    n_samples: np.ndarray
+    row_ptr: np.ndarray
+    row_items: np.ndarray
+    item_delta: np.ndarray
+    head_delta: np.ndarray | None
+    head_after: np.ndarray | None
+    group: np.ndarray
+    loss: np.ndarray
+    dpsgd: np.ndarray | None = None
+    refused: int = 0
+    round: int = 0
+
+    def __len__(self) -> int:
+        return int(self.clients.size)
+
+    @classmethod
+    def empty(cls, latent_dim: int, round_idx: int, refused: int = 0) -> Upload:
+        """No client of this node uploads this round."""
+        z = np.zeros(0, dtype=np.int64)
+        return cls(z, z, np.zeros(1, dtype=np.int64), z, np.zeros((0, latent_dim), dtype=np.float32), None, None, z, np.zeros(0), refused=refused, round=round_idx)
+
+    def public(self) -> Upload:
+        """What a node sends the server directly under a secure backend: clients, losses, refusals; no update."""
+        n = len(self)
+        z = np.zeros(n, dtype=np.int64)
+        d = int(self.item_delta.shape[1])
+        return Upload(self.clients, z, np.zeros(n + 1, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros((0, d), dtype=np.float32), None, None, np.full(n, -1, dtype=np.int64), self.loss, self.dpsgd, self.refused, self.round)
+
+
+def merge_uploads(uploads: list[Upload]) -> Upload:
+    """One :class:`Upload` of several nodes' (disjoint clients), ordered by client id.
+
+    The order does not depend on how users are partitioned over nodes, so sums over the
+    merged upload are partition-invariant.
+    """
+    if not uploads:
+        raise MessageError("merge_uploads needs at least one upload")
+    if len(uploads) == 1:
+        return uploads[0]
+    clients = np.concatenate([u.clients for u in uploads])
+    if np.unique(clients).size != clients.size:
+        raise MessageError("merge_uploads: a client uploads twice")
+    order = np.argsort(clients, kind="stable")
+    counts = np.concatenate([np.diff(u.row_ptr) for u in uploads])
+    starts = np.concatenate([u.row_ptr[:-1] + off for u, off in zip(uploads, np.cumsum([0] + [u.row_items.size for u in uploads])[:-1], strict=True)])
+    rows = np.repeat(starts[order] - np.concatenate([[0], np.cumsum(counts[order])[:-1]]), counts[order]) + np.arange(int(counts.sum()))
+    row_ptr = np.concatenate([[0], np.cumsum(counts[order])]).astype(np.int64)
+
+    def cat(name: str) -> np.ndarray | None:
+        parts = [getattr(u, name) for u in uploads]
+        if any(p is None for p in parts):
+            return None
+        return np.concatenate(parts)
+
+    item_delta = np.concatenate([u.item_delta for u in uploads])[rows]
+    per_client = {k: (None if (v := cat(k)) is None else v[order]) for k in ("n_samples", "head_delta", "head_after", "group", "loss", "dpsgd")}
+    return Upload(
+        clients=clients[order],
+        n_samples=per_client["n_samples"],
+        row_ptr=row_ptr,
+        row_items=np.concatenate([u.row_items for u in uploads])[rows],
+        item_delta=item_delta,
+        head_delta=per_client["head_delta"],
+        head_after=per_client["head_after"],
+        group=per_client["group"],
+        loss=per_client["loss"],
+        dpsgd=per_client["dpsgd"],
+        refused=sum(u.refused for u in uploads),
+        round=uploads[0].round,
+    )
+
+
+def merge_hellos(hellos: list[Hello]) -> Hello:
+    """The union of several nodes' :class:`Hello` (disjoint users), ascending."""
+    return Hello(*(np.sort(np.concatenate([getattr(h, k) for h in hellos])) for k in ("hosted", "trainable", "val_users", "test_users")))
+
+
+@dataclass(frozen=True, eq=False)
+class SumRequest(Message):
+    """The server asks the cohort's nodes for a sum of their uploads of round ``round``.
+
+    The sum runs through the configured aggregation backend among the clients (under a
+    secure backend the server learns only what it releases).
+
+    Attributes
+    ----------
+    round : t.
+    phase : ``count`` (oblivious grouping's group counts), ``sums`` (the round's release)
+        or ``shares`` (the sum of the clients' DP noise shares by the server's grouping).
+    n_groups : G of the release (1 without groups).
+    merge : int64 [G] the public merge of small groups (each client maps its own choice
+        ``g -> merge[g]``), or None.
+    labels : int64 [n] (``shares``) the server's group of each upload in client order, or None.
+    weighting : ``samples`` or ``uniform`` FedAvg weights.
+    grouped : whether the release is group-wise (the clients' own groups).
+    clip : the DP clip C in force (``inf`` without user-level DP).
+    write_count : False when the count phase already released the counts.
+    central : float32 [G, block] the server's central DP draw, added where the sum is
+        released (``sums``), or None.
+    """
+
+    ARRAYS: ClassVar[dict[str, tuple[str, int]]] = {"merge": ("int64", 1), "labels": ("int64", 1), "central": ("float32", 2)}
+
+    round: int
+    phase: str
+    n_groups: int
+    merge: np.ndarray | None = None
+    labels: np.ndarray | None = None
+    weighting: str = "uniform"
+    grouped: bool = False
+    clip: float = float("inf")
+    write_count: bool = True
+    central: np.ndarray | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class SumReply(Message):
+    """What a sum releases to the server: the fields of :class:`~gfmfr_secure.types.AggregateResult`.
+
+    Attributes
+    ----------
+    round, phase : as requested.
+    refused : why the clients refused the sum (one of their checks failed), or "" .
+    n_clients : uploads aggregated.
+    weight_total : sum of FedAvg weights.
+    item_sum : float32 [I, d]; head_sum : float32 [H] or None.
+    group_counts : float32 [G] or None; group_item_sum : float32 [G, I, d] or None;
+    group_head_sum : float32 [G, H] or None.
+    share_sum : float32 [G, block] (phase ``shares``) the clients' noise shares summed by group, or None.
+    unclipped_query : ``sum_i (b_i - 1/2)``, ``b_i = 1`` for a client whose update norm was
+        at most the clip (adaptive clipping's count, before the server's noise).
+    cost : JSON object of the backend's cost (bytes per client, seconds).
+    per_client : under the plain backend the uploads as received (the server sees them
+        anyway); omitted otherwise. Carried as a nested :class:`Upload` in ``to_arrays``
+        under ``per_client.*`` keys.
+    """
+
+    ARRAYS: ClassVar[dict[str, tuple[str, int]]] = {
+        "item_sum": ("float32", 2),
+        "head_sum": ("float32", 1),
+        "group_counts": ("float32", 1),
+        "group_item_sum": ("float32", 3),
+        "group_head_sum": ("float32", 2),
+        "share_sum": ("float32", 2),
+    }
+
+    round: int
+    phase: str
+    refused: str
+    n_clients: int
+    weight_total: float
+    item_sum: np.ndarray
+    head_sum: np.ndarray | None
+    group_counts: np.ndarray | None
+    group_item_sum: np.ndarray | None
+    group_head_sum: np.ndarray | None
+    share_sum: np.ndarray | None
+    unclipped_query: float
+    cost: str
+    per_client: Upload | None = None
+
+    def to_arrays(self) -> tuple[dict[str, np.ndarray], dict[str, Scalar]]:
+        arrays, config = Message.to_arrays(dataclasses.replace(self, per_client=None))
+        if self.per_client is not None:
+            inner_a, inner_c = self.per_client.to_arrays()
+            arrays.update({f"per_client.{k}": v for k, v in inner_a.items()})
+            config.update({f"per_client.{k}": v for k, v in inner_c.items()})
+        return arrays, config
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], config: dict[str, Scalar]) -> SumReply:
+        prefix = "per_client."
+        inner_a = {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
+        inner_c = {k[len(prefix) :]: v for k, v in config.items() if k.startswith(prefix)}
+        outer_c = {k: v for k, v in config.items() if not k.startswith(prefix)}
+        outer = Message.from_arrays.__func__(cls, {k: v for k, v in arrays.items() if not k.startswith(prefix)}, outer_c)  # type: ignore[attr-defined]
+        return dataclasses.replace(outer, per_client=Upload.from_arrays(inner_a, inner_c) if inner_c else None)
+
+
+def merge_sum_replies(replies: list[SumReply]) -> SumReply:
+    """Several nodes' partial sums of one request added up (plain backend; a secure sum
+    across nodes runs as one protocol, not as a sum of replies)."""
+    if len(replies) == 1:
+        return replies[0]
+    refused = "; ".join(r.refused for r in replies if r.refused)
+
+    def add(name: str) -> np.ndarray | None:
+        parts = [getattr(r, name) for r in replies]
+        return None if parts[0] is None else np.sum(np.stack(parts), axis=0, dtype=np.float64).astype(np.float32)
+
+    per = [r.per_client for r in replies if r.per_client is not None]
+    return SumReply(
+        round=replies[0].round,
+        phase=replies[0].phase,
+        refused=refused,
+        n_clients=sum(r.n_clients for r in replies),
+        weight_total=float(sum(r.weight_total for r in replies)),
+        item_sum=add("item_sum"),  # type: ignore[arg-type]
+        head_sum=add("head_sum"),
+        group_counts=add("group_counts"),
+        group_item_sum=add("group_item_sum"),
+        group_head_sum=add("group_head_sum"),
+        share_sum=add("share_sum"),
+        unclipped_query=float(sum(r.unclipped_query for r in replies)),
+        cost=replies[0].cost,
+        per_client=merge_uploads(per) if per else None,
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class Assignment(Message):
+    """Server-side grouping's result for round ``round``: the group of each cohort member.
+
+    Attributes
+    ----------
+    round : t.
+    clients : int64 [n] user ids; groups : int64 [n] their groups.
+    """
+
+    ARRAYS: ClassVar[dict[str, tuple[str, int]]] = {"clients": ("int64", 1), "groups": ("int64", 1)}
+
+    round: int
+    clients: np.ndarray
+    groups: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)
+class EvalRequest(Message):
+    """The server asks the nodes to score their users.
+
+    Attributes
+    ----------
+    round : t (the round validated; the test is scored after the last round).
+    split : ``val`` or ``test``.
+    model : ``current`` (the model after round t, with the clients' current state) or
+        ``best`` (the broadcast model and client state kept at the best validation round).
+    item_table : float32 [I, d]; head : float32 [H]: the model to score with.
+    users : int64 [k] the users to evaluate (those of them with a ``split`` item), or None for all.
+    ks : the cut-offs, as a JSON list.
+    chunk_users : users scored per batch.
+    """
+
+    ARRAYS: ClassVar[dict[str, tuple[str, int]]] = {"item_table": ("float32", 2), "head": ("float32", 1), "users": ("int64", 1)}
+
+    round: int
+    split: str
+    model: str
+    item_table: np.ndarray
+    head: np.ndarray
+    users: np.ndarray | None
+    ks: tuple[int, ...]
+    chunk_users: int
+
+
+@dataclass(frozen=True, eq=False)
+class EvalReply(Message):
+    """Per-user metric values of one node; the server averages them over all nodes' users.
+
+    Attributes
+    ----------
+    round, split : as requested.
+    users : int64 [k] evaluated users, ascending.
+    names : the metric names (columns of ``values``).
+    values : float64 [k, M] each user's value of each metric.
+    """
+
+    ARRAYS: ClassVar[dict[str, tuple[str, int]]] = {"users": ("int64", 1), "values": ("float64", 2)}
+
+    round: int
+    split: str
+    users: np.ndarray
+    names: tuple[str, ...]
+    values: np.ndarray
+
+
+def merge_eval_replies(replies: list[EvalReply]) -> EvalReply:
+    """Several nodes' replies as one, users ascending."""
+    if len(replies) == 1:
+        return replies[0]
+    users = np.concatenate([r.users for r in replies])
+    order = np.argsort(users, kind="stable")
+    return EvalReply(replies[0].round, replies[0].split, users[order], replies[0].names, np.concatenate([r.values for r in replies])[order])
+
+
+@dataclass(frozen=True, eq=False)
+class KeepSnapshot(Message):
+    """Round ``round`` is the best validated so far: each node keeps a copy of its clients' state."""
+
+    round: int
