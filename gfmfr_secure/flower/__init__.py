@@ -1,0 +1,1 @@
+"""Flower (flwr 1.42) deployment of the federated roles: ClientApp, ServerApp, loopback launcher."""
