@@ -125,7 +125,7 @@ def test_small_cohorts_keep_previous_groups(tiny_synthetic, split) -> None:
 
 
 def test_fixed_negatives_are_reused(tiny_synthetic, split, monkeypatch) -> None:
-    import gfmfr_secure.simulation.loop as loop_mod
+    import gfmfr_secure.roles.client as loop_mod  # where the clients train
 
     seen = []
     real = loop_mod.train_cohort
@@ -148,7 +148,7 @@ def test_diverging_clients_fail_loudly_before_aggregation(method: str, tiny_synt
 
 
 def test_finite_check_names_the_clients_of_bad_rows() -> None:
-    from gfmfr_secure.simulation.loop import _check_finite
+    from gfmfr_secure.roles.client import check_finite as _check_finite
     from gfmfr_secure.types import CohortUpdate, LocalHyper
 
     delta = torch.zeros(5, 2)

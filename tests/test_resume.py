@@ -17,7 +17,7 @@ import pytest
 
 from gfmfr_secure import cli
 from gfmfr_secure.data import make_synthetic
-from gfmfr_secure.simulation import loop
+from gfmfr_secure.roles import client as client_role
 from gfmfr_secure.simulation.checkpoint import CHECKPOINT_DIR, read_checkpoint_meta
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,8 +27,8 @@ SMALL = [
     "train.user_lr=0.2", "fusion.server_epochs=2", "fusion.embedding_dim=16", "model.latent_dim=8",
     "grouping.num_groups=3", "eval.ks=[10,20,50]", "secrets=reproducible",
 ]
-#: validates rounds 0-2, then early stopping ends the run (best round 1)
-PLAIN = [*SMALL, "train.item_lr_scale=100", "train.patience=1"]
+#: validates rounds 0-2, then early stopping ends the run (best round 1; seed 1 since negatives are keyed per user)
+PLAIN = [*SMALL, "train.item_lr_scale=100", "train.patience=1", "seed=1"]
 #: central DP with oblivious grouping (centroids, group floor), client sampling and adaptive clipping
 CENTRAL_DP = [
     *SMALL, "grouping.method=oblivious", "grouping.min_group_size=4", "train.selection=last", "train.client_fraction=0.7",
@@ -99,7 +99,7 @@ def test_stopped_in_process_then_resumed_equals_uninterrupted(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
 ) -> None:
     calls = {"n": 0}
-    validate = loop.evaluate_ranking
+    validate = client_role.user_ranks
 
     def interrupt_in_round(*args: Any, **kwargs: Any) -> Any:
         calls["n"] += 1
@@ -107,11 +107,11 @@ def test_stopped_in_process_then_resumed_equals_uninterrupted(
             raise KeyboardInterrupt
         return validate(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "evaluate_ranking", interrupt_in_round)
+    monkeypatch.setattr(client_role, "user_ranks", interrupt_in_round)
     out = tmp_path / "runs"
     with pytest.raises(KeyboardInterrupt):
         cli.main(train_argv(data_folder, out, "run", PLAIN if setting == "plain" else CENTRAL_DP))
-    monkeypatch.setattr(loop, "evaluate_ranking", validate)
+    monkeypatch.setattr(client_role, "user_ranks", validate)
     partial = partial_of(out, "run")
     assert not (out / "run").exists()
     meta = read_checkpoint_meta(partial / CHECKPOINT_DIR)
@@ -175,7 +175,7 @@ def interrupted(data_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     data.mkdir()
     for f in data_folder.iterdir():
         (data / f.name).write_bytes(f.read_bytes())
-    validate = loop.evaluate_ranking
+    validate = client_role.user_ranks
     calls = {"n": 0}
 
     def interrupt_in_round_1(*args: Any, **kwargs: Any) -> Any:
@@ -184,10 +184,10 @@ def interrupted(data_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
             raise KeyboardInterrupt
         return validate(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "evaluate_ranking", interrupt_in_round_1)
+    monkeypatch.setattr(client_role, "user_ranks", interrupt_in_round_1)
     with pytest.raises(KeyboardInterrupt):
         cli.main(train_argv(data, tmp_path / "runs", "run", PLAIN))
-    monkeypatch.setattr(loop, "evaluate_ranking", validate)
+    monkeypatch.setattr(client_role, "user_ranks", validate)
     return partial_of(tmp_path / "runs", "run")
 
 

@@ -23,6 +23,7 @@ from gfmfr_secure.data import leave_one_out, make_synthetic
 from gfmfr_secure.errors import ConfigError
 from gfmfr_secure.server.fusion import GroupFusion
 from gfmfr_secure.server.teacher import fused_preferences, group_preferences
+from gfmfr_secure.roles import client as client_role
 from gfmfr_secure.simulation import loop
 
 USERS, ITEMS = 5000, 2000
@@ -65,7 +66,7 @@ def test_a_one_percent_round_holds_state_and_memory_for_the_cohort_only(populati
 
     cohorts: list[np.ndarray] = []
     drawn: list[np.ndarray] = []
-    sample_training = loop.sample_training
+    sample_training = client_role.sample_training
 
     def spy(split_, n_neg, rng, users=None, exclude_heldout=False):
         samples = sample_training(split_, n_neg, rng, users=users, exclude_heldout=exclude_heldout)
@@ -73,7 +74,7 @@ def test_a_one_percent_round_holds_state_and_memory_for_the_cohort_only(populati
         drawn.append(np.unique(samples.users))
         return samples
 
-    monkeypatch.setattr(loop, "sample_training", spy)
+    monkeypatch.setattr(client_role, "sample_training", spy)
     dense_bytes = USERS * ITEMS * 4  # one float32 users x items table: 40 MB
     tracemalloc.start()
     _hwm_reset()

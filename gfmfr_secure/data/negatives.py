@@ -8,6 +8,13 @@ below ``e_i``. So one uniform integer ``r`` per draw and one
 :func:`numpy.searchsorted` over the sorted keys ``user * (I + 1) + (e_i - i)``
 place every negative of every user at once; a user who owns nearly every item
 costs no more than one who owns few.
+
+The uniform integer of :func:`sample_training`'s draws is keyed, not streamed: the
+``k``-th negative of user ``u`` takes its uniform from a counter-based hash
+(:func:`keyed_uniforms`, splitmix64) of ``(key, u, k)``, with ``key`` one 63-bit draw
+from the round's generator. So a user's negatives do not depend on which other users
+are sampled with it: a node hosting part of a cohort draws exactly those users' rows
+of the draw for the whole cohort.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from gfmfr_secure.data._util import sorted_unique
 from gfmfr_secure.data.split import Split, csr_rows
 from gfmfr_secure.errors import ConfigError, DataError
 
-__all__ = ["TrainingSamples", "sample_outside", "sample_training"]
+__all__ = ["TrainingSamples", "keyed_uniforms", "sample_outside", "sample_training"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -55,7 +62,8 @@ def sample_outside(
     excluded_items: np.ndarray,
     draw_rows: np.ndarray,
     n_items: int,
-    rng: np.random.Generator,
+    rng: np.random.Generator | None,
+    uniforms: np.ndarray | None = None,
 ) -> np.ndarray:
     """Draw one item per entry of ``draw_rows``, uniformly from outside that row's excluded set.
 
@@ -70,8 +78,11 @@ def sample_outside(
         leave at least one admissible item.
     n_items : int
         Item universe size ``I``.
-    rng : np.random.Generator
-        Source of randomness (``D`` integers are drawn).
+    rng : np.random.Generator or None
+        Source of randomness (``D`` integers are drawn); unused with ``uniforms``.
+    uniforms : np.ndarray, optional
+        ``float64 [D]`` in ``[0, 1)``: draw ``j`` takes the admissible item of rank
+        ``floor(uniforms[j] * n_admissible)`` instead of a draw from ``rng``.
 
     Returns
     -------
@@ -82,7 +93,13 @@ def sample_outside(
     n_admissible = n_items - n_excluded
     if draw_rows.size == 0:
         return np.zeros(0, dtype=np.int64)
-    rank = rng.integers(0, n_admissible[draw_rows], dtype=np.int64)
+    if uniforms is None:
+        if rng is None:
+            raise ValueError("sample_outside needs rng or uniforms")
+        rank = rng.integers(0, n_admissible[draw_rows], dtype=np.int64)
+    else:
+        n_adm = n_admissible[draw_rows]
+        rank = np.minimum((uniforms * n_adm).astype(np.int64), n_adm - 1)
     row_of_excluded = np.repeat(np.arange(n_excluded.shape[0], dtype=np.int64), n_excluded)
     below = excluded_items - (
         np.arange(excluded_items.shape[0], dtype=np.int64) - excluded_indptr[row_of_excluded]
@@ -108,7 +125,9 @@ def sample_training(
     negative rows for ``u``. Negatives are drawn uniformly, with replacement,
     from the items that are not among ``u``'s training positives: validation and
     test items may be drawn, as for a deployed model that cannot know the
-    future. Each call draws anew from ``rng``.
+    future. Each call draws anew from ``rng``: one 63-bit key, from which the
+    ``k``-th negative of user ``u`` is keyed (:func:`keyed_uniforms`), so sampling
+    for a subset of users gives exactly those users' rows of sampling for all.
 
     Parameters
     ----------
@@ -117,7 +136,8 @@ def sample_training(
     n_neg : int
         Negatives per positive (``>= 0``).
     rng : np.random.Generator
-        Randomness for this round; equal generator states give equal samples.
+        Randomness for this round; equal generator states give equal samples
+        (one integer is drawn from it, whatever the users).
     users : np.ndarray, optional
         ``int64 [S]`` user indices to sample for (duplicates ignored); default all.
     exclude_heldout : bool
@@ -184,7 +204,10 @@ def sample_training(
             f"are among its {owned}"
         )
     neg_local = np.repeat(np.arange(n_sel, dtype=np.int64), n_negs)
-    neg_items = sample_outside(excl_indptr, excl_items, neg_local, n_items, rng)
+    key = int(rng.integers(0, 2**63, dtype=np.int64))
+    index = np.arange(neg_local.size, dtype=np.int64) - np.repeat(np.cumsum(n_negs) - n_negs, n_negs)
+    uniforms = keyed_uniforms(key, selected[neg_local], index)
+    neg_items = sample_outside(excl_indptr, excl_items, neg_local, n_items, None, uniforms=uniforms)
 
     # user u's block starts at (positives before u) + (negatives before u): positives go
     # there, then its negatives; so a positive moves by the negatives before its user
@@ -210,3 +233,32 @@ def sample_training(
         labels=labels,
         indptr=indptr,
     )
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """The splitmix64 finaliser of uint64 [N] (a bijection with full avalanche), modulo 2^64."""
+    z = x + _GOLDEN
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def keyed_uniforms(key: int, users: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """Uniforms in ``[0, 1)`` keyed by ``(key, user, index)``: float64 [D].
+
+    ``splitmix64(splitmix64(key ^ splitmix64(user)) + index)``, its top 53 bits scaled to
+    ``[0, 1)``. Equal triples give equal values; the value of one triple does not depend on
+    the others drawn with it.
+
+    Parameters
+    ----------
+    key : a 63-bit key (one per round).
+    users : int64 [D] user of each draw; index : int64 [D] the draw's index within its user.
+    """
+    with np.errstate(over="ignore"):
+        user_key = _splitmix64(np.uint64(key) ^ _splitmix64(np.asarray(users, dtype=np.int64).astype(np.uint64)))
+        bits = _splitmix64(user_key + np.asarray(index, dtype=np.int64).astype(np.uint64))
+    return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53

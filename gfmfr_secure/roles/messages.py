@@ -4,15 +4,15 @@ Every message is a frozen dataclass of numpy arrays and scalars. ``to_arrays()``
 ``(arrays, config)``: a dict of plain numpy arrays and a dict of ``int | float | str |
 bool`` (they map one to one onto Flower's ``ArrayRecord`` and ``ConfigRecord``);
 ``from_arrays(arrays, config)`` rebuilds the message and checks every array's dtype and
-rank. ``to_bytes()`` is an ``np.savez`` of the arrays with the config as JSON (no
-pickle); ``from_bytes()`` reads it back. The in-process engine passes every message
+rank. ``to_bytes()`` writes a JSON header (the config and each array's dtype, shape and
+offset) and the arrays' raw bytes (no pickle, one copy); ``from_bytes()`` reads it back. The in-process engine passes every message
 through bytes, so what the server uses is exactly what crossed the boundary.
 
 One round (t)::
 
     server --Broadcast--> nodes       (model, cohort, round hyper-parameters, clip)
-    server <--Upload----- nodes       (plain: every cohort member's update;
-                                       secure backends: the public part only)
+    server <--Upload----- nodes       (plain: every cohort member's update, which the
+                                       server sees anyway; secure backends: the public part)
     server --SumRequest-> nodes       (count phase / sums / DP shares by group)
     server <--SumReply--- nodes       (what the aggregation releases: AggregateResult)
     server --Assignment-> nodes       (server-side grouping: each member's group)
@@ -26,15 +26,16 @@ validation / test item.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
+import torch
 
 from gfmfr_secure.errors import GfmfrError
-from gfmfr_secure.types import LocalHyper
+from gfmfr_secure.types import CohortUpdate, LocalHyper
 
 __all__ = [
     "Assignment",
@@ -58,7 +59,6 @@ M = TypeVar("M", bound="Message")
 
 _NONE_KEY = "__none__"  # config entry: JSON list of the fields that are None
 _TYPE_KEY = "__type__"  # config entry: the message's class name
-_CONFIG_ARRAY = "__config__"  # to_bytes: the config, as UTF-8 JSON in a uint8 array
 
 
 class MessageError(GfmfrError, ValueError):
@@ -124,25 +124,54 @@ class Message:
         return cls(**values)
 
     def to_bytes(self) -> bytes:
-        """The message as one ``np.savez`` archive (arrays plus the config as JSON); no pickle."""
+        """The message as bytes: a JSON header (config, each array's name, dtype, shape and offset),
+        then the arrays' raw little-endian bytes, each 64-byte aligned; no pickle."""
+        return bytes(self.to_buffer())
+
+    def to_buffer(self) -> bytearray:
+        """:meth:`to_bytes` as a mutable buffer (no second copy; :meth:`from_bytes` reads it in place)."""
         arrays, config = self.to_arrays()
-        buf = io.BytesIO()
-        blob = np.frombuffer(json.dumps(config, sort_keys=True).encode("utf-8"), dtype=np.uint8)
-        np.savez(buf, **{_CONFIG_ARRAY: blob}, **arrays)
-        return buf.getvalue()
+        index, offset = [], 0
+        for name, arr in arrays.items():
+            arr = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
+            arrays[name] = arr
+            index.append([name, arr.dtype.str, list(arr.shape), offset])
+            offset += -(-arr.nbytes // _ALIGN) * _ALIGN
+        header = json.dumps({"config": config, "arrays": index}, sort_keys=True).encode("utf-8")
+        start = -(-(len(_MAGIC) + 8 + len(header)) // _ALIGN) * _ALIGN
+        out = bytearray(start + offset)
+        out[: len(_MAGIC) + 8 + len(header)] = _MAGIC + len(header).to_bytes(8, "little") + header
+        view = memoryview(out)
+        for (_, _, _, off), arr in zip(index, arrays.values(), strict=True):
+            view[start + off : start + off + arr.nbytes] = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
+        return out
 
     @classmethod
-    def from_bytes(cls: type[M], data: bytes) -> M:
-        """Read a message written by :meth:`to_bytes`."""
+    def from_bytes(cls: type[M], data: bytes | bytearray) -> M:
+        """Read a message written by :meth:`to_bytes` or :meth:`to_buffer`.
+
+        The arrays are views of one writable copy of ``data`` (of ``data`` itself when it is
+        a ``bytearray``, which the message then owns).
+        """
+        head = len(_MAGIC) + 8
+        if len(data) < head or bytes(data[: len(_MAGIC)]) != _MAGIC:
+            raise MessageError(f"not a {cls.__name__} message")
+        size = int.from_bytes(data[len(_MAGIC) : head], "little")
         try:
-            with np.load(io.BytesIO(data), allow_pickle=False) as archive:
-                arrays = {k: archive[k] for k in archive.files}
-        except (OSError, ValueError) as err:
+            meta = json.loads(bytes(data[head : head + size]).decode("utf-8"))
+            buf = data if isinstance(data, bytearray) else bytearray(data)
+            start = -(-(head + size) // _ALIGN) * _ALIGN
+            arrays = {
+                name: np.frombuffer(buf, dtype=np.dtype(dtype), count=math.prod(shape), offset=start + off).reshape(shape)
+                for name, dtype, shape, off in meta["arrays"]
+            }
+        except (ValueError, TypeError, KeyError) as err:
             raise MessageError(f"not a {cls.__name__} message: {err}") from None
-        if _CONFIG_ARRAY not in arrays:
-            raise MessageError(f"not a {cls.__name__} message: no config")
-        config = json.loads(arrays.pop(_CONFIG_ARRAY).tobytes().decode("utf-8"))
-        return cls.from_arrays(arrays, config)
+        return cls.from_arrays(arrays, meta["config"])
+
+
+_MAGIC = b"gfmfr-msg/1\n"
+_ALIGN = 64
 
 
 def _checked(kind: str, name: str, array: np.ndarray, dtype: str, ndim: int) -> np.ndarray:
@@ -274,6 +303,31 @@ class Upload(Message):
         z = np.zeros(0, dtype=np.int64)
         return cls(z, z, np.zeros(1, dtype=np.int64), z, np.zeros((0, latent_dim), dtype=np.float32), None, None, z, np.zeros(0), refused=refused, round=round_idx)
 
+    @classmethod
+    def of(cls, update: CohortUpdate, round_idx: int, dpsgd: np.ndarray | None = None, refused: int = 0) -> Upload:
+        """A :class:`~gfmfr_secure.types.CohortUpdate` as a message (numpy views of its tensors)."""
+
+        def arr(t: torch.Tensor | None) -> np.ndarray | None:
+            return None if t is None else t.detach().numpy()
+
+        return cls(
+            clients=np.asarray(update.clients, dtype=np.int64), n_samples=np.asarray(update.n_samples, dtype=np.int64),
+            row_ptr=np.asarray(update.row_ptr, dtype=np.int64), row_items=np.asarray(update.row_items, dtype=np.int64),
+            item_delta=update.item_delta.detach().numpy(), head_delta=arr(update.head_delta), head_after=arr(update.head_after),
+            group=np.asarray(update.group, dtype=np.int64), loss=np.asarray(update.loss, dtype=np.float64), dpsgd=dpsgd, refused=refused, round=round_idx,
+        )
+
+    def as_update(self) -> CohortUpdate:
+        """The uploads as the :class:`~gfmfr_secure.types.CohortUpdate` the aggregation takes (tensors share memory)."""
+
+        def ten(a: np.ndarray | None) -> torch.Tensor | None:
+            return None if a is None else torch.from_numpy(a)
+
+        return CohortUpdate(
+            clients=self.clients, n_samples=self.n_samples, row_ptr=self.row_ptr, row_items=self.row_items, item_delta=torch.from_numpy(self.item_delta),
+            head_delta=ten(self.head_delta), head_after=ten(self.head_after), group=self.group, loss=self.loss,
+        )
+
     def public(self) -> Upload:
         """What a node sends the server directly under a secure backend: clients, losses, refusals; no update."""
         n = len(self)
@@ -385,9 +439,6 @@ class SumReply(Message):
     unclipped_query : ``sum_i (b_i - 1/2)``, ``b_i = 1`` for a client whose update norm was
         at most the clip (adaptive clipping's count, before the server's noise).
     cost : JSON object of the backend's cost (bytes per client, seconds).
-    per_client : under the plain backend the uploads as received (the server sees them
-        anyway); omitted otherwise. Carried as a nested :class:`Upload` in ``to_arrays``
-        under ``per_client.*`` keys.
     """
 
     ARRAYS: ClassVar[dict[str, tuple[str, int]]] = {
@@ -412,24 +463,6 @@ class SumReply(Message):
     share_sum: np.ndarray | None
     unclipped_query: float
     cost: str
-    per_client: Upload | None = None
-
-    def to_arrays(self) -> tuple[dict[str, np.ndarray], dict[str, Scalar]]:
-        arrays, config = Message.to_arrays(dataclasses.replace(self, per_client=None))
-        if self.per_client is not None:
-            inner_a, inner_c = self.per_client.to_arrays()
-            arrays.update({f"per_client.{k}": v for k, v in inner_a.items()})
-            config.update({f"per_client.{k}": v for k, v in inner_c.items()})
-        return arrays, config
-
-    @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], config: dict[str, Scalar]) -> SumReply:
-        prefix = "per_client."
-        inner_a = {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
-        inner_c = {k[len(prefix) :]: v for k, v in config.items() if k.startswith(prefix)}
-        outer_c = {k: v for k, v in config.items() if not k.startswith(prefix)}
-        outer = Message.from_arrays.__func__(cls, {k: v for k, v in arrays.items() if not k.startswith(prefix)}, outer_c)  # type: ignore[attr-defined]
-        return dataclasses.replace(outer, per_client=Upload.from_arrays(inner_a, inner_c) if inner_c else None)
 
 
 def merge_sum_replies(replies: list[SumReply]) -> SumReply:
@@ -443,7 +476,6 @@ def merge_sum_replies(replies: list[SumReply]) -> SumReply:
         parts = [getattr(r, name) for r in replies]
         return None if parts[0] is None else np.sum(np.stack(parts), axis=0, dtype=np.float64).astype(np.float32)
 
-    per = [r.per_client for r in replies if r.per_client is not None]
     return SumReply(
         round=replies[0].round,
         phase=replies[0].phase,
@@ -458,7 +490,6 @@ def merge_sum_replies(replies: list[SumReply]) -> SumReply:
         share_sum=add("share_sum"),
         unclipped_query=float(sum(r.unclipped_query for r in replies)),
         cost=replies[0].cost,
-        per_client=merge_uploads(per) if per else None,
     )
 
 

@@ -23,6 +23,7 @@ from gfmfr_secure.config import config_from_dict, with_overrides
 from gfmfr_secure.data import leave_one_out
 from gfmfr_secure.secagg.masking import SecAggConfig, SecAggError, neighbourhood_graph, secure_sum
 from gfmfr_secure.server.grouping import nearest_centroid
+from gfmfr_secure.roles import server as server_role
 from gfmfr_secure.simulation import loop
 from gfmfr_secure.simulation.dp import plan_privacy
 
@@ -233,10 +234,10 @@ def test_claiming_every_other_client_dropped_is_refused() -> None:
 def test_a_cohort_of_the_target_alone_releases_nothing(tiny_synthetic, split) -> None:
     """The server samples only the target in round 1: the round is below the floor and releases nothing,
     under oblivious grouping and without groups."""
-    real = loop._sample_cohort
+    real = server_role.sample_cohort
     only_target = lambda eligible, fraction, seed, t: np.array([5]) if t == 1 else real(eligible, fraction, seed, t)  # noqa: E731
     views = []
-    with mock.patch.object(loop, "_sample_cohort", only_target):
+    with mock.patch.object(server_role, "sample_cohort", only_target):
         run = loop.run_federated(_cfg("gfmfr"), tiny_synthetic, split, progress=False, callbacks=[views.append])
         assert run.history[1]["skipped"] == "cohort below grouping.min_group_size"
         assert [v.round for v in views if v.observer == "server"] == [0]

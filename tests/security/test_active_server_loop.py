@@ -18,6 +18,8 @@ from gfmfr_secure.aggregation.base import Aggregator
 from gfmfr_secure.config import config_from_dict, with_overrides
 from gfmfr_secure.data import leave_one_out
 from gfmfr_secure.errors import ConfigError
+from gfmfr_secure.roles import inprocess as transport
+from gfmfr_secure.roles import server as server_role
 from gfmfr_secure.simulation import loop
 
 SMALL = [
@@ -47,8 +49,8 @@ def _server_rounds(views) -> list[int]:
 def _crafted_for_target(real):
     """A server that sends the target (in round 1) a different item table from everyone else's."""
 
-    def deliver(server, centroids, cohort):
-        sent, received = real(server, centroids, cohort)
+    def deliver(msg, cohort):
+        sent, received = real(msg, cohort)
         if TARGET not in cohort:
             return sent, received
         crafted = dict(sent[0], item_table=sent[0]["item_table"] * 100.0)
@@ -65,14 +67,14 @@ def test_target_refuses_an_inconsistent_broadcast_in_the_loop(tiny_synthetic, sp
     nor uploads; with the check bypassed it takes part in every round."""
     cfg = _cfg("fedrap", f"aggregation.backend={backend}", "grouping.method=none", "train.rounds=1")
     views = []
-    with mock.patch.object(loop, "deliver_broadcast", _crafted_for_target(loop.deliver_broadcast)):
+    with mock.patch.object(transport, "deliver_broadcast", _crafted_for_target(transport.deliver_broadcast)):
         run = loop.run_federated(cfg, tiny_synthetic, split, progress=False, callbacks=[views.append])
     assert run.history[0]["broadcast_refusals"] == 1 and run.metrics["privacy"]["client_checks"]["broadcast_refusals"] == 1
     server_view = next(v for v in views if v.observer == "server")
     assert TARGET not in server_view.truth["clients"] and server_view.meta["n_clients"] == len(server_view.truth["clients"])
     views.clear()
-    with mock.patch.object(loop, "deliver_broadcast", _crafted_for_target(loop.deliver_broadcast)), mock.patch.object(
-        loop, "broadcast_refusals", lambda received, graph, min_matching: np.zeros(len(received), dtype=bool)
+    with mock.patch.object(transport, "deliver_broadcast", _crafted_for_target(transport.deliver_broadcast)), mock.patch.object(
+        transport, "broadcast_refusals", lambda received, graph, min_matching: np.zeros(len(received), dtype=bool)
     ):
         bypassed = loop.run_federated(cfg, tiny_synthetic, split, progress=False, callbacks=[views.append])
     assert "broadcast_refusals" not in bypassed.history[0]
@@ -126,13 +128,13 @@ def test_lying_counts_are_refused_in_the_loop(tiny_synthetic, split, backend: st
 def test_a_transcript_without_a_clients_upload_is_refused(tiny_synthetic, split) -> None:
     """The server drops one upload from the count transcript it shows the clients: that client refuses."""
     cfg = _cfg("gfmfr", "aggregation.backend=masking", "grouping.method=oblivious", "train.rounds=1")
-    real = loop.verify_count_evidence
+    real = transport.verify_count_evidence
 
     def tampered(evidence):
         sent = evidence.transcript
         return real(type(evidence)(**{**evidence.__dict__, "transcript": type(sent)(sent.adverts, sent.shares, sent.uploads[1:], sent.reveals)}))
 
-    with mock.patch.object(loop, "verify_count_evidence", tampered):
+    with mock.patch.object(transport, "verify_count_evidence", tampered):
         run = loop.run_federated(cfg, tiny_synthetic, split, progress=False)
     assert run.history[0]["skipped"] == "clients refused the round"
     assert "does not verify" in run.history[0]["refused"] or "own upload is not in the transcript" in run.history[0]["refused"]
@@ -142,7 +144,7 @@ def test_a_transcript_without_a_clients_upload_is_refused(tiny_synthetic, split)
 
 
 def _two_in_round_1():
-    real = loop._sample_cohort
+    real = server_role.sample_cohort
     return lambda eligible, fraction, seed, t: np.array([TARGET, 6]) if t == 1 else real(eligible, fraction, seed, t)
 
 
@@ -153,11 +155,11 @@ def test_a_cohort_of_two_is_not_released_without_oblivious_grouping(tiny_synthet
     sum of the 2 clients is released."""
     cfg = _cfg("fedrap", f"aggregation.backend={backend}", "grouping.method=none")
     views = []
-    with mock.patch.object(loop, "_sample_cohort", _two_in_round_1()):
+    with mock.patch.object(server_role, "sample_cohort", _two_in_round_1()):
         run = loop.run_federated(cfg, tiny_synthetic, split, progress=False, callbacks=[views.append])
         assert run.history[1]["skipped"] == "cohort below grouping.min_group_size" and _server_rounds(views) == [0]
         views.clear()
-        with mock.patch.object(loop, "releasable", lambda n, counts, floor: True):  # the server ignores the floor
+        with mock.patch.object(server_role, "releasable", lambda n, counts, floor: True):  # the server ignores the floor
             run = loop.run_federated(cfg, tiny_synthetic, split, progress=False, callbacks=[views.append])
             assert "round of 2 clients" in run.history[1]["refused"] and _server_rounds(views) == [0]
             views.clear()

@@ -18,6 +18,7 @@ from gfmfr_secure.config import config_from_dict, with_overrides
 from gfmfr_secure.data import leave_one_out, make_synthetic
 from gfmfr_secure.errors import ConfigError
 from gfmfr_secure.server.grouping import merge_small_groups
+from gfmfr_secure.roles import client as client_role
 from gfmfr_secure.simulation import loop
 from gfmfr_secure.simulation.loop import run_federated
 
@@ -60,14 +61,14 @@ def _trap_nearest_centroid(features: np.ndarray, centroids: np.ndarray) -> np.nd
     return groups
 
 
-_real_nearest = loop.nearest_centroid
+_real_nearest = client_role.nearest_centroid
 
 
 def _attack(monkeypatch, tiny_synthetic, backend: str, floor_on: bool) -> tuple[list[float], list[float]]:
     """Run 2 rounds; in round 1 the victim is alone in group TRAP. Returns, per released view of
     round 1, the released group counts and the gap between each group sum and the victim's update."""
     split = leave_one_out(tiny_synthetic)
-    monkeypatch.setattr(loop, "nearest_centroid", _trap_nearest_centroid)
+    monkeypatch.setattr(client_role, "nearest_centroid", _trap_nearest_centroid)
     if not floor_on:  # the old behaviour: every group is released whatever its size
         monkeypatch.setattr(loop, "merge_small_groups", lambda counts, centroids, floor: np.arange(len(counts)))
     victim: dict[str, torch.Tensor] = {}
