@@ -1,0 +1,223 @@
+"""``FlowerClients``: the :class:`~gfmfr_secure.roles.transport.Clients` transport over a Flower Grid.
+
+Every request goes to every SuperNode still in the run, as one Flower ``Message`` per
+node, and the replies are merged (uploads and evaluation replies in client-id order, so
+the result does not depend on how users are spread over nodes). A node that has not
+answered within ``timeout`` seconds, or whose reply is Flower's "node unavailable" /
+"message unavailable" error, is dropped for the rest of the run: the round goes on with
+the clients of the nodes that answered, and :attr:`FlowerClients.log` records, per
+request, the nodes asked and answering and the users the missing nodes host. A ClientApp
+that raised is an error of the run (:class:`~gfmfr_secure.flower.loopback.DeploymentError`),
+not a dropout.
+
+Under the plain backend the nodes' uploads reach the server client by client; without
+user-level DP the sum of a round is then computed here over the merged uploads with the
+backend's own code (see :meth:`FlowerClients._plain_sum`): no second message, and the
+floats add in the order of the in-process run (per-node partial sums added afterwards
+would round differently). Every other sum request goes to the nodes holding uploads and
+their partial sums are added (:func:`~gfmfr_secure.roles.messages.merge_sum_replies`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import numpy as np
+from flwr.app import Message, RecordDict
+from flwr.serverapp import Grid
+
+from gfmfr_secure.aggregation import get_aggregator
+from gfmfr_secure.flower.loopback import DeploymentError
+from gfmfr_secure.flower.records import get_message, put_message
+from gfmfr_secure.roles.messages import (
+    Assignment,
+    Broadcast,
+    EvalReply,
+    EvalRequest,
+    Hello,
+    KeepSnapshot,
+    SumReply,
+    SumRequest,
+    Upload,
+    merge_eval_replies,
+    merge_hellos,
+    merge_sum_replies,
+    merge_uploads,
+)
+from gfmfr_secure.types import Exposure
+
+__all__ = ["FlowerClients", "DROPOUT_CODES"]
+
+#: Flower error codes that mean the node (or its message) is gone, not that the ClientApp failed
+DROPOUT_CODES = frozenset({3, 4, 5})  # MESSAGE_UNAVAILABLE, REPLY_MESSAGE_UNAVAILABLE, NODE_UNAVAILABLE
+
+R = TypeVar("R")
+
+
+class FlowerClients:
+    """The clients on the SuperNodes of a Flower run, as the server role sees them.
+
+    Parameters
+    ----------
+    grid : the ServerApp's ``Grid``.
+    cfg : the experiment config (backend and aggregation settings).
+    n_items : I (the plain sum's size).
+    nodes : node ids to talk to (default: every node the Grid lists when :meth:`hello` runs).
+    timeout : seconds one request waits for the replies.
+
+    Attributes
+    ----------
+    log : one entry per request: ``round``, ``kind``, ``nodes_asked``, ``nodes_answered``,
+        ``dropped_nodes``, ``clients_answered`` (users in the replies), ``clients_missing``
+        (cohort members, or evaluated users, hosted by nodes that did not answer) and
+        ``seconds``.
+    hosted : node id -> int64 users it hosts (from its hello).
+    """
+
+    def __init__(self, grid: Grid, cfg: Any, n_items: int, *, nodes: Sequence[int] | None = None, timeout: float = 600.0) -> None:
+        self.grid, self.cfg, self.n_items, self.timeout = grid, cfg, int(n_items), float(timeout)
+        self.nodes: list[int] = sorted(nodes) if nodes is not None else []
+        self.hosted: dict[int, np.ndarray] = {}
+        self.log: list[dict[str, Any]] = []
+        self.aggregator = get_aggregator(cfg.aggregation.backend, settings=cfg.aggregation, seed=int(cfg.seed), secrets=cfg.secrets, min_group_size=cfg.grouping.min_group_size)
+        self.per_client = self.aggregator.exposure == Exposure.PER_CLIENT
+        self._pending: dict[int, list[Any]] = {}
+        self._uploaded: dict[int, Upload] = {}
+        self._merged: Upload | None = None
+        self._round = -1
+
+    # ------------------------------------------------------------------ exchange
+
+    def _exchange(self, kind: str, message_type: str, request: Any, nodes: Sequence[int], round_idx: int, decode: Callable[[RecordDict], R],
+                  users: np.ndarray | None = None) -> dict[int, R]:
+        """Send ``request`` (plus each node's queued one-way messages) to ``nodes``; the decoded replies by node."""
+        messages = []
+        for node in nodes:
+            content = RecordDict()
+            for i, one_way in enumerate(self._pending.pop(node, [])):
+                put_message(content, f"before.{i}", one_way)
+            if request is not None:
+                put_message(content, "request", request)
+            messages.append(Message(content, dst_node_id=node, message_type=message_type, group_id=f"{kind}-{round_idx}"))
+        t0 = time.perf_counter()
+        replies = list(self.grid.send_and_receive(messages, timeout=self.timeout)) if messages else []
+        seconds = time.perf_counter() - t0
+        out: dict[int, R] = {}
+        for reply in replies:
+            src = int(reply.metadata.src_node_id)
+            if reply.has_error():
+                if int(reply.error.code) in DROPOUT_CODES:
+                    continue
+                raise DeploymentError(f"{kind} on node {src} failed: {reply.error.reason}")
+            out[src] = decode(reply.content)
+        missing = [n for n in nodes if n not in out]
+        for node in missing:
+            self.nodes.remove(node)
+        lost = np.concatenate([self.hosted.get(n, np.zeros(0, dtype=np.int64)) for n in missing]) if missing else np.zeros(0, dtype=np.int64)
+        if users is not None:
+            lost = np.intersect1d(lost, users)
+        self.log.append({
+            "round": round_idx, "kind": kind, "nodes_asked": len(nodes), "nodes_answered": len(out), "dropped_nodes": [int(n) for n in missing],
+            "clients_missing": int(lost.size), "seconds": round(seconds, 3),
+        })
+        return out
+
+    def _queue(self, msg: Any) -> None:
+        for node in self.nodes:
+            self._pending.setdefault(node, []).append(msg)
+
+    # ------------------------------------------------------------------ Clients
+
+    def hello(self) -> Hello:
+        if not self.nodes:
+            self.nodes = sorted(int(n) for n in self.grid.get_node_ids())
+        if not self.nodes:
+            raise DeploymentError("no SuperNode is connected to the SuperLink")
+        replies = self._exchange("hello", "query.hello", None, list(self.nodes), -1, lambda c: get_message(c, "reply", Hello))
+        if not replies:
+            raise DeploymentError(f"none of the {self.log[-1]['nodes_asked']} SuperNodes answered the hello within {self.timeout:g} s")
+        self.hosted = {node: h.hosted for node, h in replies.items()}
+        self.log[-1]["clients_answered"] = int(sum(h.hosted.size for h in replies.values()))
+        return merge_hellos([replies[n] for n in sorted(replies)])
+
+    def train(self, msg: Broadcast) -> Upload:
+        t = int(msg.round)
+        self._round = t
+        replies = self._exchange("train", "train", msg, list(self.nodes), t, lambda c: get_message(c, "reply", Upload), users=msg.cohort)
+        self._uploaded = replies
+        self._merged = None
+        uploads = [replies[n] for n in sorted(replies)]
+        refused = sum(u.refused for u in uploads)
+        nonempty = [u for u in uploads if len(u)]
+        self.log[-1]["clients_answered"] = int(sum(len(u) for u in nonempty))
+        if not nonempty:
+            return Upload.empty(int(self.cfg.model.latent_dim), t, refused=refused)
+        merged = merge_uploads(nonempty)
+        merged = dataclasses.replace(merged, refused=refused) if merged.refused != refused else merged
+        self._merged = merged if self.per_client else None
+        return merged
+
+    def aggregate(self, msg: SumRequest) -> SumReply:
+        t = int(msg.round)
+        if self.per_client and msg.phase == "sums" and msg.central is None and math.isinf(float(msg.clip)) and self._merged is not None:
+            return self._plain_sum(msg, self._merged)
+        nodes = [n for n in self.nodes if n in self._uploaded and len(self._uploaded[n])]
+        replies = self._exchange("aggregate", "query.aggregate", msg, nodes, t, lambda c: get_message(c, "reply", SumReply))
+        if not replies:
+            raise DeploymentError(f"round {t}: no SuperNode holding uploads answered the sum request")
+        parts = [replies[n] for n in sorted(replies)]
+        self.log[-1]["clients_answered"] = int(sum(r.n_clients for r in parts))
+        return merge_sum_replies(parts)
+
+    def _plain_sum(self, msg: SumRequest, up: Upload) -> SumReply:
+        """The plain backend's sum of the merged uploads ``up``, computed here (no message to the nodes).
+
+        The plain backend releases every upload as it is, so the server holds them after
+        :meth:`train`; summing them here adds the floats in the in-process order. What the
+        nodes would do on a sum request is done by message instead: under a grouped
+        release each client commits the group it is summed in (an :class:`Assignment`
+        sent with the next request), and without user-level clipping (clip = inf) every
+        client's count query ``b_i - 1/2`` is ``+1/2``.
+        """
+        update = up.as_update()
+        groups = None
+        if msg.grouped:
+            groups = up.group if msg.merge is None else msg.merge[up.group]  # each client maps its own choice
+            update = dataclasses.replace(update, group=groups)
+            self._queue(Assignment(round=int(msg.round), clients=up.clients, groups=np.asarray(groups, dtype=np.int64)))
+        weights = up.n_samples.astype(np.float64) if msg.weighting == "samples" else np.ones(len(up))
+        agg = self.aggregator.aggregate(update, n_items=self.n_items, weights=weights, groups=groups, n_groups=int(msg.n_groups), noise=None)
+
+        def arr(x: Any) -> np.ndarray | None:
+            return None if x is None else x.detach().float().numpy()
+
+        fields = {
+            "round": int(msg.round), "phase": "sums", "refused": "", "n_clients": int(agg.n_clients), "weight_total": float(agg.weight_total),
+            "item_sum": arr(agg.item_sum), "head_sum": arr(agg.head_sum), "group_counts": arr(agg.group_counts),
+            "group_item_sum": arr(agg.group_item_sum), "group_head_sum": arr(agg.group_head_sum), "share_sum": None,
+            "unclipped_query": 0.5 * len(up), "cost": json.dumps(dict(self.aggregator.last_cost)),
+        }
+        names = {f.name for f in dataclasses.fields(SumReply)}
+        if "per_client" in names and agg.per_client is not None:
+            fields["per_client"] = up if groups is None else dataclasses.replace(up, group=np.asarray(groups, dtype=np.int64))
+        return SumReply(**{k: v for k, v in fields.items() if k in names})
+
+    def assign(self, msg: Assignment) -> None:
+        self._queue(msg)
+
+    def evaluate(self, msg: EvalRequest) -> EvalReply:
+        replies = self._exchange("evaluate", "evaluate", msg, list(self.nodes), int(msg.round), lambda c: get_message(c, "reply", EvalReply), users=msg.users)
+        parts = [replies[n] for n in sorted(replies)]
+        if not parts:
+            raise DeploymentError(f"round {msg.round}: no SuperNode answered the {msg.split} evaluation")
+        self.log[-1]["clients_answered"] = int(sum(r.users.size for r in parts))
+        return merge_eval_replies(parts)
+
+    def keep_snapshot(self, msg: KeepSnapshot) -> None:
+        self._queue(msg)
+
