@@ -9,7 +9,6 @@ loopback deployment test does that).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +17,11 @@ import pytest
 
 pytest.importorskip("flwr")
 
-from flwr.app import Context, Message, RecordDict  # noqa: E402
-from flwr.serverapp import Grid  # noqa: E402
-from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+from flwr.app import RecordDict  # noqa: E402
 
 from gfmfr_secure.errors import ConfigError  # noqa: E402
 from gfmfr_secure.flower import clientapp  # noqa: E402
+from gfmfr_secure.flower.localgrid import LocalGrid, task_identity  # noqa: E402
 from gfmfr_secure.flower.records import get_message, partition_users, put_message  # noqa: E402
 from gfmfr_secure.flower.runconfig import RunSettings, experiment_config  # noqa: E402
 from gfmfr_secure.flower.serverapp import run_server  # noqa: E402
@@ -32,57 +30,8 @@ from gfmfr_secure.roles.messages import Hello  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 
 
-class DirectGrid(Grid):
-    """A Grid whose nodes are ClientApp calls in this process; nodes in ``down`` never answer."""
-
-    def __init__(self, contexts: dict[int, Context]) -> None:
-        self.contexts = contexts
-        self.down: set[int] = set()
-        self.calls: list[tuple[int, str]] = []
-
-    def set_run(self, run: Any) -> None:
-        pass
-
-    @property
-    def run(self) -> Any:
-        raise NotImplementedError
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None) -> Message:
-        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.contexts)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        raise NotImplementedError
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        replies = []
-        for msg in messages:
-            node = msg.metadata.dst_node_id
-            self.calls.append((node, msg.metadata.message_type))
-            if node not in self.down:
-                replies.append(clientapp.app(msg, self.contexts[node]))
-        return replies
-
-
-@pytest.fixture
-def task_identity() -> Iterator[None]:
-    """Flower's Message() reads the running task's identity; set one for the test, then unset it."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)  # noqa: SLF001
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved  # noqa: SLF001
-
-
-def _grid(n: int, run_config: dict[str, Any], data: Path) -> DirectGrid:
-    return DirectGrid({
-        100 + p: Context(run_id=1, node_id=100 + p, node_config={"partition-id": p, "num-partitions": n, "data": str(data)}, state=RecordDict(), run_config=run_config)
-        for p in range(n)
-    })
+def _nodes(n: int, data: Path) -> list[dict[str, Any]]:
+    return [{"partition-id": p, "num-partitions": n, "data": str(data)} for p in range(n)]
 
 
 def test_partition_users_is_user_id_mod_partitions() -> None:
@@ -119,7 +68,7 @@ def test_secure_backends_are_refused_by_name(ml100k_dir: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.dataset
-def test_three_nodes_give_the_in_process_metrics_and_a_silent_node_is_dropped(ml100k_dir: Path, tmp_path: Path, task_identity: None) -> None:
+def test_three_nodes_give_the_in_process_metrics_and_a_silent_node_is_dropped(ml100k_dir: Path, tmp_path: Path) -> None:
     """3 partitions, state only through Context.state: the in-process run's numbers exactly; then a node that
     stops answering in round 1 is dropped and the run finishes with the other nodes' clients."""
     from gfmfr_secure.simulation.loop import run_federated
@@ -127,8 +76,9 @@ def test_three_nodes_give_the_in_process_metrics_and_a_silent_node_is_dropped(ml
 
     overrides = "train.rounds=2 train.client_fraction=0.2 seed=5"
     rc = {"config": "configs/fedrap.yaml", "overrides": overrides, "data": str(ml100k_dir), "out": str(tmp_path), "name": "three", "min-nodes": 3}
-    grid = _grid(3, rc, ml100k_dir)
-    metrics, folder = run_server(grid, rc)
+    grid = LocalGrid(rc, _nodes(3, ml100k_dir))
+    with task_identity():
+        metrics, folder = run_server(grid, rc)
     cfg = experiment_config(rc)
     data, split = prepare_data(cfg)
     expected = run_federated(cfg, data, split, progress=False)
@@ -139,24 +89,17 @@ def test_three_nodes_give_the_in_process_metrics_and_a_silent_node_is_dropped(ml
     for name in ("config.yaml", "run.json", "metrics.json", "curve.png"):
         assert (Path(folder) / name).is_file()
     # plain sums are computed from the uploads the server holds: per round a train and a val evaluate, no sum request
-    kinds = [kind for _, kind in grid.calls]
+    kinds = [kind for _, kind, _ in grid.calls]
     assert "query.aggregate" not in kinds and kinds.count("train") == 3 * 2
 
-    class Silent(DirectGrid):
-        def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-            messages = list(messages)
-            if any(m.metadata.group_id == "train-1" for m in messages):
-                self.down.add(102)
-            return super().send_and_receive(messages, timeout=timeout)
-
     rc = {**rc, "name": "silent"}
-    silent = Silent(_grid(3, rc, ml100k_dir).contexts)
-    metrics, folder = run_server(silent, rc)
+    silent = LocalGrid(rc, _nodes(3, ml100k_dir), silent_from={"train-1": 102})
+    with task_identity():
+        metrics, folder = run_server(silent, rc)
     assert metrics["flower"]["dropped_nodes"] == [102] and metrics["flower"]["nodes_at_end"] == 2
     history = json.loads((Path(folder) / "history.json").read_text(encoding="utf-8"))
     [train] = [e for e in history[1]["flower"] if e["kind"] == "train"]
-    members = np.asarray(expected.history[1]["cohort"])
-    assert train["clients_answered"] + train["clients_missing"] == int(members)
+    assert train["clients_answered"] + train["clients_missing"] == int(expected.history[1]["cohort"])
     assert train["nodes_answered"] == 2 and train["dropped_nodes"] == [102]
     hosted_by_2 = partition_users(split.n_users, 2, 3)
     assert metrics["test"]["users"] == int((split.test_items[np.setdiff1d(np.arange(split.n_users), hosted_by_2)] >= 0).sum())

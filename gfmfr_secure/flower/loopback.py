@@ -321,8 +321,12 @@ class LoopbackDeployment:
         """The ServerApp's log of the run as the SuperLink keeps it (``flwr log --show``)."""
         return self.flwr(["log", str(run_id), "loopback", "--show"])
 
-    def wait(self, run_id: int, timeout: float, poll: float = 1.0) -> str:
+    def wait(self, run_id: int, timeout: float, poll: float = 15.0) -> str:
         """Wait until the run is finished; returns its final status (``finished:...``).
+
+        Watches the SuperLink's log for the end of the run's ServerApp task (cheap) and asks
+        ``flwr ls`` then, and every ``poll`` seconds in between (a ``flwr`` process costs
+        about a second of CPU).
 
         Raises
         ------
@@ -330,13 +334,18 @@ class LoopbackDeployment:
             If it has not finished within ``timeout`` seconds.
         """
         deadline = time.monotonic() + timeout
+        marker = f"of run {run_id}"
+        asked = time.monotonic()
         while True:
-            status = self.status(run_id)
-            if status.startswith("finished"):
-                return status
+            ended = any("Finished task" in line and marker in line for line in self.log_text("superlink").splitlines())
+            if ended or time.monotonic() - asked >= poll:
+                status = self.status(run_id)
+                asked = time.monotonic()
+                if status.startswith("finished"):
+                    return status
             if time.monotonic() > deadline:
-                raise DeploymentError(f"run {run_id} still {status!r} after {timeout:.0f} s; logs in {self.logs}")
-            time.sleep(poll)
+                raise DeploymentError(f"run {run_id} not finished after {timeout:.0f} s; logs in {self.logs}")
+            time.sleep(0.5)
 
     def log_text(self, name: str) -> str:
         """The log of process ``name`` (``superlink``, ``supernode-0``, ...) so far."""
