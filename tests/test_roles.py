@@ -147,6 +147,8 @@ def _two_nodes(cfg, split) -> tuple[Clients, list[ClientNode]]:
         ("gfmfr", []),
         ("fedrap", ["grouping.method=none"]),
         ("gfmfr", ["grouping.method=oblivious", "grouping.min_group_size=3", "privacy.mechanism=distributed", "privacy.noise_multiplier=0.8", "privacy.clip=1.0", "privacy.delta=1e-3"]),
+        ("fedrap", ["grouping.method=none", "aggregation.backend=masking", "privacy.mechanism=distributed", "privacy.noise_multiplier=0.8", "privacy.clip=1.0", "privacy.delta=1e-3", "privacy.adaptive_clip=true"]),
+        ("gfmfr", ["grouping.method=oblivious", "train.rounds=2", "privacy.mechanism=dpsgd", "privacy.dpsgd_noise_multiplier=1.0", "privacy.dpsgd_batch_size=8", "privacy.delta=1e-3"]),
     ],
 )
 def test_two_nodes_each_hosting_half_the_users_match_the_in_process_engine(tiny_synthetic, method: str, extra: list[str]) -> None:
@@ -161,6 +163,7 @@ def test_two_nodes_each_hosting_half_the_users_match_the_in_process_engine(tiny_
     for part in ("val", "test"):
         for k, v in reference.metrics[part].items():
             assert metrics[part][k] == pytest.approx(v, abs=1e-6), (part, k)
+    assert metrics["privacy"].get("epsilon_if_covered") == pytest.approx(reference.metrics["privacy"].get("epsilon_if_covered"))
     assert [r.get("val") for r in server.history] == [r.get("val") for r in reference.history]
     # each node touched only its own users' state
     for node in nodes:

@@ -39,7 +39,10 @@ from gfmfr_secure.simulation.group_floor import floor_report, secrets_report
 from gfmfr_secure.simulation.selection import ValidationSelector
 from gfmfr_secure.types import AggregateResult, Exposure, LocalHyper
 
-__all__ = ["CLIENT_GROUPING", "COUNT_TOLERANCE", "FederatedServer", "ServerData", "evaluation_sample", "releasable", "to_aggregate"]
+__all__ = [
+    "CLIENT_GROUPING", "COUNT_TOLERANCE", "FederatedServer", "RoundRelease", "ServerData", "eval_metrics", "evaluation_sample", "make_fusion",
+    "n_groups_of", "releasable", "sample_cohort", "to_aggregate",
+]
 
 #: grouping methods in which each client picks its own group (the server learns group sums only)
 CLIENT_GROUPING = ("oblivious", "none")
