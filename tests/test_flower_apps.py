@@ -23,7 +23,7 @@ from gfmfr_secure.errors import ConfigError  # noqa: E402
 from gfmfr_secure.flower import clientapp  # noqa: E402
 from gfmfr_secure.flower.localgrid import LocalGrid, task_identity  # noqa: E402
 from gfmfr_secure.flower.records import get_message, partition_users, put_message  # noqa: E402
-from gfmfr_secure.flower.runconfig import RunSettings, experiment_config  # noqa: E402
+from gfmfr_secure.flower.runconfig import RunSettings, check_supported, experiment_config  # noqa: E402
 from gfmfr_secure.flower.serverapp import run_server  # noqa: E402
 from gfmfr_secure.roles.messages import Hello  # noqa: E402
 
@@ -63,7 +63,7 @@ def test_run_config_errors_are_config_errors() -> None:
 def test_secure_backends_are_refused_by_name(ml100k_dir: Path) -> None:
     cfg = experiment_config({"config": "configs/fedrap.yaml", "overrides": "aggregation.backend=masking"}, data=str(ml100k_dir))
     with pytest.raises(ConfigError, match="masking"):
-        clientapp.check_supported(cfg)
+        check_supported(cfg)
 
 
 @pytest.mark.slow
@@ -103,3 +103,19 @@ def test_three_nodes_give_the_in_process_metrics_and_a_silent_node_is_dropped(ml
     assert train["nodes_answered"] == 2 and train["dropped_nodes"] == [102]
     hosted_by_2 = partition_users(split.n_users, 2, 3)
     assert metrics["test"]["users"] == int((split.test_items[np.setdiff1d(np.arange(split.n_users), hosted_by_2)] >= 0).sum())
+
+
+def test_the_serverapp_imports_no_client_state() -> None:
+    """Importing the ServerApp and its transport loads no module holding client state or data (nor the ClientApp)."""
+    import subprocess
+    import sys
+
+    code = "import sys, gfmfr_secure.flower.serverapp, gfmfr_secure.flower.transport; print('\\n'.join(sorted(sys.modules)))"
+    loaded = set(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split())
+    forbidden = {
+        "gfmfr_secure.client.state", "gfmfr_secure.client.cohort", "gfmfr_secure.client.kernel", "gfmfr_secure.client.dpsgd",
+        "gfmfr_secure.client.local", "gfmfr_secure.data.negatives", "gfmfr_secure.data.split", "gfmfr_secure.data",
+        "gfmfr_secure.roles.client", "gfmfr_secure.roles.inprocess", "gfmfr_secure.flower.clientapp",
+    }
+    assert "gfmfr_secure.flower.serverapp" in loaded
+    assert not loaded & forbidden, sorted(loaded & forbidden)

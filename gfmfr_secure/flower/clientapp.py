@@ -36,12 +36,12 @@ from flwr.clientapp import ClientApp
 
 from gfmfr_secure.errors import ConfigError
 from gfmfr_secure.flower.records import get_message, message_names, partition_users, put_message
-from gfmfr_secure.flower.runconfig import experiment_config
+from gfmfr_secure.flower.runconfig import check_supported, experiment_config
 from gfmfr_secure.roles.client import ClientNode
 from gfmfr_secure.roles.inprocess import InProcessClients
 from gfmfr_secure.roles.messages import Assignment, Broadcast, EvalRequest, KeepSnapshot, MessageError, SumRequest, Upload
 
-__all__ = ["NodeHost", "app", "check_supported"]
+__all__ = ["NodeHost", "app"]
 
 #: the request's and the reply's record names; one-way messages are "before.<i>"
 REQUEST, REPLY, BEFORE = "request", "reply", "before"
@@ -49,25 +49,6 @@ REQUEST, REPLY, BEFORE = "request", "reply", "before"
 STORE, BEST, NORMS, SCALARS, PENDING = "gfmfr.store", "gfmfr.best", "gfmfr.norms", "gfmfr.node", "gfmfr.upload"
 
 ONE_WAY = {"KeepSnapshot": KeepSnapshot, "Assignment": Assignment}
-
-
-def check_supported(cfg: Any) -> None:
-    """Refuse settings this deployment does not carry.
-
-    Raises
-    ------
-    ConfigError
-        For a secure aggregation backend (masking and CKKS run as one protocol among all
-        cohort members; across SuperNodes that protocol is not built) and for record-level
-        DP-SGD (its accountant's per-client events are not kept between messages).
-    """
-    if cfg.aggregation.backend != "plain":
-        raise ConfigError(
-            f"aggregation.backend={cfg.aggregation.backend!r} over Flower is not built: the secure protocols run among "
-            "all cohort members as one exchange, which needs their messages relayed between SuperNodes; use aggregation.backend=plain"
-        )
-    if cfg.privacy.mechanism == "dpsgd":
-        raise ConfigError("privacy.mechanism=dpsgd over Flower is not built (the per-client accountant events are not kept between messages)")
 
 
 def _tensors_to_record(state: dict[str, torch.Tensor]) -> ArrayRecord:

@@ -37,7 +37,7 @@ import gfmfr_secure
 from gfmfr_secure.config import load_config, resolve_data_path
 from gfmfr_secure.errors import ConfigError
 
-__all__ = ["RunSettings", "app_dir", "experiment_config"]
+__all__ = ["RunSettings", "app_dir", "check_supported", "experiment_config"]
 
 
 def app_dir() -> Path:
@@ -132,3 +132,22 @@ def experiment_config(run_config: Mapping[str, Any], data: str | None = None) ->
     settings = RunSettings.of(run_config)
     cfg = load_config(settings.config_path(), settings.overrides)
     return resolve_data_path(cfg, data or settings.data or None)
+
+
+def check_supported(cfg: Any) -> None:
+    """Refuse settings this deployment does not carry.
+
+    Raises
+    ------
+    ConfigError
+        For a secure aggregation backend (masking and CKKS run as one protocol among all
+        cohort members; across SuperNodes that protocol is not built) and for record-level
+        DP-SGD (its accountant's per-client events are not kept between messages).
+    """
+    if cfg.aggregation.backend != "plain":
+        raise ConfigError(
+            f"aggregation.backend={cfg.aggregation.backend!r} over Flower is not built: the secure protocols run among "
+            "all cohort members as one exchange, which needs their messages relayed between SuperNodes; use aggregation.backend=plain"
+        )
+    if cfg.privacy.mechanism == "dpsgd":
+        raise ConfigError("privacy.mechanism=dpsgd over Flower is not built (the per-client accountant events are not kept between messages)")

@@ -24,9 +24,8 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from gfmfr_secure.config import config_to_yaml
-from gfmfr_secure.flower.clientapp import check_supported
 from gfmfr_secure.flower.loopback import DeploymentError
-from gfmfr_secure.flower.runconfig import RunSettings, experiment_config
+from gfmfr_secure.flower.runconfig import RunSettings, check_supported, experiment_config
 from gfmfr_secure.flower.transport import FlowerClients
 from gfmfr_secure.roles.server import FederatedServer, ServerData
 from gfmfr_secure.runio import create_run, default_run_name, environment_info, utc_now
