@@ -7,6 +7,7 @@ import json
 import math
 import shlex
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,8 @@ def register(subparsers: Any) -> None:
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override applied to every config")
     t.add_argument("--imia-clients", type=int, default=100)
     t.add_argument("--attribute-folds", type=int, default=5, metavar="K", help="outer folds of the attribute inference; 0 = skip")
-    t.add_argument("--reuse", action="store_true", help="attack runs already in OUT/runs (with their views) instead of retraining")
+    t.add_argument("--reuse", action="store_true", help="attack runs already in OUT/runs (with their views) instead of retraining, and take their attack figures from "
+                   "attacks/round{R}.json where it is newer than the views (delete it to attack again with other settings)")
     t.add_argument(
         "--membership-shadows", type=int, default=0, metavar="N",
         help="also run the outsider's user-level membership inference (LiRA, N shadow trainings per config and seed); 0 = skip",
@@ -329,6 +331,15 @@ def attack_run(
     return results
 
 
+@dataclass(frozen=True)
+class _StoredResult:
+    """An attack's figures as an earlier ``attack-table`` wrote them to ``attacks/round{R}.json`` (``--reuse``)."""
+
+    name: str
+    observer: str
+    metrics: dict[str, Any]
+
+
 def _skipped_round(run_dir: Path, round_idx: int) -> str | None:
     """Why round ``round_idx`` of a finished run released nothing (its history's ``skipped``), else None."""
     path = run_dir / "history.json"
@@ -388,6 +399,7 @@ def _cmd_table(args: argparse.Namespace) -> int:
     from gfmfr_secure.config import load_config, resolve_data_path, with_overrides
     from gfmfr_secure.simulation.record import train_and_record
     from gfmfr_secure.simulation.runner import prepare_data
+    from gfmfr_secure.simulation.views import view_path
 
     if args.attribute_folds == 1 or args.attribute_folds < 0:
         raise ConfigError(f"--attribute-folds must be 0 (skip) or >= 2, got {args.attribute_folds}")
@@ -427,7 +439,12 @@ def _cmd_table(args: argparse.Namespace) -> int:
                     silent.append(f"{label}, seed {seed}, round {rnd}: nothing released ({why})")
                     continue
                 _check_attackable(run_dir, rnd)
-                for r in attack_run(run_dir, rnd, args.data, seed, args.imia_clients, loaded, attribute_folds=args.attribute_folds):
+                done = run_dir / "attacks" / f"round{rnd}.json"
+                if args.reuse and done.is_file() and done.stat().st_mtime >= view_path(run_dir / "views", rnd, "server").stat().st_mtime:
+                    results = [_StoredResult(**{k: rec[k] for k in ("name", "observer", "metrics")}) for rec in json.loads(done.read_text(encoding="utf-8"))]
+                else:
+                    results = attack_run(run_dir, rnd, args.data, seed, args.imia_clients, loaded, attribute_folds=args.attribute_folds)
+                for r in results:
                     m = {k: float(r.metrics[k]) for k in TABLE_METRICS if isinstance(r.metrics.get(k), (int, float))}
                     if "accuracy" not in m and "best_accuracy" in r.metrics:
                         m["accuracy"] = float(r.metrics["best_accuracy"])
