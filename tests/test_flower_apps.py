@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -17,7 +18,7 @@ import pytest
 
 pytest.importorskip("flwr")
 
-from flwr.app import RecordDict  # noqa: E402
+from flwr.app import Message, RecordDict  # noqa: E402
 
 from gfmfr_secure.errors import ConfigError  # noqa: E402
 from gfmfr_secure.flower import clientapp  # noqa: E402
@@ -76,7 +77,7 @@ def test_three_nodes_give_the_in_process_metrics_and_a_silent_node_is_dropped(ml
 
     overrides = "train.rounds=2 train.client_fraction=0.2 seed=5"
     rc = {"config": "configs/fedrap.yaml", "overrides": overrides, "data": str(ml100k_dir), "out": str(tmp_path), "name": "three", "min-nodes": 3}
-    grid = LocalGrid(rc, _nodes(3, ml100k_dir))
+    grid = LocalGrid(rc, _nodes(3, ml100k_dir), tmp_path / "state")
     with task_identity():
         metrics, folder = run_server(grid, rc)
     cfg = experiment_config(rc)
@@ -93,7 +94,7 @@ def test_three_nodes_give_the_in_process_metrics_and_a_silent_node_is_dropped(ml
     assert "query.aggregate" not in kinds and kinds.count("train") == 3 * 2
 
     rc = {**rc, "name": "silent"}
-    silent = LocalGrid(rc, _nodes(3, ml100k_dir), silent_from={"train-1": 102})
+    silent = LocalGrid(rc, _nodes(3, ml100k_dir), tmp_path / "state-silent", silent_from={"train-1": 102})
     with task_identity():
         metrics, folder = run_server(silent, rc)
     assert metrics["flower"]["dropped_nodes"] == [102] and metrics["flower"]["nodes_at_end"] == 2
@@ -119,3 +120,26 @@ def test_the_serverapp_imports_no_client_state() -> None:
     }
     assert "gfmfr_secure.flower.serverapp" in loaded
     assert not loaded & forbidden, sorted(loaded & forbidden)
+
+
+@pytest.mark.slow
+@pytest.mark.dataset
+def test_a_node_whose_kept_state_was_lost_fails_the_run_by_name(ml100k_dir: Path, tmp_path: Path) -> None:
+    """A node left with its state from before a message (the state of that message lost) must not train or score on
+    it: the next request's sequence number does not follow the state's, the ClientApp refuses and the run stops."""
+    from gfmfr_secure.flower.clientapp import state_path
+    from gfmfr_secure.flower.loopback import DeploymentError
+
+    class LosesState(LocalGrid):
+        def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+            messages = list(messages)
+            path = state_path(self.contexts[101])
+            before = path.read_bytes() if path.is_file() else None
+            replies = super().send_and_receive(messages, timeout=timeout)
+            if before is not None and any(m.metadata.group_id == "train-0" for m in messages):
+                path.write_bytes(before)  # node 101 is left with its state from before round 0's training
+            return replies
+
+    rc = {"config": "configs/fedrap.yaml", "overrides": "train.rounds=1 train.client_fraction=0.1", "data": str(ml100k_dir), "out": str(tmp_path), "name": "lost"}
+    with task_identity(), pytest.raises(DeploymentError, match="holds the clients' state after request 0, but this is request 2"):
+        run_server(LosesState(rc, _nodes(2, ml100k_dir), tmp_path / "state"), rc)

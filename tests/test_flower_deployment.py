@@ -192,7 +192,7 @@ def test_fedrap_over_loopback_superlink_with_a_supernode_killed_mid_round(ml100k
         engine = run_federated(cfg, data, split, progress=False)
         local_config = {**run_config, "out": str(tmp_path / "local"), "name": "local"}
         with task_identity():
-            local, local_dir = run_server(LocalGrid(local_config, nodes, silent_from={"train-1": 101}), local_config)
+            local, local_dir = run_server(LocalGrid(local_config, nodes, tmp_path / "local-state", silent_from={"train-1": 101}), local_config)
         status = deployment.wait(run_id, timeout=120)
         assert status == "finished:completed", deployment.run_log(run_id)[-4000:]
     finally:

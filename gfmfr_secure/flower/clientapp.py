@@ -14,8 +14,16 @@ nodes and server) and keeps its partition's rows only.
 flwr 1.42 starts one ``flwr-clientapp`` process per message (the SuperNode's SuperExec
 launches it and it exits after the reply), so nothing survives in memory between
 messages. The node's client state (the hosted clients' private state, the state kept at
-the best validation round, this round's uploads until they are summed) goes into
-``Context.state``, which the SuperNode keeps for the run and hands to the next process.
+the best validation round, this round's uploads until they are summed) is written, before
+the reply leaves, to ``<state-dir>/run-<run id>/node-<node id>.npz`` on the node's machine
+(node config ``state-dir``, default ``$FLWR_HOME/gfmfr-state``, ``$FLWR_HOME`` defaulting
+to ``~/.flwr``), and read back by the next message's process. Flower's ``Context.state``
+is not used for it: ``flwr-clientapp`` hands its Context back to the SuperNode only after
+pushing the reply, so the next message's process can start with the Context from before
+(measured: with every ML-100K user in the cohort the test metrics of a 3-round run
+differed from in-process by 1.1e-3). Every request carries its sequence number among the
+requests to that node and the state file the one it followed; a mismatch is an error
+(:class:`NodeStateError`), never training on stale state. The files stay after the run.
 
 Message types (``query``/``train``/``evaluate`` with an action, as 1.42 requires):
 ``query.hello``, ``train``, ``query.aggregate``, ``evaluate``. One-way messages (keep the
@@ -26,7 +34,10 @@ best round's state, server-side group assignment) travel in the next request's
 from __future__ import annotations
 
 import functools
+import json
 import math
+import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,21 +45,67 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from gfmfr_secure.errors import ConfigError
+from gfmfr_secure.errors import ConfigError, GfmfrError
 from gfmfr_secure.flower.records import get_message, message_names, partition_users, put_message
 from gfmfr_secure.flower.runconfig import check_supported, experiment_config
 from gfmfr_secure.roles.client import ClientNode
 from gfmfr_secure.roles.inprocess import InProcessClients
 from gfmfr_secure.roles.messages import Assignment, Broadcast, EvalRequest, KeepSnapshot, MessageError, SumRequest, Upload
 
-__all__ = ["NodeHost", "app"]
+__all__ = ["NodeHost", "NodeStateError", "app", "read_records", "state_path", "write_records"]
 
 #: the request's and the reply's record names; one-way messages are "before.<i>"
 REQUEST, REPLY, BEFORE = "request", "reply", "before"
 #: Context.state record names
 STORE, BEST, NORMS, SCALARS, PENDING = "gfmfr.store", "gfmfr.best", "gfmfr.norms", "gfmfr.node", "gfmfr.upload"
 
+#: the request's sequence number among those sent to this node (0: the hello)
+SEQ = "seq"
+
 ONE_WAY = {"KeepSnapshot": KeepSnapshot, "Assignment": Assignment}
+
+
+def state_path(context: Context) -> Path:
+    """Where this node keeps its clients' state for the run: ``<state-dir>/run-<run id>/node-<node id>.npz``."""
+    base = context.node_config.get("state-dir") or Path(os.environ.get("FLWR_HOME") or Path.home() / ".flwr") / "gfmfr-state"
+    return Path(str(base)).expanduser() / f"run-{int(context.run_id)}" / f"node-{int(context.node_id)}.npz"
+
+
+def write_records(path: Path, records: RecordDict) -> None:
+    """Save the array and config records of ``records`` to ``path`` (``np.savez``, configs as JSON; written atomically)."""
+    arrays: dict[str, np.ndarray] = {}
+    for name, record in records.array_records.items():
+        arrays.update({f"a/{name}/{key}": array.numpy() for key, array in record.items()})
+    configs = {name: dict(record) for name, record in records.config_records.items()}
+    arrays["configs"] = np.frombuffer(json.dumps(configs).encode("utf-8"), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as f:
+        np.savez(f, **arrays)
+    tmp.replace(path)
+
+
+def read_records(path: Path) -> RecordDict:
+    """The records :func:`write_records` saved at ``path``; empty when there is no file yet."""
+    records = RecordDict()
+    if not path.is_file():
+        return records
+    with np.load(path, allow_pickle=False) as data:
+        grouped: dict[str, dict[str, np.ndarray]] = {}
+        for key in data.files:
+            if key.startswith("a/"):
+                name, field = key[2:].rsplit("/", 1)
+                grouped.setdefault(name, {})[field] = data[key]
+        configs = json.loads(data["configs"].tobytes().decode("utf-8"))
+    for name, fields in grouped.items():
+        records[name] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in fields.items()})
+    for name, values in configs.items():
+        records[name] = ConfigRecord(values)
+    return records
+
+
+class NodeStateError(GfmfrError, RuntimeError):
+    """A request that does not follow the state the node holds."""
 
 
 def _tensors_to_record(state: dict[str, torch.Tensor]) -> ArrayRecord:
@@ -79,6 +136,7 @@ class NodeHost:
     def __init__(self, cfg: Any, split: Any, users: np.ndarray) -> None:
         check_supported(cfg)
         self.cfg = cfg
+        self.seq = -1  # the last request whose state this node holds (-1: none yet)
         self.node = ClientNode(cfg, split, users)
         self.clients = InProcessClients(cfg, self.node)
 
@@ -96,13 +154,13 @@ class NodeHost:
         except (TypeError, ValueError):
             raise ConfigError(f"node config partition-id / num-partitions must be integers, got {nc.get('partition-id')!r} / {nc.get('num-partitions')!r}") from None
         host = cls(cfg, split, partition_users(split.n_users, pid, n))
-        host.restore(context.state)
+        host.restore(read_records(state_path(context)))
         return host
 
     # ------------------------------------------------------------------ state between messages
 
     def save(self, state: RecordDict) -> None:
-        """Write the node's client state into ``state`` (Flower's ``Context.state``)."""
+        """Write the node's client state into the records ``state`` (saved with :func:`write_records`)."""
         node, clients = self.node, self.clients
         state[STORE] = _tensors_to_record(node.state_dict())
         if node.best is not None:
@@ -114,6 +172,7 @@ class NodeHost:
                 node.store = current
         state[NORMS] = ArrayRecord({"norms": Array(np.ascontiguousarray(getattr(node, "_norms", torch.zeros(0)).numpy()))})
         state[SCALARS] = ConfigRecord({
+            "seq": int(self.seq),
             "clip": float(getattr(node, "_clip", math.inf)),
             "population": int(clients.population),
             "trained": int(clients.trained),
@@ -126,6 +185,7 @@ class NodeHost:
         """Read back what :meth:`save` wrote (nothing on the run's first message)."""
         node, clients = self.node, self.clients
         if STORE not in state.array_records:
+            self.seq = -1
             return
         if BEST in state.array_records:
             node.load_state_dict(_record_to_tensors(state.array_records[BEST]))
@@ -133,6 +193,7 @@ class NodeHost:
         node.load_state_dict(_record_to_tensors(state.array_records[STORE]))
         node._norms = torch.from_numpy(np.array(state.array_records[NORMS]["norms"].numpy()))  # noqa: SLF001 - kept between processes
         scalars = state.config_records[SCALARS]
+        self.seq = int(scalars["seq"])
         node._clip = float(scalars["clip"])  # noqa: SLF001
         clients.population, clients.trained = int(scalars["population"]), int(scalars["trained"])
         clients.upload = get_message(state, PENDING, Upload).as_update() if bool(scalars["pending"]) else None
@@ -140,7 +201,22 @@ class NodeHost:
     # ------------------------------------------------------------------ messages
 
     def handle(self, kind: str, content: RecordDict) -> RecordDict:
-        """Apply the one-way messages in ``content``, answer its request; the reply's records."""
+        """Apply the one-way messages in ``content``, answer its request; the reply's records.
+
+        Raises
+        ------
+        NodeStateError
+            If the request's sequence number does not follow the one whose state
+            ``Context.state`` holds (the state of a previous message did not reach the
+            SuperNode, so the clients would train on stale state).
+        """
+        seq = int(content.config_records[SEQ]["seq"]) if SEQ in content.config_records else self.seq + 1
+        if seq != self.seq + 1:
+            raise NodeStateError(
+                f"this node holds the clients' state after request {self.seq}, but this is request {seq}: the state kept "
+                "after an earlier request did not reach the SuperNode (flwr-clientapp failed to push its Context)"
+            )
+        self.seq = seq
         for name in message_names(content, BEFORE):
             config = content.config_records[f"{name}.config"]
             cls = ONE_WAY.get(str(config.get("__type__")))
@@ -178,7 +254,9 @@ def _serve(kind: str, msg: Message, context: Context) -> Message:
     """
     host = NodeHost.from_context(context)
     reply = host.handle(kind, msg.content)
-    host.save(context.state)
+    state = RecordDict()
+    host.save(state)
+    write_records(state_path(context), state)
     return Message(reply, reply_to=msg)
 
 

@@ -13,11 +13,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
+
+from gfmfr_secure.errors import GfmfrError
 
 __all__ = ["LocalGrid", "task_identity"]
 
@@ -44,6 +48,7 @@ class LocalGrid(Grid):
     ----------
     run_config : the run config every node sees.
     node_configs : one node config per node (``partition-id``, ``num-partitions``, ``data``).
+    state_dir : the nodes' ``state-dir`` (where each keeps its clients' state between messages).
     silent_from : ``{group_id: node id}``: from the first request with that group id on
         (e.g. ``"train-1"``), that node never answers.
 
@@ -53,12 +58,14 @@ class LocalGrid(Grid):
     silent : nodes that no longer answer.
     """
 
-    def __init__(self, run_config: Mapping[str, Any], node_configs: list[dict[str, Any]], silent_from: Mapping[str, int] | None = None) -> None:
+    def __init__(
+        self, run_config: Mapping[str, Any], node_configs: list[dict[str, Any]], state_dir: str | Path, silent_from: Mapping[str, int] | None = None
+    ) -> None:
         from gfmfr_secure.flower import clientapp
 
         self.app = clientapp.app
         self.contexts = {
-            100 + i: Context(run_id=1, node_id=100 + i, node_config=dict(nc), state=RecordDict(), run_config=dict(run_config))
+            100 + i: Context(run_id=1, node_id=100 + i, node_config={"state-dir": str(state_dir), **nc}, state=RecordDict(), run_config=dict(run_config))
             for i, nc in enumerate(node_configs)
         }
         self.silent_from = dict(silent_from or {})
@@ -85,13 +92,22 @@ class LocalGrid(Grid):
         raise NotImplementedError("LocalGrid answers in send_and_receive only")
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        """Each message's reply from its node's ClientApp, in order; silent nodes' messages get none."""
+        """Each message's reply from its node's ClientApp, in order; silent nodes' messages get none.
+
+        A ClientApp raising one of this package's errors answers with Flower's error reply
+        (code ``CLIENT_APP_RAISED_EXCEPTION``), as ``flwr-clientapp`` does; anything else propagates.
+        """
         replies = []
         for msg in messages:
             node, group = int(msg.metadata.dst_node_id), msg.metadata.group_id
             if self.silent_from.get(group) == node:
                 self.silent.add(node)
             self.calls.append((node, msg.metadata.message_type, group))
-            if node not in self.silent:
+            if node in self.silent:
+                continue
+            try:
                 replies.append(self.app(msg, self.contexts[node]))
+            except GfmfrError as err:  # as flwr-clientapp answers when its ClientApp raises
+                reason = f"{type(err)}:<'{err}'>"
+                replies.append(Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg))
         return replies

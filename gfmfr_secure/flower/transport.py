@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
-from flwr.app import Message, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from gfmfr_secure.aggregation import get_aggregator
@@ -89,6 +89,7 @@ class FlowerClients:
         self._pending: dict[int, list[Any]] = {}
         self._uploaded: dict[int, Upload] = {}
         self._merged: Upload | None = None
+        self._sent: dict[int, int] = {}  # requests sent to each node: the next one's sequence number
         self._round = -1
 
     # ------------------------------------------------------------------ exchange
@@ -103,6 +104,8 @@ class FlowerClients:
                 put_message(content, f"before.{i}", one_way)
             if request is not None:
                 put_message(content, "request", request)
+            content["seq"] = ConfigRecord({"seq": self._sent.get(node, 0)})
+            self._sent[node] = self._sent.get(node, 0) + 1
             messages.append(Message(content, dst_node_id=node, message_type=message_type, group_id=f"{kind}-{round_idx}"))
         t0 = time.perf_counter()
         replies = list(self.grid.send_and_receive(messages, timeout=self.timeout)) if messages else []
