@@ -17,7 +17,11 @@ Rules applied by :func:`from_dict`:
   as ``1e-4`` (which YAML 1.1 reads as a string); NaN is rejected;
 - ``Literal[...]`` fields accept only the listed choices;
 - ``tuple[T, ...]`` fields accept a YAML list;
-- range checks live in each section's ``__post_init__``.
+- range checks live in each section's ``__post_init__``; rules relating
+  settings of different sections live in :mod:`gfmfr_secure.config_rules` and
+  run once on the config :func:`load_config` and :func:`with_overrides`
+  return (:func:`config_from_dict` builds a tree without them, as a base for
+  overrides).
 
 Overrides have the form ``dotted.key=value``; the value is parsed with
 ``yaml.safe_load``, so ``train.rounds=5``, ``fusion.modalities=[text]`` and
@@ -38,6 +42,7 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from gfmfr_secure.config_rules import validate
 from gfmfr_secure.errors import ConfigError
 
 __all__ = [
@@ -868,19 +873,23 @@ def with_overrides(cfg: T, overrides: typing.Iterable[str]) -> T:
 
     All overrides are applied first and the result is validated once, as a
     whole (so settings that depend on each other can be changed together); an
-    override that breaks a check fails here, naming the overrides.
+    override that breaks a check fails here, naming the overrides. An
+    :class:`ExperimentConfig` then passes the rules that span sections
+    (:func:`gfmfr_secure.config_rules.validate`), with or without overrides.
     """
     tree = config_to_dict(cfg)
     texts = list(overrides)
     for text in texts:
         _apply_override(tree, text)
-    if not texts:
-        return cfg
-    try:
-        return from_dict(type(cfg), tree)
-    except ConfigError as err:
-        shown = ", ".join(repr(t) for t in texts)
-        raise ConfigError(f"override {shown}: {err}") from None
+    if texts:
+        try:
+            cfg = from_dict(type(cfg), tree)
+        except ConfigError as err:
+            shown = ", ".join(repr(t) for t in texts)
+            raise ConfigError(f"override {shown}: {err}") from None
+    if isinstance(cfg, ExperimentConfig):
+        validate(cfg)
+    return cfg
 
 
 # --------------------------------------------------------------------------- files and paths
@@ -889,7 +898,11 @@ def with_overrides(cfg: T, overrides: typing.Iterable[str]) -> T:
 def load_config(
     path: str | os.PathLike[str], overrides: typing.Iterable[str] = ()
 ) -> ExperimentConfig:
-    """Read a YAML config file, validate it and apply ``--set`` overrides.
+    """Read a YAML config file, apply ``--set`` overrides and validate the result.
+
+    Each section's own checks run as it is read; the rules that span sections
+    (:func:`gfmfr_secure.config_rules.validate`) run once on the result, before any
+    data is loaded.
 
     Parameters
     ----------

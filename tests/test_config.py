@@ -141,6 +141,7 @@ def test_overrides_parse_values_as_yaml():
             "train.rounds=5",
             "fusion.modalities=[text]",
             "data.path=/tmp/x",
+            "method=fedrap",
             "distill.enabled=false",
             "train.lr=1e-3",
             "eval.ks=[5, 10]",

@@ -68,7 +68,7 @@ def _spec(tmp_path: Path, **extra) -> Path:
         "name": "t",
         "base": [str(REPO / "configs" / "fedrap.yaml")],
         "set": {"train.selection": "last"},
-        "axes": {"privacy.epsilon": [".inf", 2], "privacy.mechanism": ["central"], "aggregation.backend": ["plain", "masking"]},
+        "axes": {"privacy.epsilon": [".inf", 2], "privacy.mechanism": ["central"], "aggregation.backend": ["plain", "ckks"]},
         "seeds": [0],
         "rounds": 2,
         "references": [],
@@ -98,7 +98,7 @@ def _spec(tmp_path: Path, **extra) -> Path:
         ({"references": ["oracle"]}, "'references'", "popularity"),
         ({"keep": {"model": "yes"}}, "'keep.model'", "false"),
         ({"exclude": [{"privacy.clip": 1}]}, "'exclude[0].privacy.clip'", "use one of"),
-        ({"exclude": [{"aggregation.backend": "ckks"}]}, "'exclude[0].aggregation.backend'", "listed under axes"),
+        ({"exclude": [{"aggregation.backend": "masking"}]}, "'exclude[0].aggregation.backend'", "listed under axes"),
         ({"exclude": {"aggregation.backend": "plain"}}, "'exclude'", "write e.g."),
     ],
 )

@@ -130,7 +130,9 @@ class UserLevelDP:
 
         Parameters
         ----------
-        cfg : PrivacyConfig with a user-level mechanism.
+        cfg : PrivacyConfig with a user-level mechanism (the rules relating it to other
+            sections, e.g. no adaptive clipping under local DP, are
+            :func:`gfmfr_secure.config_rules.validate`'s).
         sample_rate : Poisson rate q of client sampling.
         rounds : the most rounds the run may take (calibration horizon).
         expected_clients : q times the number of eligible clients.
@@ -147,8 +149,6 @@ class UserLevelDP:
         q = 1.0 if cfg.mechanism == "local" else float(sample_rate)
         calibrated = cfg.noise_multiplier is None
         sigma = calibrate_noise(cfg.epsilon, cfg.delta, q, rounds, cfg.accountant) if calibrated else float(cfg.noise_multiplier)
-        if cfg.adaptive_clip and cfg.mechanism == "local":
-            raise ConfigError("privacy.adaptive_clip needs a released count of unclipped clients: use mechanism central or distributed")
         count_std = 0.0
         update_sigma = sigma
         if cfg.adaptive_clip:

@@ -198,6 +198,10 @@ class RoundRelease:
 class FederatedServer:
     """The server of one federated run.
 
+    ``cfg`` has passed :func:`gfmfr_secure.config_rules.validate` (``load_config`` and
+    ``with_overrides`` apply it); the server checks only what needs the clients' Hello
+    (the group floor against the eligible population) or the data (item features).
+
     Parameters
     ----------
     cfg : the experiment config.
@@ -225,29 +229,18 @@ class FederatedServer:
         cfg, seed = self.cfg, int(self.cfg.seed)
         self.seed = seed
         backbone = get_backbone(cfg.model.backbone)
-        if cfg.distill.enabled and backbone.private_head:
-            raise ConfigError("distill.enabled needs a shared output layer; backbone 'pfedrec' keeps its head private")
         mc = cfg.model
         shared = init_shared_params(self.data.n_items, mc.latent_dim, torch_generator(seed, "init", "shared"), mc.item_init_std, scorer=mc.scorer, user_std=mc.user_init_std)
         self.n_groups = n_groups = n_groups_of(cfg)
         self.state = ServerState(shared=shared, fusion=make_fusion(cfg, self.data, n_groups, seed), teacher=None, assignment=np.full(self.data.n_users, -1, dtype=np.int64), n_groups=n_groups)
         self.head_size = 0 if backbone.private_head else shared.head_flat().numel()
         self.secrets = SecretSource(cfg.secrets, seed)  # the server's own noise keys
-        backend = cfg.aggregation.backend
-        if backend not in AGGREGATORS:
-            raise ValueError(f"unknown aggregation backend {backend!r}; known: {', '.join(sorted(AGGREGATORS))}")
+        backend = cfg.aggregation.backend  # a registered one (config_rules.validate)
         self.backend, self.exposure = backend, AGGREGATORS[backend].exposure
         grouping = self.grouping = cfg.grouping.method
         self.secure = self.exposure != Exposure.PER_CLIENT
         self.grouped_floor = bool(n_groups) and grouping == "oblivious"
         self.floor = cfg.grouping.min_group_size if self.grouped_floor or self.secure else None
-        if n_groups and grouping in SERVER_GROUPING and self.secure:
-            raise ConfigError(
-                f"grouping.method={grouping!r} clusters individual client updates, which backend "
-                f"{backend!r} does not expose; use grouping.method=oblivious"
-            )
-        if n_groups and grouping not in SERVER_GROUPING + CLIENT_GROUPING:
-            raise ConfigError(f"grouping.method={grouping!r} is unknown; known: {', '.join(SERVER_GROUPING + CLIENT_GROUPING)}")
         if cfg.data.negatives_exclude_heldout and not cfg.data.negatives_fixed:
             self.logger.warning(
                 "data.negatives_exclude_heldout without data.negatives_fixed leaks the held-out items "
@@ -288,8 +281,6 @@ class FederatedServer:
         self.dp = plan_privacy(cfg, eligible.size, logger=log)
         if cfg.privacy.mechanism == "dpsgd":
             self.record_dp = RecordLevelDP(cfg.privacy, self.seed, self.data.n_items, secrets=self.secrets)  # accounting only
-            if cfg.train.weighting != "uniform":
-                raise ConfigError("privacy.mechanism=dpsgd: clients do not upload their sample counts; set train.weighting=uniform")
         self.eval_users = evaluation_sample(np.asarray(hello.test_users, dtype=np.int64), cfg.eval.max_users, self.seed)
         if self.eval_users is not None:
             log.info("validation and test rank a fixed sample of %d of the %d users with a test item (eval.max_users)", self.eval_users.size, int(hello.test_users.size))

@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from gfmfr_secure.errors import ConfigError
 from gfmfr_secure.privacy.mechanisms import clip_sparse_updates
 from gfmfr_secure.privacy.plan import USER_MECHANISMS, UserLevelDP, coverage
 from gfmfr_secure.rng import SecretSource
@@ -121,12 +120,8 @@ def plan_privacy(cfg: Any, n_eligible: int, logger: logging.Logger | None = None
     A ``delta`` not well below ``1 / n_eligible`` is warned about on ``logger`` (the run's log).
     """
     pc = cfg.privacy
-    if pc.mechanism in ("none", "dpsgd"):
+    if pc.mechanism not in USER_MECHANISMS:  # none, dpsgd
         return None
-    if pc.mechanism not in USER_MECHANISMS:
-        raise ConfigError(f"privacy.mechanism={pc.mechanism!r} is not available in the federated loop; known: none, {', '.join(USER_MECHANISMS)}")
-    if cfg.train.weighting != "uniform":
-        raise ConfigError("user-level DP bounds each client's contribution: set train.weighting=uniform (sample weights change the sensitivity)")
     tc = cfg.train
     # a client picks its own block only under oblivious grouping (local DP must cover moving between blocks)
     blocks = int(cfg.grouping.num_groups) if cfg.distill.enabled and cfg.grouping.method == "oblivious" else 1

@@ -1,15 +1,15 @@
 """Entry points used by the command line: train a configured method, reload a run.
 
 Methods are registered by name with the facts their name promises (backbone,
-whether distillation is on, grouping); a config whose settings contradict its
-method name is rejected, so a results table can trust its labels.
+whether distillation is on, grouping; :mod:`gfmfr_secure.config_rules`, re-exported
+here); a config whose settings contradict its method name is rejected, so a results
+table can trust its labels.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,61 +18,20 @@ import torch
 
 from gfmfr_secure.client.state import ClientStateStore, RowStore
 from gfmfr_secure.config import load_config
+from gfmfr_secure.config_rules import METHODS, MethodSpec, method_spec, register_method, validate
 from gfmfr_secure.curves import plot_learning_curve
 from gfmfr_secure.data import kcore, leave_one_out, load_dataset, to_implicit
 from gfmfr_secure.errors import ConfigError
 from gfmfr_secure.models import SharedParams, get_backbone
 from gfmfr_secure.simulation.scoring import score_users
 
-__all__ = ["METHODS", "MethodSpec", "load_scorer", "prepare_data", "register_method", "run_training"]
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """A named method: how it trains and which settings its name implies (None = free)."""
-
-    name: str
-    trainer: str  # "federated" | "centralized"
-    backbone: str | None = None
-    distill: bool | None = None
-    grouping: tuple[str, ...] | None = None
-    description: str = ""
-
-
-METHODS: dict[str, MethodSpec] = {}
-
-
-def register_method(spec: MethodSpec) -> MethodSpec:
-    if spec.name in METHODS:
-        raise ValueError(f"method {spec.name!r} is already registered")
-    METHODS[spec.name] = spec
-    return spec
-
-
-_GROUPED = ("spectral", "kmeans", "oblivious")
-register_method(MethodSpec("gfmfr", "federated", "fedrap", True, _GROUPED, "GFMFR on the FedRAP backbone"))
-register_method(MethodSpec("gfmfr-fedncf", "federated", "fedncf", True, _GROUPED, "GFMFR loss on the FedNCF backbone"))
-register_method(MethodSpec("fedrap", "federated", "fedrap", False, None, "FedRAP"))
-register_method(MethodSpec("fedncf", "federated", "fedncf", False, None, "FedAvg-NCF"))
-register_method(MethodSpec("pfedrec", "federated", "pfedrec", False, None, "PFedRec (private score function)"))
-register_method(MethodSpec("mm-fedrap", "federated", "fedrap", True, ("none",), "MM-FedRAP: server fusion, no groups"))
-register_method(MethodSpec("mm-fedncf", "federated", "fedncf", True, ("none",), "MM-FedAvg (NCF): server fusion, no groups"))
-register_method(MethodSpec("centralized", "centralized", "fedncf", False, None, "centralised NCF upper bound"))
+__all__ = ["METHODS", "MethodSpec", "check_method", "load_scorer", "prepare_data", "register_method", "run_training"]
 
 
 def check_method(cfg: Any) -> MethodSpec:
-    """The method's spec; raises ConfigError when the config contradicts the method name."""
-    if cfg.method not in METHODS:
-        raise ConfigError(f"unknown method {cfg.method!r}; known: {', '.join(sorted(METHODS))}")
-    spec = METHODS[cfg.method]
-    get_backbone(cfg.model.backbone)
-    if spec.backbone is not None and cfg.model.backbone != spec.backbone:
-        raise ConfigError(f"method {spec.name!r} uses model.backbone={spec.backbone!r}, config has {cfg.model.backbone!r}")
-    if spec.distill is not None and cfg.distill.enabled != spec.distill:
-        raise ConfigError(f"method {spec.name!r} needs distill.enabled={spec.distill}, config has {cfg.distill.enabled}")
-    if spec.grouping is not None and cfg.grouping.method not in spec.grouping:
-        raise ConfigError(f"method {spec.name!r} needs grouping.method in {list(spec.grouping)}, config has {cfg.grouping.method!r}")
-    return spec
+    """The method's spec, after :func:`~gfmfr_secure.config_rules.validate` (the config's rules, in one place)."""
+    validate(cfg)
+    return method_spec(cfg)
 
 
 def prepare_data(cfg: Any) -> tuple[Any, Any]:
