@@ -188,6 +188,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     from gfmfr_secure.client import state as state_mod
     from gfmfr_secure.config import load_config
     from gfmfr_secure.data import leave_one_out, load_dataset, to_implicit
+    from gfmfr_secure.roles import client, inprocess, server
     from gfmfr_secure.simulation import loop
 
     torch.set_num_threads(args.threads)
@@ -206,30 +207,31 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     data = ph.run("load", lambda: to_implicit(load_dataset(cfg.data.path, fmt=cfg.data.format, text_features=cfg.data.text_features, image_features=cfg.data.image_features, duplicates=cfg.data.duplicates), cfg.data.implicit_threshold))
     split = ph.run("split", leave_one_out, data, cfg.data.min_interactions)
 
-    # the loop's collaborators, wrapped where the loop looks them up
+    # the roles' collaborators, wrapped where the roles look them up (module globals of
+    # roles.client, roles.server and roles.inprocess; the engine in loop calls the roles)
     store_cls = state_mod.ClientStateStore
     create, snapshot = store_cls.create.__func__, store_cls.snapshot  # type: ignore[attr-defined]
     patches: dict[tuple[Any, str], Any] = {
         (store_cls, "create"): classmethod(ph.wrap("client state", create)),
         (store_cls, "snapshot"): ph.wrap("client state", snapshot),
-        (loop, "sample_training"): ph.wrap("negatives", loop.sample_training),
-        (loop, "train_cohort"): ph.wrap("client training", loop.train_cohort),
-        (loop, "clip_upload"): ph.wrap("aggregation", loop.clip_upload),
-        (loop, "count_phase"): ph.wrap("aggregation", loop.count_phase),
-        (loop, "group_clients"): ph.wrap("server", loop.group_clients),
-        (loop, "apply_fedavg_"): ph.wrap("server", loop.apply_fedavg_),
-        (loop, "update_teacher_"): ph.wrap("server", loop.update_teacher_),
-        (loop, "oblivious_groups"): ph.wrap("client state", loop.oblivious_groups),
-        (loop, "evaluate_ranking"): ph.wrap("evaluation", loop.evaluate_ranking),
+        (client, "sample_training"): ph.wrap("negatives", client.sample_training),
+        (client, "train_cohort"): ph.wrap("client training", client.train_cohort),
+        (client, "clip_upload"): ph.wrap("aggregation", client.clip_upload),
+        (client, "oblivious_groups"): ph.wrap("client state", client.oblivious_groups),
+        (client, "user_ranks"): ph.wrap("evaluation", client.user_ranks),
+        (inprocess, "count_phase"): ph.wrap("aggregation", inprocess.count_phase),
+        (server, "group_clients"): ph.wrap("server", server.group_clients),
+        (server, "apply_fedavg_"): ph.wrap("server", server.apply_fedavg_),
+        (server, "update_teacher_"): ph.wrap("server", server.update_teacher_),
     }
-    make_aggregator = loop.get_aggregator
+    make_aggregator = inprocess.get_aggregator
 
     def get_aggregator(*a: Any, **k: Any) -> Any:
         agg = make_aggregator(*a, **k)
         agg.aggregate = ph.wrap("aggregation", agg.aggregate)
         return agg
 
-    patches[(loop, "get_aggregator")] = get_aggregator
+    patches[(inprocess, "get_aggregator")] = get_aggregator
     saved = {key: key[0].__dict__[key[1]] for key in patches}
     for (owner, name), value in patches.items():
         setattr(owner, name, value)
