@@ -21,7 +21,6 @@ pytest.importorskip("flwr")
 from flwr.app import Message, RecordDict  # noqa: E402
 
 from gfmfr_secure.errors import ConfigError  # noqa: E402
-from gfmfr_secure.flower import clientapp  # noqa: E402
 from gfmfr_secure.flower.localgrid import LocalGrid, task_identity  # noqa: E402
 from gfmfr_secure.flower.records import get_message, partition_users, put_message  # noqa: E402
 from gfmfr_secure.flower.runconfig import RunSettings, check_supported, experiment_config  # noqa: E402
