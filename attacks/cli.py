@@ -338,6 +338,7 @@ class _StoredResult:
     name: str
     observer: str
     metrics: dict[str, Any]
+    details: dict[str, Any]
 
 
 def _skipped_round(run_dir: Path, round_idx: int) -> str | None:
@@ -391,7 +392,7 @@ def _cmd_attack(args: argparse.Namespace) -> int:
 
 
 #: figures of the attack table: ``ceiling_auc`` for attribute inference, ``relabelled_match_rate`` for a known group
-TABLE_METRICS = ("auc", "tpr_at_fpr_0.01", "tpr_at_fpr_0.001", "accuracy", "baseline_accuracy", "ceiling_auc", "relabelled_match_rate")
+TABLE_METRICS = ("auc", "tpr_at_fpr_0.01", "tpr_at_fpr_0.001", "accuracy", "baseline_accuracy", "ceiling_auc", "relabelled_match_rate", "f1", "exact_recovery")
 
 
 def _cmd_table(args: argparse.Namespace) -> int:
@@ -410,6 +411,7 @@ def _cmd_table(args: argparse.Namespace) -> int:
     cells: dict[tuple[str, str, str, int], list[dict[str, float]]] = {}
     privacy: dict[str, Any] = {}
     silent: list[str] = []  # (config, seed, round) that released nothing
+    notes: dict[str, set[str]] = {}  # why an attack gave no figure -> the cells it concerns
     bases = {path: resolve_data_path(load_config(path, args.overrides), args.data) for path in args.configs}
     for path, base in bases.items():  # every config checked before anything trains
         if rounds[-1] >= base.train.rounds:
@@ -441,7 +443,7 @@ def _cmd_table(args: argparse.Namespace) -> int:
                 _check_attackable(run_dir, rnd)
                 done = run_dir / "attacks" / f"round{rnd}.json"
                 if args.reuse and done.is_file() and done.stat().st_mtime >= view_path(run_dir / "views", rnd, "server").stat().st_mtime:
-                    results = [_StoredResult(**{k: rec[k] for k in ("name", "observer", "metrics")}) for rec in json.loads(done.read_text(encoding="utf-8"))]
+                    results = [_StoredResult(**{k: rec[k] for k in ("name", "observer", "metrics", "details")}) for rec in json.loads(done.read_text(encoding="utf-8"))]
                 else:
                     results = attack_run(run_dir, rnd, args.data, seed, args.imia_clients, loaded, attribute_folds=args.attribute_folds)
                 for r in results:
@@ -449,6 +451,8 @@ def _cmd_table(args: argparse.Namespace) -> int:
                     if "accuracy" not in m and "best_accuracy" in r.metrics:
                         m["accuracy"] = float(r.metrics["best_accuracy"])
                     cells.setdefault((r.name, label, r.observer, rnd), []).append(m)
+                    if not m and r.details.get("statement"):
+                        notes.setdefault(r.details["statement"], set()).add(f"{r.name} ({r.observer}, {label}, round {rnd})")
             if args.membership_shadows > 0:
                 from attacks.experiments import user_membership_experiment
 
@@ -470,11 +474,14 @@ def _cmd_table(args: argparse.Namespace) -> int:
     lines += [
         "", "Attribute rows: AUC of the nested-CV estimator (mean over its folds) and, as ceiling AUC, the same estimator on the",
         "true interactions. group-membership-known: the view carries the group; its figure is the match rate, not an AUC.", "",
-        "| attack | config | adversary | round | AUC | TPR@1%FPR | TPR@0.1%FPR | accuracy | baseline | ceiling AUC | known: match rate |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "Reconstruction rows: F1 of each client's recovered interaction set and the fraction of clients recovered exactly.", "",
+        "| attack | config | adversary | round | AUC | TPR@1%FPR | TPR@0.1%FPR | accuracy | baseline | ceiling AUC | known: match rate | F1 | exact recovery |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (a, c, o, t), _ in sorted(cells.items()):
         agg = summary[f"{a}|{c}|{o}|round{t}"]
+        if not agg:  # no figure: the reason is listed below the table
+            continue
 
         def cell(key: str, agg: dict[str, Any] = agg) -> str:
             if key not in agg:
@@ -485,8 +492,11 @@ def _cmd_table(args: argparse.Namespace) -> int:
 
         lines.append(
             f"| {a} | {c} | {o} | {t} | {cell('auc')} | {cell('tpr_at_fpr_0.01')} | {cell('tpr_at_fpr_0.001')} | {cell('accuracy')} | "
-            f"{cell('baseline_accuracy')} | {cell('ceiling_auc')} | {cell('relabelled_match_rate')} |"
+            f"{cell('baseline_accuracy')} | {cell('ceiling_auc')} | {cell('relabelled_match_rate')} | {cell('f1')} | {cell('exact_recovery')} |"
         )
+    if notes:
+        lines += ["", "Not attacked, and why:", ""]
+        lines += [f"- {why}: {', '.join(sorted(where))}" for why, where in sorted(notes.items())]
     if silent:
         lines += ["", "Rounds that released nothing (the group floor stopped them; these cells average the other seeds):", ""]
         lines += [f"- {s}" for s in silent]
