@@ -68,7 +68,7 @@ def test_membership_with_two_shadows_uses_global_variance(tiny_synthetic, split,
 
 
 def test_membership_falls_back_to_item_table_without_teacher(tiny_synthetic, split) -> None:
-    res = user_membership_experiment(cfg("distill.enabled=false"), tiny_synthetic, split, n_shadows=2, seed=2)
+    res = user_membership_experiment(cfg("method=fedrap", "distill.enabled=false"), tiny_synthetic, split, n_shadows=2, seed=2)
     assert res["statistic"] == "teacher" and res["statistic_used"] == "item_norm"
 
 

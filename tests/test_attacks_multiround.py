@@ -277,7 +277,7 @@ LIRA_TINY = [
 
 
 def test_lira_after_several_rounds_detects_members_on_a_tiny_run(tiny_synthetic, split, tmp_path) -> None:
-    cfg = with_overrides(config_from_dict({"method": "fedrap"}), LIRA_TINY)
+    cfg = with_overrides(config_from_dict({"method": "gfmfr"}), LIRA_TINY)
     res = lira_rounds_experiment(cfg, tiny_synthetic, split, n_shadows=4, seeds=(0,), n_boot=100, out_dir=tmp_path, statistics=("fold_in",))
     fig = res["statistics"]["fold_in"]["lira"]["pooled"]
     assert fig["n_models"] == 5 and fig["n_pos"] + fig["n_neg"] == 5 * 60
@@ -294,7 +294,7 @@ def test_lira_after_several_rounds_detects_members_on_a_tiny_run(tiny_synthetic,
 
 def test_lira_after_several_rounds_is_at_chance_under_strong_dp(tiny_synthetic, split) -> None:
     dp = ["privacy.mechanism=central", "privacy.noise_multiplier=20", "privacy.clip=0.02", "privacy.delta=1e-3"]
-    cfg = with_overrides(config_from_dict({"method": "fedrap"}), LIRA_TINY + dp)
+    cfg = with_overrides(config_from_dict({"method": "gfmfr"}), LIRA_TINY + dp)
     res = lira_rounds_experiment(cfg, tiny_synthetic, split, n_shadows=4, seeds=(0,), n_boot=100, statistics=("fold_in",))
     auc = res["statistics"]["fold_in"]["lira"]["pooled"]["auc"]
     assert auc["lo"] < 0.5 < auc["hi"]

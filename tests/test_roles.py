@@ -145,9 +145,9 @@ def _two_nodes(cfg, split) -> tuple[Clients, list[ClientNode]]:
     ("method", "extra"),
     [
         ("gfmfr", []),
-        ("fedrap", ["grouping.method=none"]),
+        ("mm-fedrap", ["grouping.method=none"]),
         ("gfmfr", ["grouping.method=oblivious", "grouping.min_group_size=3", "privacy.mechanism=distributed", "privacy.noise_multiplier=0.8", "privacy.clip=1.0", "privacy.delta=1e-3"]),
-        ("fedrap", ["grouping.method=none", "aggregation.backend=masking", "privacy.mechanism=distributed", "privacy.noise_multiplier=0.8", "privacy.clip=1.0", "privacy.delta=1e-3", "privacy.adaptive_clip=true"]),
+        ("mm-fedrap", ["grouping.method=none", "aggregation.backend=masking", "privacy.mechanism=distributed", "privacy.noise_multiplier=0.8", "privacy.clip=1.0", "privacy.delta=1e-3", "privacy.adaptive_clip=true"]),
         ("gfmfr", ["grouping.method=oblivious", "train.rounds=2", "privacy.mechanism=dpsgd", "privacy.dpsgd_noise_multiplier=1.0", "privacy.dpsgd_batch_size=8", "privacy.delta=1e-3"]),
     ],
 )
@@ -186,7 +186,7 @@ def test_the_server_side_imports_no_client_state() -> None:
 
 def test_a_node_state_dict_round_trips(tiny_synthetic) -> None:
     split = leave_one_out(tiny_synthetic)
-    cfg = with_overrides(config_from_dict({"method": "fedrap"}), [*SMALL, "grouping.method=oblivious"])
+    cfg = with_overrides(config_from_dict({"method": "gfmfr"}), [*SMALL, "grouping.method=oblivious"])
     node = ClientNode(cfg, split, np.arange(split.n_users))
     server = FederatedServer(cfg, ServerData.of(tiny_synthetic, split.n_users, split.n_items))
     clients = InProcessClients(cfg, node)

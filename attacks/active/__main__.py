@@ -151,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     active = np.flatnonzero(split.train_counts() > 0)
     cohort, participants = active[: args.users], active[: args.loop_users]
     base = with_overrides(config_from_dict({"method": "gfmfr"}), [f"model.latent_dim={args.dim}", "aggregation.backend=masking", "aggregation.neighbours=0", "grouping.method=oblivious"])
-    broadcast_cfg = with_overrides(config_from_dict({"method": "fedrap"}), [f"model.latent_dim={args.dim}", "aggregation.backend=masking", "aggregation.neighbours=0"])
+    broadcast_cfg = with_overrides(config_from_dict({"method": "fedrap"}), ["distill.enabled=false", f"model.latent_dim={args.dim}", "aggregation.backend=masking", "aggregation.neighbours=0"])
     loop_cfg = with_overrides(config_from_dict({"method": "gfmfr"}), [*LOOP, "model.latent_dim=8", "aggregation.neighbours=8"])
     sections = (
         ("1. Crafted broadcast (FedRAP, masking, complete graph)", lambda: broadcast_section(broadcast_cfg, split, cohort, args.repeats)),

@@ -23,16 +23,14 @@ count phase's transcript (``masking``) or the key holder's release (``ckks``): t
 refused and the round releases nothing.
 
 :func:`centroid_attack` runs this server inside :func:`gfmfr_secure.simulation.loop.run_federated`
-(two rounds: it learns the features in round 0 and isolates the target in round 1) by
-replacing the server's centroid update and, when lying, the counts it reports.
+(two rounds: it learns the features in round 0 and isolates the target in round 1) as an
+:class:`~gfmfr_secure.roles.active.ActiveServer` that replaces the server's centroid update
+and, when lying, the counts it reports.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import ExitStack
 from typing import Any
-from unittest import mock
 
 import numpy as np
 from scipy.optimize import linprog
@@ -40,7 +38,9 @@ from scipy.optimize import linprog
 from attacks.active.harness import target_inference
 from attacks.active.unmasking import ProtocolRound
 from gfmfr_secure.data import InteractionData, Split
+from gfmfr_secure.roles.active import ActiveServer
 from gfmfr_secure.simulation import loop
+from gfmfr_secure.simulation.group_floor import count_phase
 from gfmfr_secure.types import AdversaryView, CohortUpdate
 
 __all__ = ["centroid_attack", "count_phase_round", "isolable_fraction", "isolating_centroids", "lying_counts"]
@@ -136,22 +136,19 @@ def centroid_attack(
         position = int(np.flatnonzero(last.clients == state["target"])[0])
         return isolating_centroids(features, position, cfg.grouping.num_groups, trap=trap)
 
-    real_count_phase: Callable[..., Any] = loop.count_phase
-
     def lying_count_phase(*args: Any, **kwargs: Any) -> tuple[np.ndarray, dict[str, float]]:
-        counts, cost = real_count_phase(*args, **kwargs)
+        counts, cost = count_phase(*args, **kwargs)
         return lying_counts(counts, trap, cfg.grouping.min_group_size), cost
 
+    def no_merge(counts: np.ndarray, centroids: np.ndarray | None, floor: int) -> np.ndarray:
+        return np.arange(len(counts))
+
+    server = ActiveServer(
+        centroid_step=crafted_centroids, merge_groups=None if floor_on else no_merge, count_phase=lying_count_phase if lie else None,
+        counts_checked=counts_checked,
+    )
     views: list[AdversaryView] = []
-    with ExitStack() as stack:
-        stack.enter_context(mock.patch.object(loop, "_update_centroids", crafted_centroids))
-        if lie:
-            stack.enter_context(mock.patch.object(loop, "count_phase", lying_count_phase))
-        if not floor_on:
-            stack.enter_context(mock.patch.object(loop, "merge_small_groups", lambda counts, centroids, floor: np.arange(len(counts))))
-        if not counts_checked:
-            stack.enter_context(mock.patch.object(loop, "check_reported_counts", lambda *a, **k: None))
-        run = loop.run_federated(cfg, data, split, progress=False, upload_hook=hook, callbacks=[views.append], participants=participants)
+    run = loop.run_federated(cfg, data, split, progress=False, upload_hook=hook, callbacks=[views.append], participants=participants, active_server=server)
     refused = run.history[1].get("refused")
     if refused is not None:  # nothing was released in round 1
         return {"refused": refused, "target": state["target"], "isolable": state["isolable"], "isolated": False}

@@ -142,7 +142,8 @@ class InProcessClients:
         self.trained = 0
         self.population = 0
         self.last: dict[str, Any] = {}
-        #: the count phase as the server runs it and the clients' check of its counts (None: the honest ones)
+        #: the count phase as the server runs it and the clients' check of its counts (None: the honest ones;
+        #: active-server experiments set them through roles.active.ActiveServer)
         self.count_phase: Callable[..., Any] | None = None
         self.check_counts: Callable[..., Any] | None = None
 

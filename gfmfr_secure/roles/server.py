@@ -212,7 +212,8 @@ class FederatedServer:
     on_round_end : called with ``(t, stop)`` after each round's record is in ``history``
         (checkpoints).
     centroid_step, merge_groups : replace :func:`_update_centroids` and
-        :func:`~gfmfr_secure.server.grouping.merge_small_groups` (active-server experiments).
+        :func:`~gfmfr_secure.server.grouping.merge_small_groups` (active-server experiments set
+        them through :class:`~gfmfr_secure.roles.active.ActiveServer`).
     """
 
     cfg: Any

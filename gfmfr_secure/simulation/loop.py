@@ -24,13 +24,14 @@ from typing import Any
 
 import numpy as np
 
-from gfmfr_secure.client.checks import check_reported_counts
 from gfmfr_secure.client.state import ClientStateStore
 from gfmfr_secure.data import Split
+from gfmfr_secure.models import get_backbone  # bench_round scores with it
+from gfmfr_secure.roles.active import ActiveServer
 from gfmfr_secure.roles.client import ClientNode, check_finite, oblivious_groups
 from gfmfr_secure.roles.inprocess import InProcessClients, counted_groups, deliver_broadcast
-from gfmfr_secure.roles.server import COUNT_TOLERANCE, FederatedServer, RoundRelease, ServerData, _update_centroids, evaluation_sample, releasable
-from gfmfr_secure.server.grouping import SERVER_GROUPING, merge_small_groups
+from gfmfr_secure.roles.server import COUNT_TOLERANCE, FederatedServer, RoundRelease, ServerData, evaluation_sample, releasable
+from gfmfr_secure.server.grouping import SERVER_GROUPING
 from gfmfr_secure.server.step import ServerState
 from gfmfr_secure.simulation.checkpoint import (
     Checkpointer,
@@ -42,24 +43,11 @@ from gfmfr_secure.simulation.checkpoint import (
     selector_state,
     set_global_rng_state,
 )
-from gfmfr_secure.simulation.group_floor import count_phase
 from gfmfr_secure.types import AdversaryView, Exposure
 
-# Looked up here by the benchmarks (bench_round scores with get_backbone; bench_scale's phase
-# timer wraps these names); the roles hold their own references, so wrapping them here no
-# longer times those phases.
-from gfmfr_secure.aggregation import get_aggregator  # noqa: E402, F401  isort: skip
-from gfmfr_secure.client.cohort import train_cohort  # noqa: E402, F401  isort: skip
-from gfmfr_secure.data.negatives import sample_training  # noqa: E402, F401  isort: skip
-from gfmfr_secure.metrics import evaluate_ranking  # noqa: E402, F401  isort: skip
-from gfmfr_secure.models import get_backbone  # noqa: E402, F401  isort: skip
-from gfmfr_secure.server.grouping import group_clients  # noqa: E402, F401  isort: skip
-from gfmfr_secure.server.step import apply_fedavg_, update_teacher_  # noqa: E402, F401  isort: skip
-from gfmfr_secure.simulation.dp import clip_upload  # noqa: E402, F401  isort: skip
-
 __all__ = [
-    "COUNT_TOLERANCE", "SERVER_GROUPING", "FederatedRun", "RoundCallback", "check_finite", "counted_groups", "deliver_broadcast",
-    "evaluation_users", "oblivious_groups", "releasable", "run_federated",
+    "COUNT_TOLERANCE", "SERVER_GROUPING", "ActiveServer", "FederatedRun", "RoundCallback", "check_finite", "counted_groups", "deliver_broadcast",
+    "evaluation_users", "get_backbone", "oblivious_groups", "releasable", "run_federated",
 ]
 
 RoundCallback = Callable[[AdversaryView], None]
@@ -93,6 +81,7 @@ def run_federated(
     checkpoint: Checkpointer | None = None,
     resume: LoopState | None = None,
     label: str | None = None,
+    active_server: ActiveServer | None = None,
 ) -> FederatedRun:
     """Train a federated recommender as configured and score it.
 
@@ -113,14 +102,15 @@ def run_federated(
         ``cfg`` and the data must be those it was saved with.
     label : the progress bar's label (default: the method). The bar is drawn only when
         ``progress`` and stderr is a terminal.
+    active_server : the steps a simulated malicious server replaces (security experiments);
+        None: an honest server.
     """
     log = logger or logging.getLogger("gfmfr_secure")
     server = FederatedServer(cfg, ServerData.of(data, split.n_users, split.n_items), logger=log, participants=participants)
     node = ClientNode(cfg, split, np.arange(split.n_users, dtype=np.int64))
     clients = InProcessClients(cfg, node, upload_hook=upload_hook)
-    # the server's and the protocol's steps an active-server experiment replaces in this module (attacks/active)
-    server.centroid_step, server.merge_groups = _update_centroids, merge_small_groups
-    clients.count_phase, clients.check_counts = count_phase, check_reported_counts
+    if active_server is not None:
+        active_server.install(server, clients)
     server.meet(clients)
     start, stopped = 0, False
     if resume is not None:

@@ -43,7 +43,7 @@ def _cfg(method: str, *extra: str):
 
 def _broadcast_cfg(*extra: str):
     """FedRAP as configured by default (5 local epochs), d = 16, masking over the complete graph."""
-    return with_overrides(config_from_dict({"method": "fedrap"}), ["model.latent_dim=16", "aggregation.backend=masking", "aggregation.neighbours=0", *extra])
+    return with_overrides(config_from_dict({"method": "fedrap"}), ["distill.enabled=false", "model.latent_dim=16", "aggregation.backend=masking", "aggregation.neighbours=0", *extra])
 
 
 @pytest.fixture(scope="module")
@@ -242,7 +242,7 @@ def test_a_cohort_of_the_target_alone_releases_nothing(tiny_synthetic, split) ->
         assert run.history[1]["skipped"] == "cohort below grouping.min_group_size"
         assert [v.round for v in views if v.observer == "server"] == [0]
         views.clear()
-        run = loop.run_federated(_cfg("fedrap", "grouping.method=none"), tiny_synthetic, split, progress=False, callbacks=[views.append])
+        run = loop.run_federated(_cfg("mm-fedrap", "grouping.method=none"), tiny_synthetic, split, progress=False, callbacks=[views.append])
         assert run.history[1]["skipped"] == "cohort below grouping.min_group_size"
         assert [v.round for v in views if v.observer == "server"] == [0]
 

@@ -20,7 +20,9 @@ from gfmfr_secure.data import leave_one_out
 from gfmfr_secure.errors import ConfigError
 from gfmfr_secure.roles import inprocess as transport
 from gfmfr_secure.roles import server as server_role
+from gfmfr_secure.roles.active import ActiveServer
 from gfmfr_secure.simulation import loop
+from gfmfr_secure.simulation.group_floor import count_phase
 
 SMALL = [
     "train.rounds=2", "train.local_epochs=1", "train.batch_size=16", "train.lr=0.05", "train.item_lr_scale=20",
@@ -65,7 +67,7 @@ def _crafted_for_target(real):
 def test_target_refuses_an_inconsistent_broadcast_in_the_loop(tiny_synthetic, split, backend: str) -> None:
     """The target alone received another broadcast: no neighbour attests it, so the target neither trains
     nor uploads; with the check bypassed it takes part in every round."""
-    cfg = _cfg("fedrap", f"aggregation.backend={backend}", "grouping.method=none", "train.rounds=1")
+    cfg = _cfg("mm-fedrap", f"aggregation.backend={backend}", "grouping.method=none", "train.rounds=1")
     views = []
     with mock.patch.object(transport, "deliver_broadcast", _crafted_for_target(transport.deliver_broadcast)):
         run = loop.run_federated(cfg, tiny_synthetic, split, progress=False, callbacks=[views.append])
@@ -92,10 +94,8 @@ def test_honest_broadcast_is_never_refused(tiny_synthetic, split) -> None:
 
 def _lying_count_phase(floor: int):
     """A server that reports every group's count as at least the floor, so that no group is merged."""
-    real = loop.count_phase
-
     def lie(*args, **kwargs):
-        counts, cost = real(*args, **kwargs)
+        counts, cost = count_phase(*args, **kwargs)
         for g in range(counts.size):
             counts = lying_counts(counts, g, floor)
         return counts, cost
@@ -112,14 +112,14 @@ def test_lying_counts_are_refused_in_the_loop(tiny_synthetic, split, backend: st
     honest = loop.run_federated(cfg, tiny_synthetic, split, progress=False)
     assert honest.history[0]["group_sizes"] == [60.0, 0.0, 0.0]  # every group below 40: merged into one
     views = []
-    with mock.patch.object(loop, "count_phase", _lying_count_phase(40)), mock.patch.object(loop, "check_reported_counts", lambda *a, **k: None):
-        lied = loop.run_federated(cfg, tiny_synthetic, split, progress=False, callbacks=[views.append])
+    lied = loop.run_federated(
+        cfg, tiny_synthetic, split, progress=False, callbacks=[views.append], active_server=ActiveServer(count_phase=_lying_count_phase(40), counts_checked=False)
+    )
     counts = next(v for v in views if v.observer == "server").received["group_counts"].double().numpy()
     assert 0.5 < counts[0] < 40 - 0.5  # a group below the floor released: the lie worked
     assert lied.history[0]["group_sizes"][0] == pytest.approx(counts[0], abs=1e-3)
     views.clear()
-    with mock.patch.object(loop, "count_phase", _lying_count_phase(40)):
-        checked = loop.run_federated(cfg, tiny_synthetic, split, progress=False, callbacks=[views.append])
+    checked = loop.run_federated(cfg, tiny_synthetic, split, progress=False, callbacks=[views.append], active_server=ActiveServer(count_phase=_lying_count_phase(40)))
     assert checked.history[0]["skipped"] == "clients refused the round"
     assert "reported 40 clients in group 0" in checked.history[0]["refused"]
     assert _server_rounds(views) == [] and checked.metrics["privacy"]["client_checks"]["refused_rounds"] == 1
@@ -153,7 +153,7 @@ def test_a_cohort_of_two_is_not_released_without_oblivious_grouping(tiny_synthet
     """FedRAP under a secure backend: the floor now covers every secure sum (round 1 releases nothing);
     a server that ignores the floor meets the clients' check_round_parameters; with both bypassed the
     sum of the 2 clients is released."""
-    cfg = _cfg("fedrap", f"aggregation.backend={backend}", "grouping.method=none")
+    cfg = _cfg("mm-fedrap", f"aggregation.backend={backend}", "grouping.method=none")
     views = []
     with mock.patch.object(server_role, "sample_cohort", _two_in_round_1()):
         run = loop.run_federated(cfg, tiny_synthetic, split, progress=False, callbacks=[views.append])
@@ -169,6 +169,6 @@ def test_a_cohort_of_two_is_not_released_without_oblivious_grouping(tiny_synthet
 
 
 def test_a_secure_run_with_fewer_eligible_clients_than_the_floor_is_refused(tiny_synthetic, split) -> None:
-    cfg = _cfg("fedrap", "aggregation.backend=masking", "grouping.method=none", "grouping.min_group_size=10")
+    cfg = _cfg("mm-fedrap", "aggregation.backend=masking", "grouping.method=none", "grouping.min_group_size=10")
     with pytest.raises(ConfigError, match="min_group_size=10 exceeds the 5 clients.*secure sum"):
         loop.run_federated(cfg, tiny_synthetic, split, progress=False, participants=np.arange(5))

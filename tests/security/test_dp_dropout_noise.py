@@ -38,7 +38,7 @@ def _setup():
     cfg = with_overrides(
         config_from_dict({"method": "gfmfr"}),
         ["privacy.mechanism=distributed", "privacy.noise_multiplier=1.0", "privacy.clip=1.0", "aggregation.backend=masking",
-         "aggregation.dropout=0.3", "aggregation.neighbours=0"],
+         "aggregation.dropout=0.3", "aggregation.neighbours=0", "grouping.method=oblivious"],
     )
     dp = UserLevelDP.from_config(cfg.privacy, sample_rate=1.0, rounds=10, expected_clients=N_CLIENTS)
     backend = get_aggregator("masking", settings=cfg.aggregation, seed=3)

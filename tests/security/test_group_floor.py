@@ -19,7 +19,7 @@ from gfmfr_secure.data import leave_one_out, make_synthetic
 from gfmfr_secure.errors import ConfigError
 from gfmfr_secure.server.grouping import merge_small_groups
 from gfmfr_secure.roles import client as client_role
-from gfmfr_secure.simulation import loop
+from gfmfr_secure.roles.active import ActiveServer
 from gfmfr_secure.simulation.loop import run_federated
 
 SMALL = [
@@ -69,8 +69,8 @@ def _attack(monkeypatch, tiny_synthetic, backend: str, floor_on: bool) -> tuple[
     round 1, the released group counts and the gap between each group sum and the victim's update."""
     split = leave_one_out(tiny_synthetic)
     monkeypatch.setattr(client_role, "nearest_centroid", _trap_nearest_centroid)
-    if not floor_on:  # the old behaviour: every group is released whatever its size
-        monkeypatch.setattr(loop, "merge_small_groups", lambda counts, centroids, floor: np.arange(len(counts)))
+    # without the floor (the old behaviour) every group is released whatever its size
+    active = None if floor_on else ActiveServer(merge_groups=lambda counts, centroids, floor: np.arange(len(counts)))
     victim: dict[str, torch.Tensor] = {}
 
     def capture(upload, t):
@@ -82,7 +82,7 @@ def _attack(monkeypatch, tiny_synthetic, backend: str, floor_on: bool) -> tuple[
         return upload
 
     views = []
-    run_federated(_cfg(f"aggregation.backend={backend}"), tiny_synthetic, split, progress=False, upload_hook=capture, callbacks=[views.append])
+    run_federated(_cfg(f"aggregation.backend={backend}"), tiny_synthetic, split, progress=False, upload_hook=capture, callbacks=[views.append], active_server=active)
     server = [v for v in views if v.observer == "server" and v.round == 1]
     assert server, "round 1 released nothing"
     received = server[0].received
