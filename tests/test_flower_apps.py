@@ -66,6 +66,60 @@ def test_secure_backends_are_refused_by_name(ml100k_dir: Path) -> None:
         check_supported(cfg)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ("privacy.mechanism=distributed", "sqrt\\(K\\)"),
+        ("privacy.mechanism=dpsgd", "accountant events"),
+        ("privacy.adaptive_clip=true", "clipped-count query"),
+        ("privacy.mechanism=local grouping.method=spectral", "single block"),
+    ],
+)
+def test_dp_settings_flower_does_not_carry_are_refused_by_name(ml100k_dir: Path, overrides: str, match: str) -> None:
+    extra = " train.weighting=uniform" if "dpsgd" in overrides else ""
+    cfg = experiment_config({"config": "configs/privacy/eps-8.yaml", "overrides": overrides + extra}, data=str(ml100k_dir))
+    with pytest.raises(ConfigError, match=match):
+        check_supported(cfg)
+
+
+#: GFMFR made small for speed (d=16, one fusion epoch, 30% cohorts, 2 rounds)
+_SMALL_GFMFR = "train.rounds=2 model.latent_dim=16 fusion.server_epochs=1 train.client_fraction=0.3 seed=5"
+#: a fixed noise multiplier (no calibration in every ClientApp call) and noise that follows from the seed
+_SMALL_DP = _SMALL_GFMFR + " secrets=reproducible privacy.noise_multiplier=1.0"
+
+
+@pytest.mark.slow
+@pytest.mark.dataset
+@pytest.mark.parametrize(
+    ("config", "overrides", "nodes_sum"),
+    [
+        ("configs/gfmfr.yaml", _SMALL_GFMFR + " grouping.method=oblivious", True),  # the count phase goes to the nodes
+        ("configs/gfmfr.yaml", _SMALL_GFMFR, False),  # the paper's spectral grouping by the server
+        ("configs/privacy/eps-8.yaml", _SMALL_DP, False),  # central DP, oblivious: count phase and sums released by the server
+        ("configs/privacy/eps-8.yaml", _SMALL_DP + " grouping.method=spectral", False),  # central DP noised by the server
+        ("configs/privacy/eps-8.yaml", _SMALL_DP + " privacy.mechanism=local", True),  # the clients' shares are summed on the nodes
+    ],
+    ids=["gfmfr-oblivious", "gfmfr-spectral", "central-oblivious", "central-spectral", "local-oblivious"],
+)
+def test_gfmfr_and_user_level_dp_give_the_in_process_metrics(ml100k_dir: Path, tmp_path: Path, config: str, overrides: str, nodes_sum: bool) -> None:
+    """GFMFR and the central and local DP mechanisms over 3 partitions: val and test metrics of ``run_federated`` within 1e-6."""
+    from gfmfr_secure.simulation.loop import run_federated
+    from gfmfr_secure.simulation.runner import prepare_data
+
+    rc = {"config": config, "overrides": overrides, "data": str(ml100k_dir), "out": str(tmp_path), "name": "run", "min-nodes": 3}
+    grid = LocalGrid(rc, _nodes(3, ml100k_dir), tmp_path / "state")
+    with task_identity():
+        metrics, _ = run_server(grid, rc)
+    cfg = experiment_config(rc)
+    data, split = prepare_data(cfg)
+    expected = run_federated(cfg, data, split, progress=False).metrics
+    for which in ("val", "test"):
+        assert set(metrics[which]) == set(expected[which])
+        worst = max(abs(metrics[which][k] - expected[which][k]) for k in expected[which])
+        assert worst <= 1e-6, (which, worst)
+    assert ("query.aggregate" in {kind for _, kind, _ in grid.calls}) == nodes_sum
+
+
 @pytest.mark.slow
 @pytest.mark.dataset
 def test_three_nodes_give_the_in_process_metrics_and_a_silent_node_is_dropped(ml100k_dir: Path, tmp_path: Path) -> None:

@@ -141,13 +141,35 @@ def check_supported(cfg: Any) -> None:
     ------
     ConfigError
         For a secure aggregation backend (masking and CKKS run as one protocol among all
-        cohort members; across SuperNodes that protocol is not built) and for record-level
-        DP-SGD (its accountant's per-client events are not kept between messages).
+        cohort members; across SuperNodes that protocol is not built); for record-level
+        DP-SGD (its accountant's per-client events are not kept between messages); for
+        distributed DP (each node sizes its clients' noise shares for the uploads it
+        holds, not for the cohort); for central DP with adaptive clipping (the clients'
+        clipped-count query is not collected); and for local DP under server-side
+        grouping (its shares phase fails in process too).
     """
     if cfg.aggregation.backend != "plain":
         raise ConfigError(
             f"aggregation.backend={cfg.aggregation.backend!r} over Flower is not built: the secure protocols run among "
             "all cohort members as one exchange, which needs their messages relayed between SuperNodes; use aggregation.backend=plain"
         )
-    if cfg.privacy.mechanism == "dpsgd":
+    pc = cfg.privacy
+    if pc.mechanism == "dpsgd":
         raise ConfigError("privacy.mechanism=dpsgd over Flower is not built (the per-client accountant events are not kept between messages)")
+    if pc.mechanism == "distributed":
+        raise ConfigError(
+            "privacy.mechanism=distributed over Flower is not built: each SuperNode sizes its clients' noise shares for the "
+            "uploads it holds (share std sigma*Delta/sqrt(n_node) instead of sigma*Delta/sqrt(n_cohort)), so K nodes release noise "
+            "about sqrt(K) times the calibrated std; use privacy.mechanism=central or local"
+        )
+    if pc.mechanism == "central" and pc.adaptive_clip:
+        raise ConfigError(
+            "privacy.mechanism=central with privacy.adaptive_clip over Flower is not built: the server releases the sums "
+            "itself and does not collect the clients' clipped-count query (their norms stay on the SuperNodes); set privacy.adaptive_clip=false"
+        )
+    if pc.mechanism == "local" and cfg.distill.enabled and cfg.grouping.method in ("spectral", "kmeans"):
+        raise ConfigError(
+            f"privacy.mechanism=local with grouping.method={cfg.grouping.method} is not supported over Flower: the clients' "
+            "noise shares are summed into a single block and cannot land in the groups the server chose (the in-process run "
+            "fails with an IndexError too); use grouping.method=oblivious"
+        )

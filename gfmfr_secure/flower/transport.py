@@ -14,20 +14,25 @@ Under the plain backend the nodes' uploads reach the server client by client; wi
 user-level DP the sum of a round is then computed here over the merged uploads with the
 backend's own code (see :meth:`FlowerClients._plain_sum`): no second message, and the
 floats add in the order of the in-process run (per-node partial sums added afterwards
-would round differently). Every other sum request goes to the nodes holding uploads and
-their partial sums are added (:func:`~gfmfr_secure.roles.messages.merge_sum_replies`).
+would round differently). Under central DP with a fixed clip the count phase and the
+noised sums are released here too (:meth:`FlowerClients._central_release`): the noise is
+one draw, which the nodes would each add again. Every other sum request (local DP: the
+clients' own noise shares) goes to the nodes holding uploads and their partial sums are
+added (:func:`~gfmfr_secure.roles.messages.merge_sum_replies`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
+import torch
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
@@ -57,6 +62,11 @@ __all__ = ["FlowerClients", "DROPOUT_CODES"]
 DROPOUT_CODES = frozenset({3, 4, 5})  # MESSAGE_UNAVAILABLE, REPLY_MESSAGE_UNAVAILABLE, NODE_UNAVAILABLE
 
 R = TypeVar("R")
+
+#: the transport's copy of the clients' DP plan: its warnings are the server's to log
+_QUIET = logging.getLogger("gfmfr_secure.flower.transport.quiet")
+_QUIET.addHandler(logging.NullHandler())
+_QUIET.propagate = False
 
 
 class FlowerClients:
@@ -91,6 +101,10 @@ class FlowerClients:
         self._merged: Upload | None = None
         self._sent: dict[int, int] = {}  # requests sent to each node: the next one's sequence number
         self._round = -1
+        self._population = 0
+        self._plan: tuple[int, Any] | None = None  # (population, user-level DP plan) of a central-DP run
+        #: central DP with a fixed clip: the plain sums and the count phase are released here (see _central_release)
+        self.central_here = self.per_client and cfg.privacy.mechanism == "central" and not cfg.privacy.adaptive_clip
 
     # ------------------------------------------------------------------ exchange
 
@@ -150,7 +164,7 @@ class FlowerClients:
 
     def train(self, msg: Broadcast) -> Upload:
         t = int(msg.round)
-        self._round = t
+        self._round, self._population = t, int(msg.population)
         replies = self._exchange("train", "train", msg, list(self.nodes), t, lambda c: get_message(c, "reply", Upload), users=msg.cohort)
         self._uploaded = replies
         self._merged = None
@@ -167,8 +181,10 @@ class FlowerClients:
 
     def aggregate(self, msg: SumRequest) -> SumReply:
         t = int(msg.round)
-        if self.per_client and msg.phase == "sums" and msg.central is None and math.isinf(float(msg.clip)) and self._merged is not None:
+        if self._merged is not None and msg.phase == "sums" and msg.central is None and math.isinf(float(msg.clip)):
             return self._plain_sum(msg, self._merged)
+        if self._merged is not None and self.central_here and msg.phase in ("count", "sums"):
+            return self._central_release(msg, self._merged)
         nodes = [n for n in self.nodes if n in self._uploaded and len(self._uploaded[n])]
         replies = self._exchange("aggregate", "query.aggregate", msg, nodes, t, lambda c: get_message(c, "reply", SumReply))
         if not replies:
@@ -177,7 +193,58 @@ class FlowerClients:
         self.log[-1]["clients_answered"] = int(sum(r.n_clients for r in parts))
         return merge_sum_replies(parts)
 
-    def _plain_sum(self, msg: SumRequest, up: Upload) -> SumReply:
+    def _dp_plan(self) -> Any:
+        """The clients' user-level DP plan for this run's eligible population (as :meth:`ClientNode.dp_plan` makes it)."""
+        from gfmfr_secure.simulation.dp import plan_privacy
+
+        if self._plan is None or self._plan[0] != self._population:  # its warnings are the server's own plan's to log
+            self._plan = (self._population, plan_privacy(self.cfg, self._population, logger=_QUIET))
+        return self._plan[1]
+
+    def _head_size(self) -> int:
+        """H: the shared head's length (0 under a private head), as the release layout counts it."""
+        from gfmfr_secure.models import get_backbone, init_shared_params
+        from gfmfr_secure.rng import torch_generator
+
+        mc = self.cfg.model
+        if get_backbone(mc.backbone).private_head:
+            return 0
+        template = init_shared_params(1, mc.latent_dim, torch_generator(int(self.cfg.seed), "init", "shared"), mc.item_init_std, scorer=mc.scorer, user_std=mc.user_init_std)
+        return int(template.head_flat().numel())
+
+    def _central_release(self, msg: SumRequest, up: Upload) -> SumReply:
+        """Central DP under the plain backend: the count phase or the noised sums, released here.
+
+        The server holds every clipped upload (plain), and under central DP the noise is
+        one draw by the releasing party, not the clients' shares. Asking the nodes would add
+        the draw once per node (each adds ``msg.central``, and each the count phase's) and
+        add per-node partial sums whose floats round differently from the in-process sum.
+        So both are computed here over the merged uploads, with the code the in-process
+        clients run (:func:`~gfmfr_secure.simulation.group_floor.count_phase`,
+        ``aggregate(noise=ReleaseNoise(...))``); the count phase's central draw uses the
+        clients' key ``dp-count-central`` of a :class:`~gfmfr_secure.rng.SecretSource`
+        built from the config, as each node's is.
+        """
+        from gfmfr_secure.privacy.release import ReleaseLayout, ReleaseNoise
+        from gfmfr_secure.rng import SecretSource
+        from gfmfr_secure.simulation.group_floor import count_phase
+
+        t = int(msg.round)
+        dp = self._dp_plan()
+        dp.clip = float(msg.clip)
+        if msg.phase == "count":
+            counts, cost = count_phase(self.aggregator, up.as_update(), up.group, int(msg.n_groups), dp, SecretSource(self.cfg.secrets, int(self.cfg.seed)), t)
+            return SumReply(
+                round=t, phase="count", refused="", n_clients=len(up), weight_total=0.0, item_sum=np.zeros((0, 0), dtype=np.float32), head_sum=None,
+                group_counts=counts.astype(np.float32), group_item_sum=None, group_head_sum=None, share_sum=None, unclipped_query=0.0, cost=json.dumps(cost),
+            )
+        noise = None
+        if msg.central is not None:
+            layout = ReleaseLayout(int(msg.n_groups), self.n_items, int(self.cfg.model.latent_dim), self._head_size(), dp.count_value, write_count=bool(msg.write_count))
+            noise = ReleaseNoise(layout, torch.from_numpy(np.array(msg.central)), None)
+        return self._plain_sum(msg, up, noise)
+
+    def _plain_sum(self, msg: SumRequest, up: Upload, noise: Any = None) -> SumReply:
         """The plain backend's sum of the merged uploads ``up``, computed here (no message to the nodes).
 
         The plain backend releases every upload as it is, so the server holds them after
@@ -185,7 +252,9 @@ class FlowerClients:
         nodes would do on a sum request is done by message instead: under a grouped
         release each client commits the group it is summed in (an :class:`Assignment`
         sent with the next request), and without user-level clipping (clip = inf) every
-        client's count query ``b_i - 1/2`` is ``+1/2``.
+        client's count query ``b_i - 1/2`` is ``+1/2``. ``noise``: the central DP draw
+        (:meth:`_central_release`), None without DP; the count query is then not collected
+        (central DP with a fixed clip does not read it).
         """
         update = up.as_update()
         groups = None
@@ -194,7 +263,7 @@ class FlowerClients:
             update = dataclasses.replace(update, group=groups)
             self._queue(Assignment(round=int(msg.round), clients=up.clients, groups=np.asarray(groups, dtype=np.int64)))
         weights = up.n_samples.astype(np.float64) if msg.weighting == "samples" else np.ones(len(up))
-        agg = self.aggregator.aggregate(update, n_items=self.n_items, weights=weights, groups=groups, n_groups=int(msg.n_groups), noise=None)
+        agg = self.aggregator.aggregate(update, n_items=self.n_items, weights=weights, groups=groups, n_groups=int(msg.n_groups), noise=noise)
 
         def arr(x: Any) -> np.ndarray | None:
             return None if x is None else x.detach().float().numpy()
@@ -203,7 +272,7 @@ class FlowerClients:
             "round": int(msg.round), "phase": "sums", "refused": "", "n_clients": int(agg.n_clients), "weight_total": float(agg.weight_total),
             "item_sum": arr(agg.item_sum), "head_sum": arr(agg.head_sum), "group_counts": arr(agg.group_counts),
             "group_item_sum": arr(agg.group_item_sum), "group_head_sum": arr(agg.group_head_sum), "share_sum": None,
-            "unclipped_query": 0.5 * len(up), "cost": json.dumps(dict(self.aggregator.last_cost)),
+            "unclipped_query": 0.5 * len(up) if noise is None else 0.0, "cost": json.dumps(dict(self.aggregator.last_cost)),
         }
         names = {f.name for f in dataclasses.fields(SumReply)}
         if "per_client" in names and agg.per_client is not None:
