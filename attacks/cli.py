@@ -486,7 +486,7 @@ def _cmd_table(args: argparse.Namespace) -> int:
         def cell(key: str, agg: dict[str, Any] = agg) -> str:
             if key not in agg:
                 return "-"
-            n = agg[key]["n"]
+            n = int(agg[key]["n"])
             of = f" ({n} of {len(args.seeds)} seeds)" if n < len(args.seeds) else ""
             return (f"{agg[key]['mean']:.3f} ± {agg[key]['std']:.3f}" if n > 1 else f"{agg[key]['mean']:.3f}") + of
 
