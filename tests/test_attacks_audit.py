@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import attacks.cli as attack_cli
-import gfmfr_secure.roles.server as server_role
+import gfmfr_secure.privacy.release as release_mod
 from attacks.audit import one_run_attainable_epsilon, one_run_audit, one_run_epsilon_lower_bound, one_run_p_value
 from attacks.canary_audit import AuditPowerWarning, gradient_canary_audit
 from gfmfr_secure.cli import main
@@ -80,8 +80,8 @@ def test_audit_catches_ten_times_too_little_noise(synthetic_load, tmp_path, monk
     ok = json.loads((tmp_path / "ok" / "audit.json").read_text())[0]
     assert ok["passed"] and ok["can_fail"] and ok["eps_lower"] <= ok["eps_claimed"] <= 1.0
 
-    real = server_role.central_noise
-    monkeypatch.setattr(server_role, "central_noise", lambda layout, std, key: real(layout, std / 10.0, key))
+    real = release_mod.central_noise  # every releasing party's draw (Release.central)
+    monkeypatch.setattr(release_mod, "central_noise", lambda layout, std, key: real(layout, std / 10.0, key))
     assert main([*args, "--out", str(tmp_path / "weak")]) == 1
     text = (tmp_path / "weak" / "audit.json").read_text()
     assert "NaN" not in text

@@ -26,14 +26,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
-from gfmfr_secure.rng import secret_normal
+from gfmfr_secure.rng import SecretSource, secret_normal
 from gfmfr_secure.types import AggregateResult
 
-__all__ = ["NoiseShares", "ReleaseLayout", "ReleaseNoise", "central_noise", "noise_release"]
+__all__ = ["NoiseShares", "Release", "ReleaseLayout", "ReleaseNoise", "central_noise", "noise_release"]
 
 
 @dataclass(frozen=True)
@@ -201,3 +202,45 @@ class ReleaseNoise:
         if self.shares is not None:
             out += self.shares.sum_by_group()
         return out
+
+
+@dataclass(frozen=True)
+class Release:
+    """Who adds which DP noise to one released vector, for the configured user-level mechanism.
+
+    ``central``: the releasing party (the server that forms or receives the sums under
+    ``plain``, the key holder under ``ckks``; ``masking`` is refused by
+    :func:`gfmfr_secure.config_rules.validate`) draws std ``sigma * Delta`` per coordinate
+    (:meth:`central`), the clients add nothing. ``distributed``: each client adds a share
+    (:meth:`shares`) sized so that the honest clients that reach the sum carry all the
+    noise; the releasing party adds nothing. ``local``: each client adds its whole local
+    noise as its share. The stds are the plan's (:meth:`UserLevelDP.central_std`,
+    :meth:`UserLevelDP.share_std`); the keys are ``{kind}-central`` (the releasing party's)
+    and ``{kind}-share`` (the clients') of the round, one ``kind`` per released vector:
+    ``dp`` for a round's sums, ``dp-count`` for the group floor's count phase.
+
+    Attributes
+    ----------
+    dp : the run's :class:`~gfmfr_secure.privacy.plan.UserLevelDP`.
+    layout : the released vector's layout.
+    round : round index.
+    kind : the key prefix of this vector's noise.
+    """
+
+    dp: Any
+    layout: ReleaseLayout
+    round: int
+    kind: str = "dp"
+
+    def share_std(self, n_clients: int, min_reporting: int | None = None) -> float:
+        """Std of each client's share when ``n_clients`` upload and at least ``min_reporting`` reach the sum (0: no shares)."""
+        return float(self.dp.share_std(n_clients, min_reporting))
+
+    def central(self, source: SecretSource) -> torch.Tensor:
+        """[G, block] the releasing party's draw (zeros unless the mechanism is ``central``)."""
+        return central_noise(self.layout, self.dp.central_std(), source.key(f"{self.kind}-central", self.round))
+
+    def shares(self, source: SecretSource, clients: np.ndarray, n_clients: int, min_reporting: int | None = None) -> NoiseShares | None:
+        """The shares ``clients`` [n] add to their uploads, or None when the clients add no noise."""
+        std = self.share_std(n_clients, min_reporting)
+        return NoiseShares(source.key(f"{self.kind}-share", self.round), self.round, clients, std, self.layout) if std > 0 else None

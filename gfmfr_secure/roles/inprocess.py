@@ -24,7 +24,7 @@ import torch
 from gfmfr_secure.aggregation import get_aggregator
 from gfmfr_secure.client.checks import ClientRefusal, broadcast_digest, broadcast_refusals, check_reported_counts, verify_count_evidence
 from gfmfr_secure.errors import ConfigError
-from gfmfr_secure.privacy.release import NoiseShares, ReleaseLayout, ReleaseNoise
+from gfmfr_secure.privacy.release import Release, ReleaseLayout, ReleaseNoise
 from gfmfr_secure.rng import SecretSource
 from gfmfr_secure.roles.client import ClientNode
 from gfmfr_secure.roles.messages import (
@@ -207,9 +207,10 @@ class InProcessClients:
             return _reply(t, "count", AggregateResult(n_clients=len(upload), weight_total=0.0, item_sum=torch.zeros(0, 0), head_sum=None, group_counts=torch.from_numpy(counts)), cost=cost)
         if msg.phase == "shares":
             layout = ReleaseLayout(1, self.n_items, self.d, self.head_size, dp.count_value)
-            shares = NoiseShares(self.secrets.key("dp-share", t), t, upload.clients, dp.share_std(self.trained), layout)
+            shares = Release(dp, layout, t).shares(self.secrets, upload.clients, self.trained)
             self.last["shares"] = shares
-            return _reply(t, "shares", share_sum=shares.sum_by_group(msg.labels))
+            share_sum = torch.zeros(layout.shape) if shares is None else shares.sum_by_group(msg.labels)
+            return _reply(t, "shares", share_sum=share_sum)
         groups = None
         if msg.grouped:
             groups = upload.group if msg.merge is None else msg.merge[upload.group]  # each client maps its own choice
@@ -219,8 +220,7 @@ class InProcessClients:
         noise = None
         if msg.central is not None:
             layout = ReleaseLayout(int(msg.n_groups), self.n_items, self.d, self.head_size, dp.count_value, write_count=bool(msg.write_count))
-            share_std = dp.share_std(len(upload), self.aggregator.min_reporting(len(upload)))
-            shares = NoiseShares(self.secrets.key("dp-share", t), t, upload.clients, share_std, layout) if share_std > 0 else None
+            shares = Release(dp, layout, t).shares(self.secrets, upload.clients, len(upload), self.aggregator.min_reporting(len(upload)))
             self.last["shares"] = shares
             noise = ReleaseNoise(layout, torch.from_numpy(np.array(msg.central)), shares)
         try:

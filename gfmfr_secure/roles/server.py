@@ -27,7 +27,7 @@ from gfmfr_secure import schedules
 from gfmfr_secure.aggregation import AGGREGATORS, group_sums
 from gfmfr_secure.errors import ConfigError, DataError
 from gfmfr_secure.models import SharedParams, get_backbone, init_shared_params
-from gfmfr_secure.privacy.release import ReleaseLayout, central_noise, noise_release
+from gfmfr_secure.privacy.release import Release, ReleaseLayout, noise_release
 from gfmfr_secure.rng import SecretSource, derive_seed, numpy_rng, secret_normal, torch_generator
 from gfmfr_secure.roles.messages import Assignment, Broadcast, EvalReply, EvalRequest, KeepSnapshot, SumReply, SumRequest, Upload
 from gfmfr_secure.roles.transport import Clients
@@ -438,7 +438,7 @@ class FederatedServer:
         central = None
         if dp is not None and not server_grouped:  # groups are the clients' own: noise goes into the backend
             layout = ReleaseLayout(max(n_groups, 1), n_items, d, self.head_size, dp.count_value, write_count=phase_counts is None)
-            central = central_noise(layout, dp.central_std(), self.secrets.key("dp-central", t)).numpy()
+            central = Release(dp, layout, t).central(self.secrets).numpy()  # the clients add their shares (Release.shares)
         reply = clients.aggregate(SumRequest(
             round=t, phase="sums", n_groups=max(n_groups, 1), merge=merge, weighting=tc.weighting, grouped=client_grouped,
             clip=self._clip(), write_count=phase_counts is None, central=central,
@@ -477,8 +477,9 @@ class FederatedServer:
         if dp is not None and server_grouped:
             blocks = n_groups if agg.group_counts is not None else 1
             layout = ReleaseLayout(blocks, n_items, d, self.head_size, dp.count_value)
-            noise = central_noise(layout, dp.central_std(), self.secrets.key("dp-central", t))
-            if dp.share_std(n_up) > 0:  # each client's single-block share lands in the group the server chose
+            release = Release(dp, layout, t)
+            noise = release.central(self.secrets)
+            if release.share_std(n_up) > 0:  # each client's single-block share lands in the group the server chose
                 shares = clients.aggregate(SumRequest(round=t, phase="shares", n_groups=blocks, labels=labels if blocks > 1 else None, clip=self._clip()))
                 noise = noise + torch.from_numpy(shares.share_sum).view(layout.shape)
             agg = noise_release(agg, noise, layout)

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gfmfr_secure.privacy.release import NoiseShares, ReleaseLayout, ReleaseNoise, central_noise
+from gfmfr_secure.privacy.release import Release, ReleaseLayout, ReleaseNoise
 from gfmfr_secure.rng import SecretSource
 from gfmfr_secure.types import CohortUpdate
 
@@ -79,9 +79,9 @@ def count_phase(
     noise = None
     if dp is not None:
         layout = ReleaseLayout(n_groups, 0, d, 0, dp.count_value)  # blocks of one coordinate: the count
-        share_std = dp.share_std(n, aggregator.min_reporting(n))  # shares of dropped clients never arrive
-        shares = NoiseShares(source.key("dp-count-share", round_idx), round_idx, upload.clients, share_std, layout) if share_std > 0 else None
-        noise = ReleaseNoise(layout, central_noise(layout, dp.central_std(), source.key("dp-count-central", round_idx)), shares)
+        release = Release(dp, layout, round_idx, kind="dp-count")
+        shares = release.shares(source, upload.clients, n, aggregator.min_reporting(n))  # shares of dropped clients never arrive
+        noise = ReleaseNoise(layout, release.central(source), shares)
     agg = aggregator.aggregate(counts_only, n_items=0, weights=np.ones(n), groups=np.asarray(groups, dtype=np.int64), n_groups=n_groups, noise=noise)
     return agg.group_counts.double().numpy(), dict(aggregator.last_cost)
 
