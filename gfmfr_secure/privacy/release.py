@@ -96,15 +96,18 @@ class NoiseShares:
         """[G, block] the share of the client at cohort ``position`` (deterministic given the key)."""
         return secret_normal(self.key, self.layout.shape, self.std, stream=int(self.clients[position]))
 
-    def sum_by_group(self, groups: np.ndarray | None = None) -> torch.Tensor:
+    def sum_by_group(self, groups: np.ndarray | None = None, n_groups: int | None = None) -> torch.Tensor:
         """[G, block] sum of all shares.
 
         With ``groups`` (int64 [n]; the server's grouping of clients whose upload
-        was a single block), client ``i``'s share lands in block ``groups[i]`` and
-        groups of -1 are dropped; otherwise shares are already group-laid-out and
-        are summed block by block.
+        was a single block) and ``n_groups`` (G, default the layout's), client ``i``'s
+        share lands in block ``groups[i]`` of a [G, block] sum and groups of -1 are
+        dropped; otherwise shares are already group-laid-out and are summed block by block.
         """
-        total = torch.zeros(self.layout.shape, dtype=torch.float64)
+        if groups is not None and self.layout.n_groups != 1:
+            raise ValueError("sum_by_group(groups) places single-block shares; these shares are laid out in groups already")
+        blocks = self.layout.n_groups if groups is None or n_groups is None else int(n_groups)
+        total = torch.zeros((blocks, self.layout.block_size), dtype=torch.float64)
         if self.std == 0.0:
             return total.float()
         for i in range(self.clients.size):  # one regenerable share per client

@@ -209,7 +209,7 @@ class InProcessClients:
             layout = ReleaseLayout(1, self.n_items, self.d, self.head_size, dp.count_value)
             shares = Release(dp, layout, t).shares(self.secrets, upload.clients, self.trained)
             self.last["shares"] = shares
-            share_sum = torch.zeros(layout.shape) if shares is None else shares.sum_by_group(msg.labels)
+            share_sum = torch.zeros(int(msg.n_groups), layout.block_size) if shares is None else shares.sum_by_group(msg.labels, int(msg.n_groups))
             return _reply(t, "shares", share_sum=share_sum)
         groups = None
         if msg.grouped:
