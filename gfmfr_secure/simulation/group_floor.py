@@ -45,6 +45,7 @@ def count_phase(
     dp: Any,
     source: SecretSource,
     round_idx: int,
+    n_total: int | None = None,
 ) -> tuple[np.ndarray, dict[str, float]]:
     """Phase 1 of an oblivious round: the group counts, through the aggregation backend.
 
@@ -57,6 +58,8 @@ def count_phase(
     dp : the run's user-level DP plan, or None.
     source : where the noise keys come from.
     round_idx : t.
+    n_total : the uploads of the whole round when ``upload`` is one node's part of them (the
+        clients' noise shares are sized for all of them); None: ``len(upload)``.
 
     Returns
     -------
@@ -80,7 +83,8 @@ def count_phase(
     if dp is not None:
         layout = ReleaseLayout(n_groups, 0, d, 0, dp.count_value)  # blocks of one coordinate: the count
         release = Release(dp, layout, round_idx, kind="dp-count")
-        shares = release.shares(source, upload.clients, n, aggregator.min_reporting(n))  # shares of dropped clients never arrive
+        m = n if n_total is None else int(n_total)
+        shares = release.shares(source, upload.clients, m, aggregator.min_reporting(m))  # shares of dropped clients never arrive
         noise = ReleaseNoise(layout, release.central(source), shares)
     agg = aggregator.aggregate(counts_only, n_items=0, weights=np.ones(n), groups=np.asarray(groups, dtype=np.int64), n_groups=n_groups, noise=noise)
     return agg.group_counts.double().numpy(), dict(aggregator.last_cost)
