@@ -64,10 +64,9 @@ def test_run_config_errors_are_config_errors() -> None:
     ("config", "overrides", "match"),
     [
         ("configs/fedrap.yaml", "aggregation.backend=ckks train.weighting=uniform", "ckks"),
-        ("configs/gfmfr.yaml", "aggregation.backend=masking grouping.method=oblivious", "count phase's transcript"),
         ("configs/fedrap.yaml", "aggregation.backend=masking train.weighting=uniform aggregation.dropout=0.1", "aggregation.dropout=0"),
     ],
-    ids=["ckks", "masking-oblivious", "masking-simulated-dropout"],
+    ids=["ckks", "masking-simulated-dropout"],
 )
 def test_secure_settings_flower_does_not_carry_are_refused_by_name(ml100k_dir: Path, config: str, overrides: str, match: str) -> None:
     cfg = experiment_config({"config": config, "overrides": overrides}, data=str(ml100k_dir))

@@ -31,6 +31,11 @@ from gfmfr_secure.secagg.masking.params import SecAggConfig  # noqa: E402
 
 #: FedRAP under masking on a 10% cohort, 2 rounds; every pair of parties shares a mask (complete graph)
 _MASKING = "train.rounds=2 train.client_fraction=0.1 seed=3 aggregation.backend=masking train.weighting=uniform aggregation.neighbours=0 secrets=reproducible"
+#: GFMFR with oblivious grouping made small (d=16, one fusion epoch, 30% cohorts, 2 rounds) under masking
+_GFMFR = (
+    "train.rounds=2 model.latent_dim=16 fusion.server_epochs=1 train.client_fraction=0.3 seed=5 grouping.method=oblivious "
+    "aggregation.backend=masking train.weighting=uniform secrets=reproducible"
+)
 #: plus distributed DP with a fixed noise multiplier (no calibration in every ClientApp call)
 _DISTRIBUTED = " privacy.mechanism=distributed privacy.noise_multiplier=1.0 privacy.clip=0.05"
 
@@ -39,8 +44,10 @@ def _nodes(n: int, data: Path) -> list[dict[str, Any]]:
     return [{"partition-id": p, "num-partitions": n, "data": str(data)} for p in range(n)]
 
 
-def _run(ml100k_dir: Path, tmp_path: Path, name: str, overrides: str, grid_cls: type[LocalGrid] = LocalGrid, **grid: Any) -> tuple[dict[str, Any], list[dict[str, Any]], LocalGrid]:
-    rc = {"config": "configs/fedrap.yaml", "overrides": overrides, "data": str(ml100k_dir), "out": str(tmp_path), "name": name, "min-nodes": 3}
+def _run(
+    ml100k_dir: Path, tmp_path: Path, name: str, overrides: str, grid_cls: type[LocalGrid] = LocalGrid, config: str = "configs/fedrap.yaml", **grid: Any,
+) -> tuple[dict[str, Any], list[dict[str, Any]], LocalGrid]:
+    rc = {"config": config, "overrides": overrides, "data": str(ml100k_dir), "out": str(tmp_path), "name": name, "min-nodes": 3}
     local = grid_cls(rc, _nodes(3, ml100k_dir), tmp_path / f"state-{name}", **grid)
     with task_identity():
         metrics, folder = run_server(local, rc)
@@ -92,25 +99,36 @@ def _flipped(request: bytes) -> bytes:
 
 @pytest.mark.slow
 @pytest.mark.dataset
-@pytest.mark.parametrize("overrides", [_MASKING, _MASKING + _DISTRIBUTED], ids=["masking", "masking-distributed-dp"])
-def test_masking_over_three_nodes_gives_the_in_process_metrics(ml100k_dir: Path, tmp_path: Path, overrides: str) -> None:
+@pytest.mark.parametrize(
+    ("config", "overrides", "steps"),
+    [
+        ("configs/fedrap.yaml", _MASKING, 4),
+        ("configs/fedrap.yaml", _MASKING + _DISTRIBUTED, 4),
+        ("configs/gfmfr.yaml", _GFMFR, 4 + 5),  # the count phase: 4 steps and the clients' check of the counts
+        ("configs/gfmfr.yaml", _GFMFR + _DISTRIBUTED, 4 + 5),
+    ],
+    ids=["fedrap", "fedrap-distributed-dp", "gfmfr-oblivious", "gfmfr-oblivious-distributed-dp"],
+)
+def test_masking_over_three_nodes_gives_the_in_process_metrics(ml100k_dir: Path, tmp_path: Path, config: str, overrides: str, steps: int) -> None:
     """One SecAgg+ round per sum among the parties of 3 nodes: val and test metrics of ``run_federated`` within 1e-6.
 
     The released sums are exact fixed-point sums of the same uploads (with distributed DP: the same
-    noise shares, each sized for every party of the round), so the metrics agree to the float.
+    noise shares, each sized for every party of the round), so the metrics agree to the float. Under
+    oblivious grouping the count phase is a SecAgg round as well, and its counts pass the clients' check.
     """
     from gfmfr_secure.simulation.loop import run_federated
     from gfmfr_secure.simulation.runner import prepare_data
 
-    metrics, history, grid = _run(ml100k_dir, tmp_path, "masking", overrides)
-    cfg = experiment_config({"config": "configs/fedrap.yaml", "overrides": overrides, "data": str(ml100k_dir)})
+    metrics, history, grid = _run(ml100k_dir, tmp_path, "masking", overrides, config=config)
+    cfg = experiment_config({"config": config, "overrides": overrides, "data": str(ml100k_dir)})
     data, split = prepare_data(cfg)
     expected = run_federated(cfg, data, split, progress=False)
     for which in ("val", "test"):
         assert _worst(metrics[which], expected.metrics[which]) <= 1e-6, which
     kinds = [kind for _, kind, _ in grid.calls]
-    assert "query.aggregate" not in kinds and kinds.count("query.secagg") == 2 * 4 * 3  # 2 rounds x 4 steps x 3 nodes
+    assert "query.aggregate" not in kinds and kinds.count("query.secagg") == 2 * steps * 3  # 2 rounds x steps x 3 nodes
     for rec in history:
+        assert "refused" not in rec
         [reveal] = [e for e in rec["flower"] if e["kind"] == "sums-reveal"]
         assert reveal["parties"] == reveal["survivors"] == reveal["clients_answered"] and reveal["recovered"] == 0
 
@@ -186,3 +204,23 @@ def test_the_server_receives_neither_a_plain_upload_nor_a_party_secret(ml100k_di
             assert np.mean(uploads[party] == plain) < 0.01, party
             checked += 1
     assert checked == step.n_parties == len(uploads)
+
+
+@pytest.mark.slow
+@pytest.mark.dataset
+def test_the_nodes_refuse_group_counts_their_transcript_does_not_give(ml100k_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server reporting one more client in group 0 than the count phase summed: every node's parties replay the
+    transcript, refuse, and the round releases nothing (recorded as refused)."""
+    from gfmfr_secure.flower import relay
+
+    honest = relay.relay_count_check
+
+    def lying(exchange: Any, msg: Any, out: Any, counts: np.ndarray, nodes: list[int]) -> str:
+        return honest(exchange, msg, out, counts + np.eye(counts.size)[0], nodes)
+
+    monkeypatch.setattr(relay, "relay_count_check", lying)
+    _, history, grid = _run(ml100k_dir, tmp_path, "liar", _GFMFR.replace("train.rounds=2", "train.rounds=1"), config="configs/gfmfr.yaml")
+    [rec] = history
+    assert "refusing to upload: the server reported" in rec["refused"] and rec["skipped"] == "clients refused the round"
+    assert [g for _, kind, g in grid.calls if kind == "query.secagg"].count("count-check-0") == 3
+    assert not any(g.startswith("sums-") for _, _, g in grid.calls)

@@ -29,6 +29,7 @@ against the relaying server (the honest-but-curious server of the protocol's thr
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ from gfmfr_secure.secagg.fixedpoint import decode_sum as decode_ring
 from gfmfr_secure.secagg.masking.params import SecAggConfig, neighbourhood_graph
 from gfmfr_secure.secagg.masking.server import SecAggServer
 
-__all__ = ["RelayedSum", "relay_secure_sum"]
+__all__ = ["RelayedSum", "relay_count_check", "relay_secure_sum"]
 
 #: ``exchange(kind, request or {node: request}, nodes, extra) -> {node: reply}`` (FlowerClients._exchange, bound)
 Exchange = Callable[[str, Any, list[int], dict[str, Any] | None], dict[int, SecAggStep]]
@@ -63,6 +64,9 @@ class RelayedSum:
     unclipped_query : the nodes' adaptive-clipping query sums, added.
     bytes_up : bytes the parties sent (adverts with identity keys, shares, uploads, reveals).
     seconds : wall time of the four steps.
+    transcript : every protocol message the server received: (adverts, shares, uploads, reveals).
+    identity_keys : the PKI the server checked them with (party -> raw Ed25519 public key, every party).
+    step : the round's advertise request (its public parameters).
     """
 
     total: np.ndarray | None
@@ -73,6 +77,9 @@ class RelayedSum:
     unclipped_query: float
     bytes_up: int
     seconds: float
+    transcript: tuple[list[bytes], list[bytes], list[bytes], list[bytes]] = ([], [], [], [])
+    identity_keys: dict[int, bytes] | None = None
+    step: SecAggStep | None = None
 
 
 def _step(msg: SumRequest, aggregator: Any, parties: np.ndarray, dim: int) -> tuple[SecAggStep, SecAggConfig, Any]:
@@ -138,7 +145,8 @@ def relay_secure_sum(exchange: Exchange, msg: SumRequest, aggregator: Any, hoste
     for reply in replies.values():
         pki.update(reply.identity_keys())
     nobody = Ed25519PrivateKey.generate().public_key().public_bytes_raw()  # parties that never advertised: no message of theirs verifies
-    server = SecAggServer(config, graph, {p: pki.get(p, nobody) for p in range(config.n_clients)})
+    identity_keys = {p: pki.get(p, nobody) for p in range(config.n_clients)}
+    server = SecAggServer(config, graph, identity_keys)
     adverts = _sent(replies)
     sent = sum(len(b) for b in adverts) + 32 * len(pki)
     routed = server.collect_adverts(adverts)
@@ -161,4 +169,21 @@ def relay_secure_sum(exchange: Exchange, msg: SumRequest, aggregator: Any, hoste
     sent += sum(len(b) for part in (shares, uploads, reveals) for b in part)
     survivors = len(server.survivors)
     recovered = sum(1 for u in server.dropped if set(graph.neighbours[u]) & set(server.survivors))
-    return RelayedSum(total, int(parties.size), survivors, recovered, "", unclipped, sent, time.perf_counter() - t0)
+    transcript = (adverts, shares, uploads, reveals)
+    return RelayedSum(total, int(parties.size), survivors, recovered, "", unclipped, sent, time.perf_counter() - t0, transcript, identity_keys, step)
+
+
+def relay_count_check(exchange: Exchange, msg: SumRequest, out: RelayedSum, counts: np.ndarray, nodes: list[int]) -> str:
+    """Ask ``nodes`` whether their parties accept ``counts`` (float64 [G]) as the count phase's release.
+
+    Each node replays ``out.transcript`` with the public server and checks its parties'
+    own uploads are in it (:meth:`~gfmfr_secure.roles.secagg_party.NodeParties`, step
+    ``check``). Returns the refusals, "" when every node accepts.
+    """
+    if out.step is None or out.identity_keys is None:
+        raise ValueError("relay_count_check needs a completed secure sum")
+    kinds = [k for k, part in enumerate(out.transcript) for _ in part]
+    blobs = [b for part in out.transcript for b in part]
+    request = dataclasses.replace(out.step.answer("check", kinds, blobs, out.identity_keys), reported=np.asarray(counts, dtype=np.float64))
+    replies = exchange(f"{msg.phase}-check", request, nodes, {"sum": msg})
+    return "; ".join(r.refused for r in replies.values() if r.refused)

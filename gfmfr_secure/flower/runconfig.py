@@ -139,7 +139,9 @@ def check_supported(cfg: Any) -> None:
 
     Carried: the ``plain`` backend; ``masking`` as one SecAgg+ round per sum among the
     cohort's parties on every node, relayed by the ServerApp (:mod:`gfmfr_secure.flower.relay`);
-    central, distributed and local user-level DP. Under ``masking`` the clients'
+    central, distributed and local user-level DP. Under ``masking`` with oblivious grouping
+    the count phase is a SecAgg round too, and the clients check the reported counts
+    against its transcript, which the ServerApp sends them. Under ``masking`` the clients'
     broadcast attestation runs on each node among the cohort as that node received the
     broadcast (one message per node), so it does not compare what different nodes received.
 
@@ -147,9 +149,7 @@ def check_supported(cfg: Any) -> None:
     ------
     ConfigError
         For ``aggregation.backend=ckks`` (its key holder's decryption and the clients'
-        check of it are not relayed between SuperNodes); for ``masking`` with oblivious
-        grouping (its count phase's client check replays the phase's whole transcript,
-        which is not sent to the nodes); for ``masking`` with ``aggregation.dropout`` (a
+        check of it are not relayed between SuperNodes); for ``masking`` with ``aggregation.dropout`` (a
         simulated dropout; over Flower the dropouts are the nodes that stop answering); for
         record-level DP-SGD (its accountant's per-client events are not kept between
         messages); and for central DP with adaptive clipping (the clients' clipped-count
@@ -160,12 +160,6 @@ def check_supported(cfg: Any) -> None:
         raise ConfigError(
             f"aggregation.backend={backend!r} over Flower is not built: the key holder's decryption and the clients' check "
             "of it are not relayed between SuperNodes; use aggregation.backend=masking or plain"
-        )
-    if backend == "masking" and cfg.distill.enabled and cfg.grouping.method == "oblivious":
-        raise ConfigError(
-            "aggregation.backend=masking with grouping.method=oblivious over Flower is not built: the clients check the "
-            "group counts the server reports by replaying the count phase's transcript, which is not sent to the SuperNodes; "
-            "use grouping.method=none, or aggregation.backend=plain"
         )
     if backend == "masking" and cfg.aggregation.dropout > 0:
         raise ConfigError(

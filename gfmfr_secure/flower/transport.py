@@ -192,7 +192,7 @@ class FlowerClients:
 
     def aggregate(self, msg: SumRequest) -> SumReply:
         t = int(msg.round)
-        if self.masking and msg.phase == "sums":
+        if self.masking and msg.phase in ("count", "sums"):
             return self._masking_sums(msg)
         if self._merged is not None and msg.phase == "sums" and msg.central is None and math.isinf(float(msg.clip)):
             return self._plain_sum(msg, self._merged)
@@ -209,13 +209,15 @@ class FlowerClients:
         return merge_sum_replies(parts)
 
     def _masking_sums(self, msg: SumRequest) -> SumReply:
-        """The round's ``masking`` sum: one SecAgg+ round among the parties on the nodes, relayed here.
+        """A ``masking`` sum (count phase or the round's sums): one SecAgg+ round among the parties on the nodes, relayed here.
 
         The server side plays :class:`~gfmfr_secure.secagg.masking.SecAggServer`
         (:func:`~gfmfr_secure.flower.relay.relay_secure_sum`) and learns the released sum
         only. The log entry of each step counts the parties that answered; the reveal
         step's entry also the round's ``parties``, ``survivors`` (their uploads are in the
         sum) and ``recovered`` (dropped parties whose masks the survivors' shares removed).
+        After a count phase the surviving parties check the counts against the phase's
+        transcript (:func:`~gfmfr_secure.flower.relay.relay_count_check`), as in process.
 
         Raises
         ------
@@ -223,7 +225,7 @@ class FlowerClients:
             Under distributed DP, when fewer parties survived than the noise shares were sized for.
         """
         from gfmfr_secure.aggregation.layout import decode_sum
-        from gfmfr_secure.flower.relay import relay_secure_sum
+        from gfmfr_secure.flower.relay import relay_count_check, relay_secure_sum
 
         t = int(msg.round)
         layout = self._secure_layout(msg)
@@ -238,23 +240,31 @@ class FlowerClients:
 
         out = relay_secure_sum(exchange, msg, self.aggregator, hosted, layout.n_groups * layout.block_size)
         if out.refused:
-            return sum_reply(t, "sums", refused=out.refused)
+            return sum_reply(t, msg.phase, refused=out.refused)
         self.log[-1].update(parties=out.parties, survivors=out.survivors, recovered=out.recovered)
-        if msg.central is not None and self._dp_plan().share_std(out.parties, self.aggregator.min_reporting(out.parties)) > 0:
+        dp = self._dp_plan()
+        if dp is not None and (msg.central is not None or msg.phase == "count") and dp.share_std(out.parties, self.aggregator.min_reporting(out.parties)) > 0:
             self.aggregator.check_survivors(out.survivors, out.parties)
         agg = decode_sum(out.total, layout, n_clients=out.survivors, grouped=bool(msg.grouped))
         cost = {"bytes_up_per_client": out.bytes_up / max(out.survivors, 1), "dropped": float(out.parties - out.survivors), "protocol_s": round(out.seconds, 3)}
-        return sum_reply(t, "sums", agg, cost=cost, unclipped=out.unclipped_query)
+        if msg.phase == "count":
+            refused = relay_count_check(exchange, msg, out, agg.group_counts.double().numpy(), sorted(hosted))
+            if refused:
+                return sum_reply(t, "count", refused=refused)
+        return sum_reply(t, msg.phase, agg, cost=cost, unclipped=out.unclipped_query)
 
     def _secure_layout(self, msg: SumRequest) -> Any:
         """The layout of the dense uploads a secure sum of ``msg`` adds (as each client builds it)."""
         from gfmfr_secure.privacy.release import ReleaseLayout
 
         d, head = int(self.cfg.model.latent_dim), self._head_size()
+        dp = self._dp_plan()
+        if dp is not None:
+            dp.clip = float(msg.clip)
+        if msg.phase == "count":  # one count coordinate per group (simulation.group_floor.count_inputs)
+            return ReleaseLayout(int(msg.n_groups), 0, d, 0, 1.0 if dp is None else dp.count_value)
         if msg.central is None:
             return ReleaseLayout(int(msg.n_groups) if msg.grouped else 1, self.n_items, d, head, 1.0)
-        dp = self._dp_plan()
-        dp.clip = float(msg.clip)
         return ReleaseLayout(int(msg.n_groups), self.n_items, d, head, dp.count_value, write_count=bool(msg.write_count))
 
     def _dp_plan(self) -> Any:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from gfmfr_secure.aggregation import get_aggregator
+from gfmfr_secure.aggregation.layout import check_uniform, noisy_dense_uploads, secure_layout
 from gfmfr_secure.client.checks import ClientRefusal, broadcast_digest, broadcast_refusals, check_reported_counts, verify_count_evidence
 from gfmfr_secure.errors import ConfigError
 from gfmfr_secure.privacy.release import Release, ReleaseLayout, ReleaseNoise
@@ -44,7 +45,7 @@ from gfmfr_secure.roles.messages import (
 )
 from gfmfr_secure.roles.server import COUNT_TOLERANCE
 from gfmfr_secure.server.grouping import SERVER_GROUPING
-from gfmfr_secure.simulation.group_floor import count_phase
+from gfmfr_secure.simulation.group_floor import count_inputs, count_phase
 from gfmfr_secure.types import AggregateResult, CohortUpdate, Exposure
 
 __all__ = ["InProcessClients", "counted_groups", "deliver_broadcast", "wire"]
@@ -235,6 +236,28 @@ class InProcessClients:
             self.last["shares"] = shares
             noise = ReleaseNoise(layout, torch.from_numpy(np.array(msg.central)), shares)
         return upload, groups, weights, noise
+
+    def dense_input(self, msg: SumRequest, n_total: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, ReleaseLayout]:
+        """What this node's clients upload to a secure sum of ``msg`` (phase ``count`` or ``sums``) of ``n_total`` uploads.
+
+        Returns float32 [m, D] each client's dense upload with its DP noise share
+        (:func:`~gfmfr_secure.aggregation.layout.noisy_dense_uploads`), int64 [m] the
+        clients, int64 [m] their groups (None: one block) and the layout.
+        """
+        if self.upload is None:
+            raise RuntimeError(f"round {msg.round}: a sum was requested before any upload")
+        if msg.phase == "count":
+            dp = self.node.dp_plan(self.population)
+            if dp is not None:
+                dp.clip = float(msg.clip)
+            update, noise = count_inputs(self.aggregator, self.upload, self.upload.group, int(msg.n_groups), dp, self.secrets, int(msg.round), n_total)
+            groups, n_items = update.group, 0
+        else:
+            update, groups, weights, noise = self.release_input(msg, n_total)
+            check_uniform(weights, self.aggregator.name)
+            n_items = self.n_items
+        layout = secure_layout(update, n_items, groups, int(msg.n_groups), noise)
+        return noisy_dense_uploads(update, layout, groups, noise), np.asarray(update.clients, dtype=np.int64), groups, layout
 
     def assign(self, msg: Assignment) -> None:
         for n in self.nodes:

@@ -566,22 +566,26 @@ class SecAggStep(SecAggRound):
         share:     request (neighbours' adverts, PKI)   -> reply: EncryptedShare messages
         upload:    request (routed shares; + SumRequest) -> reply: MaskedUpload per party
         reveal:    request (UnmaskRequest per survivor) -> reply: ShareReveal per survivor
+        check:     request (count phase: the reported counts, the transcript, the PKI) -> reply: refused or ""
 
     Attributes
     ----------
     round .. value_bound : the round's public parameters (:class:`SecAggRound`).
-    step : ``advertise``, ``share``, ``upload`` or ``reveal``.
+    step : ``advertise``, ``share``, ``upload``, ``reveal`` or ``check``.
     parties : int64 [n] (advertise request) the user id of each party, in party order; else empty.
-    owners : int64 [m] the party each blob is for (request) or from (reply).
+    owners : int64 [m] the party each blob is for (request) or from (reply); in a check request,
+        which part of the transcript it is (0 adverts, 1 shares, 2 uploads, 3 reveals).
     blobs : uint8 [B] the protocol messages, concatenated; offsets : int64 [m + 1].
     key_owners : int64 [k] and keys : uint8 [k, 32]: the parties' Ed25519 identity keys
         (advertise reply: the node's parties; share request: every party that advertised).
-    refused : why the node's clients refuse the round's parameters, or "".
+    refused : why the node's clients refuse the round's parameters (or, ``check``, the reported counts), or "".
+    reported : float64 [G] (check request, count phase) the group counts the server reports.
     unclipped_query : (upload reply) ``sum_i (b_i - 1/2)`` over the node's uploads (adaptive clipping).
     """
 
     ARRAYS: ClassVar[dict[str, tuple[str, int]]] = {
         "parties": ("int64", 1), "owners": ("int64", 1), "blobs": ("uint8", 1), "offsets": ("int64", 1), "key_owners": ("int64", 1), "keys": ("uint8", 2),
+        "reported": ("float64", 1),
     }
 
     step: str
@@ -593,6 +597,7 @@ class SecAggStep(SecAggRound):
     keys: np.ndarray
     refused: str = ""
     unclipped_query: float = 0.0
+    reported: np.ndarray | None = None
 
     def messages(self) -> dict[int, list[bytes]]:
         """The protocol messages by party (``owners``), in order."""

@@ -25,7 +25,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from gfmfr_secure.aggregation.layout import check_uniform, noisy_dense_uploads, secure_layout
 from gfmfr_secure.client.checks import ClientRefusal
 from gfmfr_secure.roles.messages import SecAggRound, SecAggStep, SumRequest, pack_blobs
 from gfmfr_secure.secagg.masking.client import SecAggClient
@@ -50,14 +49,20 @@ class PartyRound(SecAggRound):
     parties : int64 [m] the party index of each of the node's parties still in the protocol.
     users : int64 [m] their user ids.
     states : uint8 [B] their :meth:`SecAggClient.export_state` bytes, concatenated; offsets int64 [m + 1].
+    uploads : uint8 [U] the masked uploads they sent (empty before the upload step), concatenated;
+        upload_offsets int64 [m + 1] (the count check needs each party's own bytes).
     """
 
-    ARRAYS: ClassVar[dict[str, tuple[str, int]]] = {"parties": ("int64", 1), "users": ("int64", 1), "states": ("uint8", 1), "offsets": ("int64", 1)}
+    ARRAYS: ClassVar[dict[str, tuple[str, int]]] = {
+        "parties": ("int64", 1), "users": ("int64", 1), "states": ("uint8", 1), "offsets": ("int64", 1), "uploads": ("uint8", 1), "upload_offsets": ("int64", 1),
+    }
 
     parties: np.ndarray
     users: np.ndarray
     states: np.ndarray
     offsets: np.ndarray
+    uploads: np.ndarray
+    upload_offsets: np.ndarray
 
     def check(self, step: SecAggStep) -> None:
         """Raise :class:`SecAggError` unless ``step`` continues this round with the same parameters."""
@@ -72,12 +77,21 @@ class PartyRound(SecAggRound):
         data = self.states.tobytes()
         return {int(p): SecAggClient.resume(config, graph, data[int(a) : int(b)]) for p, a, b in zip(self.parties.tolist(), self.offsets[:-1], self.offsets[1:], strict=True)}
 
-    def keep(self, clients: dict[int, SecAggClient]) -> PartyRound:
-        """This round with ``clients`` (party -> client; parties left out have left the protocol)."""
+    def keep(self, clients: dict[int, SecAggClient], uploads: list[bytes] | None = None) -> PartyRound:
+        """This round with ``clients`` (party -> client; parties left out have left the protocol) and their ``uploads``, if sent."""
         parties = sorted(clients)
         users = self.users[np.searchsorted(self.parties, parties)] if parties else np.zeros(0, dtype=np.int64)
         states, offsets = pack_blobs([clients[p].export_state() for p in parties])
-        return dataclasses.replace(self, parties=np.asarray(parties, dtype=np.int64), users=np.asarray(users, dtype=np.int64), states=states, offsets=offsets)
+        sent, sent_offsets = pack_blobs(uploads) if uploads is not None else (self.uploads, self.upload_offsets)
+        return dataclasses.replace(
+            self, parties=np.asarray(parties, dtype=np.int64), users=np.asarray(users, dtype=np.int64), states=states, offsets=offsets,
+            uploads=sent, upload_offsets=sent_offsets,
+        )
+
+    def own_uploads(self) -> tuple[bytes, ...]:
+        """The masked uploads the parties sent, as bytes."""
+        data = self.uploads.tobytes()
+        return tuple(data[int(a) : int(b)] for a, b in zip(self.upload_offsets[:-1], self.upload_offsets[1:], strict=True))
 
 
 class NodeParties:
@@ -109,6 +123,10 @@ class NodeParties:
             return self._upload(step, request, clients)
         if step.step == "reveal":
             return self._reveal(step, clients)
+        if step.step == "check":
+            if request is None:
+                raise SecAggError(f"round {step.round}: the check step carries no sum request")
+            return self._check(step, request), self.kept
         raise SecAggError(f"unknown secure-sum step {step.step!r}")
 
     def _advertise(self, step: SecAggStep) -> tuple[SecAggStep, PartyRound | None]:
@@ -132,7 +150,7 @@ class NodeParties:
         adverts = [clients[p].advertise_keys() for p in sorted(clients)]
         kept = PartyRound(
             **step.parameters(), parties=mine.astype(np.int64), users=step.parties[mine],
-            states=np.zeros(0, dtype=np.uint8), offsets=np.zeros(1, dtype=np.int64),
+            states=np.zeros(0, dtype=np.uint8), offsets=np.zeros(1, dtype=np.int64), uploads=np.zeros(0, dtype=np.uint8), upload_offsets=np.zeros(1, dtype=np.int64),
         ).keep(clients)
         return step.answer("advertise", sorted(clients), adverts, {p: c.identity_public_key for p, c in clients.items()}), kept
 
@@ -153,21 +171,42 @@ class NodeParties:
     def _upload(self, step: SecAggStep, request: SumRequest, clients: dict[int, SecAggClient]) -> tuple[SecAggStep, PartyRound]:
         """Each party takes its neighbours' shares, then uploads its masked dense layout."""
         routed = step.messages()
-        upload, groups, weights, noise = self.clients.release_input(request, int(step.n_parties))
-        check_uniform(weights, "masking")
-        layout = secure_layout(upload, self.clients.n_items, groups, int(request.n_groups), noise)
-        vectors = noisy_dense_uploads(upload, layout, groups, noise)
-        row = dict(zip(upload.clients.tolist(), range(len(upload)), strict=True))
+        vectors, members, groups, _ = self.clients.dense_input(request, int(step.n_parties))
+        row = dict(zip(members.tolist(), range(members.size), strict=True))
         users = dict(zip(self.kept.parties.tolist(), self.kept.users.tolist(), strict=True))
         owners, blobs = [], []
         for p, client in sorted(clients.items()):
             client.receive_shares(routed.get(p, []))
             owners.append(p)
             blobs.append(client.masked_upload(vectors[row[users[p]]]))
-        if groups is not None:  # each party keeps the group its upload was summed in
-            self.clients.node.commit_groups(upload.clients, groups)
+        if groups is not None and request.phase == "sums":  # each party keeps the group its upload was summed in
+            self.clients.node.commit_groups(members, groups)
         reply = step.answer("upload", owners, blobs, unclipped_query=float(self.clients.node.unclipped_query()))
-        return reply, self.kept.keep(clients)
+        return reply, self.kept.keep(clients, blobs)
+
+    def _check(self, step: SecAggStep, request: SumRequest) -> SecAggStep:
+        """The clients' check of the counts the server reports (``step.reported``) against the phase's transcript.
+
+        The transcript travels in ``blobs`` (``owners``: 0 adverts, 1 shares, 2 uploads,
+        3 reveals) with the PKI the server used; it is replayed with the public server and
+        each party's own upload must be in it (:func:`~gfmfr_secure.client.checks.verify_count_evidence`).
+        The reply is refused when a check fails.
+        """
+        from gfmfr_secure.client.checks import CountEvidence, SecAggTranscript, check_reported_counts, verify_count_evidence
+        from gfmfr_secure.roles.server import COUNT_TOLERANCE
+
+        parts: list[list[bytes]] = [[], [], [], []]
+        data = step.blobs.tobytes()
+        for i, kind in enumerate(step.owners.tolist()):
+            parts[int(kind)].append(data[int(step.offsets[i]) : int(step.offsets[i + 1])])
+        config, graph = round_parameters(self.kept)
+        layout = self.clients.dense_input(request, int(step.n_parties))[3]
+        evidence = CountEvidence(layout, SecAggTranscript(*(tuple(p) for p in parts)), config, graph, step.identity_keys(), self.kept.own_uploads())
+        try:
+            check_reported_counts(step.reported, verify_count_evidence(evidence), tolerance=COUNT_TOLERANCE)
+        except ClientRefusal as err:
+            return step.answer("check", [], [], refused=str(err))
+        return step.answer("check", [], [])
 
     def _reveal(self, step: SecAggStep, clients: dict[int, SecAggClient]) -> tuple[SecAggStep, PartyRound]:
         """Each surviving party answers its unmask request (shares of survivors' b_u, of dropped parties' mask keys)."""
