@@ -60,19 +60,26 @@ def test_run_config_errors_are_config_errors() -> None:
         experiment_config({"config": "configs/no-such.yaml"}, data=str(REPO))
 
 
-def test_secure_backends_are_refused_by_name(ml100k_dir: Path) -> None:
-    cfg = experiment_config({"config": "configs/fedrap.yaml", "overrides": "aggregation.backend=masking"}, data=str(ml100k_dir))
-    with pytest.raises(ConfigError, match="masking"):
+@pytest.mark.parametrize(
+    ("config", "overrides", "match"),
+    [
+        ("configs/fedrap.yaml", "aggregation.backend=ckks train.weighting=uniform", "ckks"),
+        ("configs/fedrap.yaml", "aggregation.backend=masking train.weighting=uniform aggregation.dropout=0.1", "aggregation.dropout=0"),
+    ],
+    ids=["ckks", "masking-simulated-dropout"],
+)
+def test_secure_settings_flower_does_not_carry_are_refused_by_name(ml100k_dir: Path, config: str, overrides: str, match: str) -> None:
+    cfg = experiment_config({"config": config, "overrides": overrides}, data=str(ml100k_dir))
+    with pytest.raises(ConfigError, match=match):
         check_supported(cfg)
+    check_supported(experiment_config({"config": "configs/fedrap.yaml", "overrides": "aggregation.backend=masking train.weighting=uniform"}, data=str(ml100k_dir)))
 
 
 @pytest.mark.parametrize(
     ("overrides", "match"),
     [
-        ("privacy.mechanism=distributed", "sqrt\\(K\\)"),
         ("privacy.mechanism=dpsgd", "accountant events"),
         ("privacy.adaptive_clip=true", "clipped-count query"),
-        ("privacy.mechanism=local grouping.method=spectral", "single block"),
     ],
 )
 def test_dp_settings_flower_does_not_carry_are_refused_by_name(ml100k_dir: Path, overrides: str, match: str) -> None:
@@ -98,11 +105,13 @@ _SMALL_DP = _SMALL_GFMFR + " secrets=reproducible privacy.noise_multiplier=1.0"
         ("configs/privacy/eps-8.yaml", _SMALL_DP, False),  # central DP, oblivious: count phase and sums released by the server
         ("configs/privacy/eps-8.yaml", _SMALL_DP + " grouping.method=spectral", False),  # central DP noised by the server
         ("configs/privacy/eps-8.yaml", _SMALL_DP + " privacy.mechanism=local", True),  # the clients' shares are summed on the nodes
+        ("configs/privacy/eps-8.yaml", _SMALL_DP + " privacy.mechanism=local grouping.method=spectral", True),  # shares placed in the server's groups
+        ("configs/privacy/eps-8.yaml", _SMALL_DP + " privacy.mechanism=distributed", True),  # shares sized for every node's uploads
     ],
-    ids=["gfmfr-oblivious", "gfmfr-spectral", "central-oblivious", "central-spectral", "local-oblivious"],
+    ids=["gfmfr-oblivious", "gfmfr-spectral", "central-oblivious", "central-spectral", "local-oblivious", "local-spectral", "distributed-oblivious"],
 )
 def test_gfmfr_and_user_level_dp_give_the_in_process_metrics(ml100k_dir: Path, tmp_path: Path, config: str, overrides: str, nodes_sum: bool) -> None:
-    """GFMFR and the central and local DP mechanisms over 3 partitions: val and test metrics of ``run_federated`` within 1e-6."""
+    """GFMFR and the central, local and distributed DP mechanisms over 3 partitions: val and test metrics of ``run_federated`` within 1e-6."""
     from gfmfr_secure.simulation.loop import run_federated
     from gfmfr_secure.simulation.runner import prepare_data
 

@@ -14,7 +14,8 @@ nodes and server) and keeps its partition's rows only.
 flwr 1.42 starts one ``flwr-clientapp`` process per message (the SuperNode's SuperExec
 launches it and it exits after the reply), so nothing survives in memory between
 messages. The node's client state (the hosted clients' private state, the state kept at
-the best validation round, this round's uploads until they are summed) is written, before
+the best validation round, this round's uploads until they are summed, and during a ``masking``
+sum each party's SecAgg+ state with its secret seed) is written, before
 the reply leaves, to ``<state-dir>/run-<run id>/node-<node id>.npz`` on the node's machine
 (node config ``state-dir``, default ``$FLWR_HOME/gfmfr-state``, ``$FLWR_HOME`` defaulting
 to ``~/.flwr``), and read back by the next message's process. Flower's ``Context.state``
@@ -26,7 +27,8 @@ requests to that node and the state file the one it followed; a mismatch is an e
 (:class:`NodeStateError`), never training on stale state. The files stay after the run.
 
 Message types (``query``/``train``/``evaluate`` with an action, as 1.42 requires):
-``query.hello``, ``train``, ``query.aggregate``, ``evaluate``. One-way messages (keep the
+``query.hello``, ``train``, ``query.aggregate``, ``query.secagg`` (one step of a ``masking``
+sum: :mod:`gfmfr_secure.roles.secagg_party`), ``evaluate``. One-way messages (keep the
 best round's state, server-side group assignment) travel in the next request's
 ``RecordDict`` under ``before.<i>`` and are applied first, in order.
 """
@@ -50,14 +52,15 @@ from gfmfr_secure.flower.records import get_message, message_names, partition_us
 from gfmfr_secure.flower.runconfig import check_supported, experiment_config
 from gfmfr_secure.roles.client import ClientNode
 from gfmfr_secure.roles.inprocess import InProcessClients
-from gfmfr_secure.roles.messages import Assignment, Broadcast, EvalRequest, KeepSnapshot, MessageError, SumRequest, Upload
+from gfmfr_secure.roles.messages import Assignment, Broadcast, EvalRequest, KeepSnapshot, MessageError, SecAggStep, SumRequest, Upload
+from gfmfr_secure.roles.secagg_party import NodeParties, PartyRound
 
 __all__ = ["NodeHost", "NodeStateError", "app", "read_records", "state_path", "write_records"]
 
-#: the request's and the reply's record names; one-way messages are "before.<i>"
-REQUEST, REPLY, BEFORE = "request", "reply", "before"
-#: Context.state record names
-STORE, BEST, NORMS, SCALARS, PENDING = "gfmfr.store", "gfmfr.best", "gfmfr.norms", "gfmfr.node", "gfmfr.upload"
+#: the request's and the reply's record names; one-way messages are "before.<i>"; the sum request a secure-sum step carries
+REQUEST, REPLY, BEFORE, SUM = "request", "reply", "before", "sum"
+#: state record names
+STORE, BEST, NORMS, SCALARS, PENDING, SECAGG = "gfmfr.store", "gfmfr.best", "gfmfr.norms", "gfmfr.node", "gfmfr.upload", "gfmfr.secagg"
 
 #: the request's sequence number among those sent to this node (0: the hello)
 SEQ = "seq"
@@ -139,6 +142,7 @@ class NodeHost:
         self.seq = -1  # the last request whose state this node holds (-1: none yet)
         self.node = ClientNode(cfg, split, users)
         self.clients = InProcessClients(cfg, self.node)
+        self.secagg: PartyRound | None = None  # the node's parties in the secure sum under way
 
     @classmethod
     def from_context(cls, context: Context) -> NodeHost:
@@ -180,6 +184,8 @@ class NodeHost:
         })
         if clients.upload is not None:
             put_message(state, PENDING, Upload.of(clients.upload, 0))
+        if self.secagg is not None:  # the parties' secrets stay on this machine, in this file
+            put_message(state, SECAGG, self.secagg)
 
     def restore(self, state: RecordDict) -> None:
         """Read back what :meth:`save` wrote (nothing on the run's first message)."""
@@ -197,6 +203,7 @@ class NodeHost:
         node._clip = float(scalars["clip"])  # noqa: SLF001
         clients.population, clients.trained = int(scalars["population"]), int(scalars["trained"])
         clients.upload = get_message(state, PENDING, Upload).as_update() if bool(scalars["pending"]) else None
+        self.secagg = get_message(state, SECAGG, PartyRound) if f"{SECAGG}.config" in state.config_records else None
 
     # ------------------------------------------------------------------ messages
 
@@ -231,9 +238,13 @@ class NodeHost:
         if kind == "hello":
             out: Any = self.clients.hello()
         elif kind == "train":
+            self.secagg = None
             out = self.clients.train(get_message(content, REQUEST, Broadcast))
         elif kind == "aggregate":
             out = self.clients.aggregate(get_message(content, REQUEST, SumRequest))
+        elif kind == "secagg":
+            request = get_message(content, SUM, SumRequest) if f"{SUM}.config" in content.config_records else None
+            out, self.secagg = NodeParties(self.clients, self.secagg).answer(get_message(content, REQUEST, SecAggStep), request)
         elif kind == "evaluate":
             out = self.clients.evaluate(get_message(content, REQUEST, EvalRequest))
         else:
@@ -246,7 +257,7 @@ app = ClientApp()
 
 
 def _serve(kind: str, msg: Message, context: Context) -> Message:
-    """Answer request ``kind`` (``hello``, ``train``, ``aggregate``, ``evaluate``) and keep the node's state.
+    """Answer request ``kind`` (``hello``, ``train``, ``aggregate``, ``secagg``, ``evaluate``) and keep the node's state.
 
     The replies: :class:`~gfmfr_secure.roles.messages.Hello`, :class:`~gfmfr_secure.roles.messages.Upload`
     (every hosted cohort member's record), :class:`~gfmfr_secure.roles.messages.SumReply` (this node's part
@@ -260,5 +271,6 @@ def _serve(kind: str, msg: Message, context: Context) -> Message:
     return Message(reply, reply_to=msg)
 
 
-for _kind, _register in (("hello", app.query("hello")), ("train", app.train()), ("aggregate", app.query("aggregate")), ("evaluate", app.evaluate())):
+_HANDLERS = (("hello", app.query("hello")), ("train", app.train()), ("aggregate", app.query("aggregate")), ("secagg", app.query("secagg")), ("evaluate", app.evaluate()))
+for _kind, _register in _HANDLERS:
     _register(functools.partial(_serve, _kind))

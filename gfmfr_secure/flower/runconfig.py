@@ -137,39 +137,40 @@ def experiment_config(run_config: Mapping[str, Any], data: str | None = None) ->
 def check_supported(cfg: Any) -> None:
     """Refuse settings this deployment does not carry.
 
+    Carried: the ``plain`` backend; ``masking`` as one SecAgg+ round per sum among the
+    cohort's parties on every node, relayed by the ServerApp (:mod:`gfmfr_secure.flower.relay`);
+    central, distributed and local user-level DP. Under ``masking`` with oblivious grouping
+    the count phase is a SecAgg round too, and the clients check the reported counts
+    against its transcript, which the ServerApp sends them. Under ``masking`` the clients'
+    broadcast attestation runs on each node among the cohort as that node received the
+    broadcast (one message per node), so it does not compare what different nodes received.
+
     Raises
     ------
     ConfigError
-        For a secure aggregation backend (masking and CKKS run as one protocol among all
-        cohort members; across SuperNodes that protocol is not built); for record-level
-        DP-SGD (its accountant's per-client events are not kept between messages); for
-        distributed DP (each node sizes its clients' noise shares for the uploads it
-        holds, not for the cohort); for central DP with adaptive clipping (the clients'
-        clipped-count query is not collected); and for local DP under server-side
-        grouping (its shares phase fails in process too).
+        For ``aggregation.backend=ckks`` (its key holder's decryption and the clients'
+        check of it are not relayed between SuperNodes); for ``masking`` with ``aggregation.dropout`` (a
+        simulated dropout; over Flower the dropouts are the nodes that stop answering); for
+        record-level DP-SGD (its accountant's per-client events are not kept between
+        messages); and for central DP with adaptive clipping (the clients' clipped-count
+        query is not collected).
     """
-    if cfg.aggregation.backend != "plain":
+    backend = cfg.aggregation.backend
+    if backend not in ("plain", "masking"):
         raise ConfigError(
-            f"aggregation.backend={cfg.aggregation.backend!r} over Flower is not built: the secure protocols run among "
-            "all cohort members as one exchange, which needs their messages relayed between SuperNodes; use aggregation.backend=plain"
+            f"aggregation.backend={backend!r} over Flower is not built: the key holder's decryption and the clients' check "
+            "of it are not relayed between SuperNodes; use aggregation.backend=masking or plain"
+        )
+    if backend == "masking" and cfg.aggregation.dropout > 0:
+        raise ConfigError(
+            f"aggregation.dropout={cfg.aggregation.dropout} simulates dropouts in process; over Flower the dropouts are the "
+            "SuperNodes that stop answering (round-timeout): set aggregation.dropout=0"
         )
     pc = cfg.privacy
     if pc.mechanism == "dpsgd":
         raise ConfigError("privacy.mechanism=dpsgd over Flower is not built (the per-client accountant events are not kept between messages)")
-    if pc.mechanism == "distributed":
-        raise ConfigError(
-            "privacy.mechanism=distributed over Flower is not built: each SuperNode sizes its clients' noise shares for the "
-            "uploads it holds (share std sigma*Delta/sqrt(n_node) instead of sigma*Delta/sqrt(n_cohort)), so K nodes release noise "
-            "about sqrt(K) times the calibrated std; use privacy.mechanism=central or local"
-        )
     if pc.mechanism == "central" and pc.adaptive_clip:
         raise ConfigError(
             "privacy.mechanism=central with privacy.adaptive_clip over Flower is not built: the server releases the sums "
             "itself and does not collect the clients' clipped-count query (their norms stay on the SuperNodes); set privacy.adaptive_clip=false"
-        )
-    if pc.mechanism == "local" and cfg.distill.enabled and cfg.grouping.method in ("spectral", "kmeans"):
-        raise ConfigError(
-            f"privacy.mechanism=local with grouping.method={cfg.grouping.method} is not supported over Flower: the clients' "
-            "noise shares are summed into a single block and cannot land in the groups the server chose (the in-process run "
-            "fails with an IndexError too); use grouping.method=oblivious"
         )

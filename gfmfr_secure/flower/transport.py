@@ -28,7 +28,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
@@ -46,6 +46,7 @@ from gfmfr_secure.roles.messages import (
     EvalRequest,
     Hello,
     KeepSnapshot,
+    SecAggStep,
     SumReply,
     SumRequest,
     Upload,
@@ -53,6 +54,7 @@ from gfmfr_secure.roles.messages import (
     merge_hellos,
     merge_sum_replies,
     merge_uploads,
+    sum_reply,
 )
 from gfmfr_secure.types import Exposure
 
@@ -105,19 +107,28 @@ class FlowerClients:
         self._plan: tuple[int, Any] | None = None  # (population, user-level DP plan) of a central-DP run
         #: central DP with a fixed clip: the plain sums and the count phase are released here (see _central_release)
         self.central_here = self.per_client and cfg.privacy.mechanism == "central" and not cfg.privacy.adaptive_clip
+        #: masking: the sums run as one SecAgg+ round among the nodes' parties, relayed here (see _masking_sums)
+        self.masking = cfg.aggregation.backend == "masking"
 
     # ------------------------------------------------------------------ exchange
 
     def _exchange(self, kind: str, message_type: str, request: Any, nodes: Sequence[int], round_idx: int, decode: Callable[[RecordDict], R],
-                  users: np.ndarray | None = None) -> dict[int, R]:
-        """Send ``request`` (plus each node's queued one-way messages) to ``nodes``; the decoded replies by node."""
+                  users: np.ndarray | None = None, extra: Mapping[str, Any] | None = None) -> dict[int, R]:
+        """Send ``request`` (plus each node's queued one-way messages) to ``nodes``; the decoded replies by node.
+
+        ``request``: one message for every node, or a dict node -> that node's message;
+        ``extra``: further messages every node receives, by record name.
+        """
         messages = []
         for node in nodes:
             content = RecordDict()
             for i, one_way in enumerate(self._pending.pop(node, [])):
                 put_message(content, f"before.{i}", one_way)
-            if request is not None:
-                put_message(content, "request", request)
+            mine = request.get(node) if isinstance(request, dict) else request
+            if mine is not None:
+                put_message(content, "request", mine)
+            for name, message in (extra or {}).items():
+                put_message(content, name, message)
             content["seq"] = ConfigRecord({"seq": self._sent.get(node, 0)})
             self._sent[node] = self._sent.get(node, 0) + 1
             messages.append(Message(content, dst_node_id=node, message_type=message_type, group_id=f"{kind}-{round_idx}"))
@@ -181,17 +192,80 @@ class FlowerClients:
 
     def aggregate(self, msg: SumRequest) -> SumReply:
         t = int(msg.round)
+        if self.masking and msg.phase in ("count", "sums"):
+            return self._masking_sums(msg)
         if self._merged is not None and msg.phase == "sums" and msg.central is None and math.isinf(float(msg.clip)):
             return self._plain_sum(msg, self._merged)
         if self._merged is not None and self.central_here and msg.phase in ("count", "sums"):
             return self._central_release(msg, self._merged)
         nodes = [n for n in self.nodes if n in self._uploaded and len(self._uploaded[n])]
+        # every node's clients size their DP noise shares for all the uploads of the round, not for their own node's
+        msg = dataclasses.replace(msg, n_uploads=sum(len(u) for u in self._uploaded.values()))
         replies = self._exchange("aggregate", "query.aggregate", msg, nodes, t, lambda c: get_message(c, "reply", SumReply))
         if not replies:
             raise DeploymentError(f"round {t}: no SuperNode holding uploads answered the sum request")
         parts = [replies[n] for n in sorted(replies)]
         self.log[-1]["clients_answered"] = int(sum(r.n_clients for r in parts))
         return merge_sum_replies(parts)
+
+    def _masking_sums(self, msg: SumRequest) -> SumReply:
+        """A ``masking`` sum (count phase or the round's sums): one SecAgg+ round among the parties on the nodes, relayed here.
+
+        The server side plays :class:`~gfmfr_secure.secagg.masking.SecAggServer`
+        (:func:`~gfmfr_secure.flower.relay.relay_secure_sum`) and learns the released sum
+        only. The log entry of each step counts the parties that answered; the reveal
+        step's entry also the round's ``parties``, ``survivors`` (their uploads are in the
+        sum) and ``recovered`` (dropped parties whose masks the survivors' shares removed).
+        After a count phase the surviving parties check the counts against the phase's
+        transcript (:func:`~gfmfr_secure.flower.relay.relay_count_check`), as in process.
+
+        Raises
+        ------
+        ConfigError
+            Under distributed DP, when fewer parties survived than the noise shares were sized for.
+        """
+        from gfmfr_secure.aggregation.layout import decode_sum
+        from gfmfr_secure.flower.relay import relay_count_check, relay_secure_sum
+
+        t = int(msg.round)
+        layout = self._secure_layout(msg)
+        hosted = {n: up.clients for n, up in sorted(self._uploaded.items()) if len(up) and n in self.nodes}
+        parties = np.concatenate(list(hosted.values())) if hosted else np.zeros(0, dtype=np.int64)
+
+        def exchange(kind: str, request: Any, nodes: list[int], extra: dict[str, Any] | None) -> dict[int, SecAggStep]:
+            alive = [n for n in nodes if n in self.nodes]
+            replies = self._exchange(kind, "query.secagg", request, alive, t, lambda c: get_message(c, "reply", SecAggStep), users=parties, extra=extra)
+            self.log[-1]["clients_answered"] = len({p for r in replies.values() for p in r.owners.tolist()})
+            return replies
+
+        out = relay_secure_sum(exchange, msg, self.aggregator, hosted, layout.n_groups * layout.block_size)
+        if out.refused:
+            return sum_reply(t, msg.phase, refused=out.refused)
+        self.log[-1].update(parties=out.parties, survivors=out.survivors, recovered=out.recovered)
+        dp = self._dp_plan()
+        if dp is not None and (msg.central is not None or msg.phase == "count") and dp.share_std(out.parties, self.aggregator.min_reporting(out.parties)) > 0:
+            self.aggregator.check_survivors(out.survivors, out.parties)
+        agg = decode_sum(out.total, layout, n_clients=out.survivors, grouped=bool(msg.grouped))
+        cost = {"bytes_up_per_client": out.bytes_up / max(out.survivors, 1), "dropped": float(out.parties - out.survivors), "protocol_s": round(out.seconds, 3)}
+        if msg.phase == "count":
+            refused = relay_count_check(exchange, msg, out, agg.group_counts.double().numpy(), sorted(hosted))
+            if refused:
+                return sum_reply(t, "count", refused=refused)
+        return sum_reply(t, msg.phase, agg, cost=cost, unclipped=out.unclipped_query)
+
+    def _secure_layout(self, msg: SumRequest) -> Any:
+        """The layout of the dense uploads a secure sum of ``msg`` adds (as each client builds it)."""
+        from gfmfr_secure.privacy.release import ReleaseLayout
+
+        d, head = int(self.cfg.model.latent_dim), self._head_size()
+        dp = self._dp_plan()
+        if dp is not None:
+            dp.clip = float(msg.clip)
+        if msg.phase == "count":  # one count coordinate per group (simulation.group_floor.count_inputs)
+            return ReleaseLayout(int(msg.n_groups), 0, d, 0, 1.0 if dp is None else dp.count_value)
+        if msg.central is None:
+            return ReleaseLayout(int(msg.n_groups) if msg.grouped else 1, self.n_items, d, head, 1.0)
+        return ReleaseLayout(int(msg.n_groups), self.n_items, d, head, dp.count_value, write_count=bool(msg.write_count))
 
     def _dp_plan(self) -> Any:
         """The clients' user-level DP plan for this run's eligible population (as :meth:`ClientNode.dp_plan` makes it)."""

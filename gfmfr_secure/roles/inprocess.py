@@ -14,7 +14,6 @@ client party over the node's uploads; the server receives only the released sums
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 
 from gfmfr_secure.aggregation import get_aggregator
+from gfmfr_secure.aggregation.layout import check_uniform, noisy_dense_uploads, secure_layout
 from gfmfr_secure.client.checks import ClientRefusal, broadcast_digest, broadcast_refusals, check_reported_counts, verify_count_evidence
 from gfmfr_secure.errors import ConfigError
 from gfmfr_secure.privacy.release import Release, ReleaseLayout, ReleaseNoise
@@ -41,10 +41,11 @@ from gfmfr_secure.roles.messages import (
     merge_eval_replies,
     merge_hellos,
     merge_uploads,
+    sum_reply,
 )
 from gfmfr_secure.roles.server import COUNT_TOLERANCE
 from gfmfr_secure.server.grouping import SERVER_GROUPING
-from gfmfr_secure.simulation.group_floor import count_phase
+from gfmfr_secure.simulation.group_floor import count_inputs, count_phase
 from gfmfr_secure.types import AggregateResult, CohortUpdate, Exposure
 
 __all__ = ["InProcessClients", "counted_groups", "deliver_broadcast", "wire"]
@@ -70,14 +71,15 @@ def deliver_broadcast(msg: Broadcast, cohort: np.ndarray) -> tuple[list[dict[str
 
 def counted_groups(
     aggregator: Any, upload: CohortUpdate, groups: np.ndarray, n_groups: int, dp: Any, source: SecretSource, round_idx: int, verify: bool,
-    *, phase: Callable[..., Any] | None = None, check: Callable[..., Any] | None = None,
+    *, phase: Callable[..., Any] | None = None, check: Callable[..., Any] | None = None, n_total: int | None = None,
 ) -> tuple[np.ndarray, dict[str, float]]:
     """The count phase and, under a secure backend, the clients' check of the counts the server reports.
 
     Returns the reported counts float64 [G] and the phase's cost. With ``verify`` the
     backend keeps the phase's evidence (masking: its transcript; ckks: the key holder's
     release) and the clients refuse counts that differ from it. ``phase`` and ``check`` replace
-    :func:`count_phase` and :func:`check_reported_counts` (active-server experiments).
+    :func:`count_phase` and :func:`check_reported_counts` (active-server experiments). ``n_total``:
+    the uploads of the whole round when ``upload`` is one node's part (:func:`count_phase`).
 
     Raises
     ------
@@ -86,27 +88,12 @@ def counted_groups(
     """
     aggregator.record_transcript = verify
     try:
-        counts, cost = (phase or count_phase)(aggregator, upload, groups, n_groups, dp, source, round_idx)
+        counts, cost = (phase or count_phase)(aggregator, upload, groups, n_groups, dp, source, round_idx, **({"n_total": n_total} if n_total else {}))
     finally:
         aggregator.record_transcript = False
     if verify:
         (check or check_reported_counts)(counts, verify_count_evidence(aggregator.last_evidence), tolerance=COUNT_TOLERANCE)
     return counts, cost
-
-
-def _reply(t: int, phase: str, agg: AggregateResult | None = None, *, refused: str = "", cost: dict[str, float] | None = None, unclipped: float = 0.0, share_sum: torch.Tensor | None = None) -> SumReply:
-    """A :class:`SumReply` from an :class:`AggregateResult` (or a refusal / a share sum)."""
-
-    def arr(x: torch.Tensor | None) -> np.ndarray | None:
-        return None if x is None else x.detach().float().numpy()
-
-    return SumReply(
-        round=t, phase=phase, refused=refused, n_clients=0 if agg is None else int(agg.n_clients), weight_total=0.0 if agg is None else float(agg.weight_total),
-        item_sum=np.zeros((0, 0), dtype=np.float32) if agg is None else arr(agg.item_sum), head_sum=None if agg is None else arr(agg.head_sum),
-        group_counts=None if agg is None else arr(agg.group_counts), group_item_sum=None if agg is None else arr(agg.group_item_sum),
-        group_head_sum=None if agg is None else arr(agg.group_head_sum), share_sum=arr(share_sum), unclipped_query=float(unclipped),
-        cost=json.dumps(cost or {}),
-    )
 
 
 class InProcessClients:
@@ -200,17 +187,39 @@ class InProcessClients:
         if msg.phase == "count":
             try:
                 counts, cost = counted_groups(
-                    self.aggregator, upload, upload.group, int(msg.n_groups), dp, self.secrets, t, self.secure, phase=self.count_phase, check=self.check_counts
+                    self.aggregator, upload, upload.group, int(msg.n_groups), dp, self.secrets, t, self.secure, phase=self.count_phase, check=self.check_counts,
+                    n_total=int(msg.n_uploads) or None,
                 )
             except ClientRefusal as err:
-                return _reply(t, "count", refused=str(err))
-            return _reply(t, "count", AggregateResult(n_clients=len(upload), weight_total=0.0, item_sum=torch.zeros(0, 0), head_sum=None, group_counts=torch.from_numpy(counts)), cost=cost)
+                return sum_reply(t, "count", refused=str(err))
+            return sum_reply(t, "count", AggregateResult(n_clients=len(upload), weight_total=0.0, item_sum=torch.zeros(0, 0), head_sum=None, group_counts=torch.from_numpy(counts)), cost=cost)
         if msg.phase == "shares":
             layout = ReleaseLayout(1, self.n_items, self.d, self.head_size, dp.count_value)
-            shares = Release(dp, layout, t).shares(self.secrets, upload.clients, self.trained)
+            shares = Release(dp, layout, t).shares(self.secrets, upload.clients, int(msg.n_uploads) or self.trained)
             self.last["shares"] = shares
             share_sum = torch.zeros(int(msg.n_groups), layout.block_size) if shares is None else shares.sum_by_group(msg.labels, int(msg.n_groups))
-            return _reply(t, "shares", share_sum=share_sum)
+            return sum_reply(t, "shares", share_sum=share_sum)
+        upload, groups, weights, noise = self.release_input(msg, int(msg.n_uploads) or None)
+        try:
+            agg = self.aggregator.aggregate(upload, n_items=self.n_items, weights=weights, groups=groups, n_groups=int(msg.n_groups), noise=noise)
+        except ClientRefusal as err:  # check_round_parameters: a round the clients' own configuration forbids
+            return sum_reply(t, "sums", refused=str(err))
+        if groups is not None:  # the round released: each client keeps its own group
+            for n in self.nodes:
+                n.commit_groups(upload.clients, groups)
+        return sum_reply(t, "sums", agg, cost=dict(self.aggregator.last_cost), unclipped=sum(n.unclipped_query() for n in self.nodes))
+
+    def release_input(self, msg: SumRequest, n_total: int | None = None) -> tuple[CohortUpdate, np.ndarray | None, np.ndarray, ReleaseNoise | None]:
+        """What the clients put into the ``sums`` of ``msg``: (uploads, groups int64 [n] or None, weights float64 [n], noise or None).
+
+        Each client maps its own group through ``msg.merge``; under user-level DP each adds
+        its noise share, sized for ``n_total`` uploads reaching the sum (default: this
+        node's; across nodes, every node's) of which at least the backend's
+        ``min_reporting(n_total)`` report.
+        """
+        t, upload = int(msg.round), self.upload
+        if upload is None:
+            raise RuntimeError(f"round {t}: a sum was requested before any upload")
         groups = None
         if msg.grouped:
             groups = upload.group if msg.merge is None else msg.merge[upload.group]  # each client maps its own choice
@@ -219,18 +228,36 @@ class InProcessClients:
         weights = upload.n_samples.astype(np.float64) if msg.weighting == "samples" else np.ones(len(upload))
         noise = None
         if msg.central is not None:
+            dp = self.node.dp_plan(self.population)
+            dp.clip = float(msg.clip)
+            n = len(upload) if n_total is None else int(n_total)
             layout = ReleaseLayout(int(msg.n_groups), self.n_items, self.d, self.head_size, dp.count_value, write_count=bool(msg.write_count))
-            shares = Release(dp, layout, t).shares(self.secrets, upload.clients, len(upload), self.aggregator.min_reporting(len(upload)))
+            shares = Release(dp, layout, t).shares(self.secrets, upload.clients, n, self.aggregator.min_reporting(n))
             self.last["shares"] = shares
             noise = ReleaseNoise(layout, torch.from_numpy(np.array(msg.central)), shares)
-        try:
-            agg = self.aggregator.aggregate(upload, n_items=self.n_items, weights=weights, groups=groups, n_groups=int(msg.n_groups), noise=noise)
-        except ClientRefusal as err:  # check_round_parameters: a round the clients' own configuration forbids
-            return _reply(t, "sums", refused=str(err))
-        if groups is not None:  # the round released: each client keeps its own group
-            for n in self.nodes:
-                n.commit_groups(upload.clients, groups)
-        return _reply(t, "sums", agg, cost=dict(self.aggregator.last_cost), unclipped=sum(n.unclipped_query() for n in self.nodes))
+        return upload, groups, weights, noise
+
+    def dense_input(self, msg: SumRequest, n_total: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, ReleaseLayout]:
+        """What this node's clients upload to a secure sum of ``msg`` (phase ``count`` or ``sums``) of ``n_total`` uploads.
+
+        Returns float32 [m, D] each client's dense upload with its DP noise share
+        (:func:`~gfmfr_secure.aggregation.layout.noisy_dense_uploads`), int64 [m] the
+        clients, int64 [m] their groups (None: one block) and the layout.
+        """
+        if self.upload is None:
+            raise RuntimeError(f"round {msg.round}: a sum was requested before any upload")
+        if msg.phase == "count":
+            dp = self.node.dp_plan(self.population)
+            if dp is not None:
+                dp.clip = float(msg.clip)
+            update, noise = count_inputs(self.aggregator, self.upload, self.upload.group, int(msg.n_groups), dp, self.secrets, int(msg.round), n_total)
+            groups, n_items = update.group, 0
+        else:
+            update, groups, weights, noise = self.release_input(msg, n_total)
+            check_uniform(weights, self.aggregator.name)
+            n_items = self.n_items
+        layout = secure_layout(update, n_items, groups, int(msg.n_groups), noise)
+        return noisy_dense_uploads(update, layout, groups, noise), np.asarray(update.clients, dtype=np.int64), groups, layout
 
     def assign(self, msg: Assignment) -> None:
         for n in self.nodes:

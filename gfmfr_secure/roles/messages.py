@@ -15,6 +15,8 @@ One round (t)::
                                        server sees anyway; secure backends: the public part)
     server --SumRequest-> nodes       (count phase / sums / DP shares by group)
     server <--SumReply--- nodes       (what the aggregation releases: AggregateResult)
+    server <-SecAggStep-> nodes       (masking across machines: the SecAgg+ messages the
+                                       server relays between the client parties)
     server --Assignment-> nodes       (server-side grouping: each member's group)
     server --EvalRequest-> nodes ; EvalReply <-- nodes    (validation, test)
     server --KeepSnapshot-> nodes     (this round is the best so far: keep its state)
@@ -35,7 +37,7 @@ import numpy as np
 import torch
 
 from gfmfr_secure.errors import GfmfrError
-from gfmfr_secure.types import CohortUpdate, LocalHyper
+from gfmfr_secure.types import AggregateResult, CohortUpdate, LocalHyper
 
 __all__ = [
     "Assignment",
@@ -45,6 +47,8 @@ __all__ = [
     "Hello",
     "KeepSnapshot",
     "MessageError",
+    "SecAggRound",
+    "SecAggStep",
     "SumReply",
     "SumRequest",
     "Upload",
@@ -52,6 +56,7 @@ __all__ = [
     "merge_hellos",
     "merge_sum_replies",
     "merge_uploads",
+    "sum_reply",
 ]
 
 Scalar = int | float | str | bool
@@ -406,6 +411,8 @@ class SumRequest(Message):
     write_count : False when the count phase already released the counts.
     central : float32 [G, block] the server's central DP draw, added where the sum is
         released (``sums``), or None.
+    n_uploads : the uploads the sum covers across every node (their DP noise shares are
+        sized for it); 0: those of the node asked.
     """
 
     ARRAYS: ClassVar[dict[str, tuple[str, int]]] = {"merge": ("int64", 1), "labels": ("int64", 1), "central": ("float32", 2)}
@@ -420,6 +427,7 @@ class SumRequest(Message):
     clip: float = float("inf")
     write_count: bool = True
     central: np.ndarray | None = None
+    n_uploads: int = 0
 
 
 @dataclass(frozen=True, eq=False)
@@ -465,6 +473,21 @@ class SumReply(Message):
     cost: str
 
 
+def sum_reply(t: int, phase: str, agg: AggregateResult | None = None, *, refused: str = "", cost: dict[str, float] | None = None, unclipped: float = 0.0, share_sum: torch.Tensor | None = None) -> SumReply:
+    """A :class:`SumReply` from an :class:`~gfmfr_secure.types.AggregateResult` (or a refusal / a share sum)."""
+
+    def arr(x: torch.Tensor | None) -> np.ndarray | None:
+        return None if x is None else x.detach().float().numpy()
+
+    return SumReply(
+        round=t, phase=phase, refused=refused, n_clients=0 if agg is None else int(agg.n_clients), weight_total=0.0 if agg is None else float(agg.weight_total),
+        item_sum=np.zeros((0, 0), dtype=np.float32) if agg is None else arr(agg.item_sum), head_sum=None if agg is None else arr(agg.head_sum),
+        group_counts=None if agg is None else arr(agg.group_counts), group_item_sum=None if agg is None else arr(agg.group_item_sum),
+        group_head_sum=None if agg is None else arr(agg.group_head_sum), share_sum=arr(share_sum), unclipped_query=float(unclipped),
+        cost=json.dumps(cost or {}),
+    )
+
+
 def merge_sum_replies(replies: list[SumReply]) -> SumReply:
     """Several nodes' partial sums of one request added up (plain backend; a secure sum
     across nodes runs as one protocol, not as a sum of replies)."""
@@ -491,6 +514,113 @@ def merge_sum_replies(replies: list[SumReply]) -> SumReply:
         unclipped_query=float(sum(r.unclipped_query for r in replies)),
         cost=replies[0].cost,
     )
+
+
+def pack_blobs(blobs: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """``blobs`` concatenated: (uint8 [B] bytes, int64 [m + 1] offsets)."""
+    offsets = np.zeros(len(blobs) + 1, dtype=np.int64)
+    np.cumsum([len(b) for b in blobs], out=offsets[1:])
+    return np.frombuffer(b"".join(blobs), dtype=np.uint8).copy(), offsets
+
+
+@dataclass(frozen=True, eq=False)
+class SecAggRound(Message):
+    """The public parameters of one ``masking`` sum across nodes (fields of :class:`SecAggStep` and of a node's kept state).
+
+    Attributes
+    ----------
+    round : t (training round); phase : the :class:`SumRequest` phase summed (``sums``).
+    round_id, n_parties, dim, threshold, value_bound : the
+        :class:`~gfmfr_secure.secagg.masking.SecAggConfig` of the round.
+    neighbours, graph_seed : its :func:`~gfmfr_secure.secagg.masking.neighbourhood_graph`
+        (``neighbours`` 0: the complete graph).
+    """
+
+    round: int
+    phase: str
+    round_id: int
+    n_parties: int
+    dim: int
+    threshold: int
+    neighbours: int
+    graph_seed: int
+    value_bound: float
+
+    def parameters(self) -> dict[str, Any]:
+        """The round's parameters by field name."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(SecAggRound)}
+
+
+@dataclass(frozen=True, eq=False)
+class SecAggStep(SecAggRound):
+    """One step of a ``masking`` secure sum between the server's relay and one node's client parties.
+
+    Each cohort member with an upload is its own party of the SecAgg+ protocol
+    (:class:`~gfmfr_secure.secagg.masking.SecAggClient`, on the node hosting it); the
+    server's transport plays :class:`~gfmfr_secure.secagg.masking.SecAggServer` and relays
+    the protocol's wire messages, which travel here unchanged as bytes. A request asks
+    for ``step`` and carries what the server routes to the node's parties; the reply
+    carries what they send back::
+
+        advertise: request (parameters, parties)        -> reply: KeyAdvert + identity key per party
+        share:     request (neighbours' adverts, PKI)   -> reply: EncryptedShare messages
+        upload:    request (routed shares; + SumRequest) -> reply: MaskedUpload per party
+        reveal:    request (UnmaskRequest per survivor) -> reply: ShareReveal per survivor
+        check:     request (count phase: the reported counts, the transcript, the PKI) -> reply: refused or ""
+
+    Attributes
+    ----------
+    round .. value_bound : the round's public parameters (:class:`SecAggRound`).
+    step : ``advertise``, ``share``, ``upload``, ``reveal`` or ``check``.
+    parties : int64 [n] (advertise request) the user id of each party, in party order; else empty.
+    owners : int64 [m] the party each blob is for (request) or from (reply); in a check request,
+        which part of the transcript it is (0 adverts, 1 shares, 2 uploads, 3 reveals).
+    blobs : uint8 [B] the protocol messages, concatenated; offsets : int64 [m + 1].
+    key_owners : int64 [k] and keys : uint8 [k, 32]: the parties' Ed25519 identity keys
+        (advertise reply: the node's parties; share request: every party that advertised).
+    refused : why the node's clients refuse the round's parameters (or, ``check``, the reported counts), or "".
+    reported : float64 [G] (check request, count phase) the group counts the server reports.
+    unclipped_query : (upload reply) ``sum_i (b_i - 1/2)`` over the node's uploads (adaptive clipping).
+    """
+
+    ARRAYS: ClassVar[dict[str, tuple[str, int]]] = {
+        "parties": ("int64", 1), "owners": ("int64", 1), "blobs": ("uint8", 1), "offsets": ("int64", 1), "key_owners": ("int64", 1), "keys": ("uint8", 2),
+        "reported": ("float64", 1),
+    }
+
+    step: str
+    parties: np.ndarray
+    owners: np.ndarray
+    blobs: np.ndarray
+    offsets: np.ndarray
+    key_owners: np.ndarray
+    keys: np.ndarray
+    refused: str = ""
+    unclipped_query: float = 0.0
+    reported: np.ndarray | None = None
+
+    def messages(self) -> dict[int, list[bytes]]:
+        """The protocol messages by party (``owners``), in order."""
+        out: dict[int, list[bytes]] = {}
+        data = self.blobs.tobytes()
+        for i, owner in enumerate(self.owners.tolist()):
+            out.setdefault(int(owner), []).append(data[int(self.offsets[i]) : int(self.offsets[i + 1])])
+        return out
+
+    def identity_keys(self) -> dict[int, bytes]:
+        """Party -> raw Ed25519 public key (32 bytes)."""
+        return {int(o): bytes(k) for o, k in zip(self.key_owners.tolist(), self.keys, strict=True)}
+
+    def answer(self, step: str, owners: list[int], blobs: list[bytes], keys: dict[int, bytes] | None = None, **extra: Any) -> SecAggStep:
+        """This step's parameters with other content: ``blobs`` from or for ``owners``, identity ``keys`` by party."""
+        packed, offsets = pack_blobs(blobs)
+        keys = keys or {}
+        key_owners = np.array(sorted(keys), dtype=np.int64)
+        key_bytes = np.frombuffer(b"".join(keys[o] for o in key_owners.tolist()), dtype=np.uint8).reshape(-1, 32).copy()
+        return dataclasses.replace(
+            self, step=step, parties=np.zeros(0, dtype=np.int64), owners=np.asarray(owners, dtype=np.int64), blobs=packed, offsets=offsets,
+            key_owners=key_owners, keys=key_bytes, **extra,
+        )
 
 
 @dataclass(frozen=True, eq=False)

@@ -34,7 +34,7 @@ from gfmfr_secure.privacy.release import Release, ReleaseLayout, ReleaseNoise
 from gfmfr_secure.rng import SecretSource
 from gfmfr_secure.types import CohortUpdate
 
-__all__ = ["count_phase", "floor_report", "secrets_report"]
+__all__ = ["count_inputs", "count_phase", "floor_report", "secrets_report"]
 
 
 def count_phase(
@@ -45,6 +45,7 @@ def count_phase(
     dp: Any,
     source: SecretSource,
     round_idx: int,
+    n_total: int | None = None,
 ) -> tuple[np.ndarray, dict[str, float]]:
     """Phase 1 of an oblivious round: the group counts, through the aggregation backend.
 
@@ -57,11 +58,27 @@ def count_phase(
     dp : the run's user-level DP plan, or None.
     source : where the noise keys come from.
     round_idx : t.
+    n_total : the uploads of the whole round when ``upload`` is one node's part of them (the
+        clients' noise shares are sized for all of them); None: ``len(upload)``.
 
     Returns
     -------
     counts : float64 [G], the released count of each group (noised under DP).
     cost : the phase's aggregation cost (the backend's ``last_cost``).
+    """
+    counts_only, noise = count_inputs(aggregator, upload, groups, n_groups, dp, source, round_idx, n_total)
+    agg = aggregator.aggregate(counts_only, n_items=0, weights=np.ones(len(upload)), groups=np.asarray(groups, dtype=np.int64), n_groups=n_groups, noise=noise)
+    return agg.group_counts.double().numpy(), dict(aggregator.last_cost)
+
+
+def count_inputs(
+    aggregator: Any, upload: CohortUpdate, groups: np.ndarray, n_groups: int, dp: Any, source: SecretSource, round_idx: int, n_total: int | None = None,
+) -> tuple[CohortUpdate, ReleaseNoise | None]:
+    """What the clients put into the count phase: uploads with only a group (no rows, no head) and the phase's DP noise.
+
+    Parameters as :func:`count_phase`. Returns the count-only :class:`CohortUpdate` [n]
+    (summed with ``n_items=0``: one count coordinate per group) and the noise (layout
+    ``[G, 1]``, the releasing party's central draw and the clients' ``dp-count`` shares), or None without DP.
     """
     n = len(upload)
     d = int(upload.item_delta.shape[1])
@@ -76,14 +93,13 @@ def count_phase(
         group=np.asarray(groups, dtype=np.int64),
         loss=np.zeros(n),
     )
-    noise = None
-    if dp is not None:
-        layout = ReleaseLayout(n_groups, 0, d, 0, dp.count_value)  # blocks of one coordinate: the count
-        release = Release(dp, layout, round_idx, kind="dp-count")
-        shares = release.shares(source, upload.clients, n, aggregator.min_reporting(n))  # shares of dropped clients never arrive
-        noise = ReleaseNoise(layout, release.central(source), shares)
-    agg = aggregator.aggregate(counts_only, n_items=0, weights=np.ones(n), groups=np.asarray(groups, dtype=np.int64), n_groups=n_groups, noise=noise)
-    return agg.group_counts.double().numpy(), dict(aggregator.last_cost)
+    if dp is None:
+        return counts_only, None
+    layout = ReleaseLayout(n_groups, 0, d, 0, dp.count_value)  # blocks of one coordinate: the count
+    release = Release(dp, layout, round_idx, kind="dp-count")
+    m = n if n_total is None else int(n_total)
+    shares = release.shares(source, upload.clients, m, aggregator.min_reporting(m))  # shares of dropped clients never arrive
+    return counts_only, ReleaseNoise(layout, release.central(source), shares)
 
 
 def floor_report(min_group_size: int, merged_rounds: int, skipped_rounds: int, smallest: float | None) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterable, Mapping
 
 import numpy as np
@@ -18,6 +19,8 @@ from gfmfr_secure.secagg.masking.primitives import (
     ZERO_NONCE12,
     Keystream,
     SecAggError,
+    check_bytes,
+    check_magic,
     clamp_x25519,
     commitment_to,
     derive_pair_seed,
@@ -29,6 +32,13 @@ from gfmfr_secure.secagg.masking.primitives import (
 from gfmfr_secure.secagg.shamir import PRIME, int_to_secret, randomness_bytes_needed, split_secret
 
 __all__ = ["SecAggClient"]
+
+_STATE_MAGIC = b"SAC1"
+_STATE_HDR = struct.Struct("<4sIIBIII")  # magic, round, client, flags (advertised, uploaded), peers, held, revealed; + secret seed
+_PEER = struct.Struct("<I32s32s")  # neighbour, c_v^PK, s_v^PK
+_HELD = struct.Struct("<I32s32s")  # owner, share of s_owner^SK, share of b_owner
+_REVEALED = struct.Struct("<IB")  # owner, kind (index into _REVEAL_KINDS)
+_REVEAL_KINDS = ("mask key", "self mask")
 
 
 class SecAggClient:
@@ -89,14 +99,7 @@ class SecAggClient:
                 f"client {self._id} already advertised keys for round {self._round()}"
             )
         r = self._round()
-        self._enc_key = X25519PrivateKey.from_private_bytes(
-            hkdf(self._seed, "share-encryption-key", r)
-        )
-        self._mask_key_bytes = clamp_x25519(hkdf(self._seed, "mask-key", r))
-        self._mask_key = X25519PrivateKey.from_private_bytes(self._mask_key_bytes)
-        seed_b = bytearray(hkdf(self._seed, "self-mask-seed", r))
-        seed_b[31] &= 127  # below 2^255 < p, so it is one field element
-        self._self_seed = bytes(seed_b)
+        self._make_round_keys()
         unsigned = KeyAdvert(
             r,
             self._id,
@@ -111,6 +114,67 @@ class SecAggClient:
             unsigned.mask_public,
             self._identity.sign(unsigned.signed_part()),
         ).to_bytes()
+
+    def _make_round_keys(self) -> None:
+        """This round's encryption and mask key pairs and self-mask seed b_u, from the secret seed."""
+        r = self._round()
+        self._enc_key = X25519PrivateKey.from_private_bytes(hkdf(self._seed, "share-encryption-key", r))
+        self._mask_key_bytes = clamp_x25519(hkdf(self._seed, "mask-key", r))
+        self._mask_key = X25519PrivateKey.from_private_bytes(self._mask_key_bytes)
+        seed_b = bytearray(hkdf(self._seed, "self-mask-seed", r))
+        seed_b[31] &= 127  # below 2^255 < p, so it is one field element
+        self._self_seed = bytes(seed_b)
+
+    def export_state(self) -> bytes:
+        """Everything this client holds in the round, as bytes, for :meth:`resume` in another process.
+
+        The secret seed (from which every key, b_u and Shamir coefficient follows), the
+        neighbours' verified public keys, the shares it holds, what it revealed and whether
+        it uploaded. It is the client's secret: keep it on the client's own machine.
+        """
+        flags = (self._enc_key is not None) | (self._uploaded << 1)
+        parts = [_STATE_HDR.pack(_STATE_MAGIC, self._round(), self._id, flags, len(self._peer_enc), len(self._held), len(self._revealed)), self._seed]
+        parts += [_PEER.pack(v, self._peer_enc[v].public_bytes_raw(), self._peer_mask[v].public_bytes_raw()) for v in sorted(self._peer_enc)]
+        parts += [_HELD.pack(o, int_to_secret(s), int_to_secret(b)) for o, (s, b) in sorted(self._held.items())]
+        parts += [_REVEALED.pack(o, _REVEAL_KINDS.index(kind)) for o, kind in sorted(self._revealed.items())]
+        return b"".join(parts)
+
+    @classmethod
+    def resume(cls, config: SecAggConfig, graph: NeighbourGraph, state: bytes) -> SecAggClient:
+        """The client :meth:`export_state` wrote, under the same round parameters.
+
+        Raises
+        ------
+        SecAggError
+            If ``state`` is malformed or belongs to another round.
+        """
+        state = check_bytes(state, "client state")
+        if len(state) < _STATE_HDR.size + KEY_BYTES:
+            raise SecAggError(f"client state has {len(state)} bytes, shorter than its header")
+        magic, round_id, client, flags, n_peers, n_held, n_revealed = _STATE_HDR.unpack_from(state)
+        check_magic(magic, _STATE_MAGIC, "client state")
+        expected = _STATE_HDR.size + KEY_BYTES + n_peers * _PEER.size + n_held * _HELD.size + n_revealed * _REVEALED.size
+        if len(state) != expected or round_id != config.round_id:
+            raise SecAggError(f"client state of client {client} does not fit round {config.round_id} ({len(state)} bytes, round {round_id})")
+        offset = _STATE_HDR.size
+        self = cls(client, config, graph, state[offset : offset + KEY_BYTES])
+        offset += KEY_BYTES
+        if flags & 1:
+            self._make_round_keys()
+        for _ in range(n_peers):
+            v, enc, mask = _PEER.unpack_from(state, offset)
+            self._peer_enc[v], self._peer_mask[v] = X25519PublicKey.from_public_bytes(enc), X25519PublicKey.from_public_bytes(mask)
+            offset += _PEER.size
+        for _ in range(n_held):
+            o, s_y, b_y = _HELD.unpack_from(state, offset)
+            self._held[o] = (int.from_bytes(s_y, "little"), int.from_bytes(b_y, "little"))
+            offset += _HELD.size
+        for _ in range(n_revealed):
+            o, kind = _REVEALED.unpack_from(state, offset)
+            self._revealed[o] = _REVEAL_KINDS[kind]
+            offset += _REVEALED.size
+        self._uploaded = bool(flags & 2)
+        return self
 
     def share_keys(
         self, adverts: Iterable[bytes], identity_keys: Mapping[int, bytes]
