@@ -63,16 +63,17 @@ def test_run_config_errors_are_config_errors() -> None:
 @pytest.mark.parametrize(
     ("config", "overrides", "match"),
     [
-        ("configs/fedrap.yaml", "aggregation.backend=ckks train.weighting=uniform", "ckks"),
+        ("configs/fedrap.yaml", "aggregation.backend=ckks aggregation.custody=shared-clients train.weighting=uniform", "custody=authority"),
         ("configs/fedrap.yaml", "aggregation.backend=masking train.weighting=uniform aggregation.dropout=0.1", "aggregation.dropout=0"),
     ],
-    ids=["ckks", "masking-simulated-dropout"],
+    ids=["ckks-shared-clients", "masking-simulated-dropout"],
 )
 def test_secure_settings_flower_does_not_carry_are_refused_by_name(ml100k_dir: Path, config: str, overrides: str, match: str) -> None:
     cfg = experiment_config({"config": config, "overrides": overrides}, data=str(ml100k_dir))
     with pytest.raises(ConfigError, match=match):
         check_supported(cfg)
-    check_supported(experiment_config({"config": "configs/fedrap.yaml", "overrides": "aggregation.backend=masking train.weighting=uniform"}, data=str(ml100k_dir)))
+    for backend in ("masking", "ckks"):
+        check_supported(experiment_config({"config": "configs/fedrap.yaml", "overrides": f"aggregation.backend={backend} train.weighting=uniform"}, data=str(ml100k_dir)))
 
 
 @pytest.mark.parametrize(

@@ -28,7 +28,9 @@ requests to that node and the state file the one it followed; a mismatch is an e
 
 Message types (``query``/``train``/``evaluate`` with an action, as 1.42 requires):
 ``query.hello``, ``train``, ``query.aggregate``, ``query.secagg`` (one step of a ``masking``
-sum: :mod:`gfmfr_secure.roles.secagg_party`), ``evaluate``. One-way messages (keep the
+sum: :mod:`gfmfr_secure.roles.secagg_party`), ``query.ckks`` (one step of a ``ckks`` sum:
+:mod:`gfmfr_secure.roles.ckks_party`; the node with partition-id 0 is its key holder and
+keeps the round's secret context in its state file until the one decryption), ``evaluate``. One-way messages (keep the
 best round's state, server-side group assignment) travel in the next request's
 ``RecordDict`` under ``before.<i>`` and are applied first, in order.
 """
@@ -52,7 +54,8 @@ from gfmfr_secure.flower.records import get_message, message_names, partition_us
 from gfmfr_secure.flower.runconfig import check_supported, experiment_config
 from gfmfr_secure.roles.client import ClientNode
 from gfmfr_secure.roles.inprocess import InProcessClients
-from gfmfr_secure.roles.messages import Assignment, Broadcast, EvalRequest, KeepSnapshot, MessageError, SecAggStep, SumRequest, Upload
+from gfmfr_secure.roles.ckks_party import KeyRound, NodeCKKS
+from gfmfr_secure.roles.messages import Assignment, Broadcast, CKKSStep, EvalRequest, KeepSnapshot, MessageError, SecAggStep, SumRequest, Upload
 from gfmfr_secure.roles.secagg_party import NodeParties, PartyRound
 
 __all__ = ["NodeHost", "NodeStateError", "app", "read_records", "state_path", "write_records"]
@@ -61,6 +64,8 @@ __all__ = ["NodeHost", "NodeStateError", "app", "read_records", "state_path", "w
 REQUEST, REPLY, BEFORE, SUM = "request", "reply", "before", "sum"
 #: state record names
 STORE, BEST, NORMS, SCALARS, PENDING, SECAGG = "gfmfr.store", "gfmfr.best", "gfmfr.norms", "gfmfr.node", "gfmfr.upload", "gfmfr.secagg"
+#: the ckks key holder's state (its round's secret context until the one decryption, then the release)
+CKKS = "gfmfr.ckks"
 
 #: the request's sequence number among those sent to this node (0: the hello)
 SEQ = "seq"
@@ -143,6 +148,7 @@ class NodeHost:
         self.node = ClientNode(cfg, split, users)
         self.clients = InProcessClients(cfg, self.node)
         self.secagg: PartyRound | None = None  # the node's parties in the secure sum under way
+        self.ckks: KeyRound | None = None  # the key holder's state in the ckks sum under way (partition 0 only)
 
     @classmethod
     def from_context(cls, context: Context) -> NodeHost:
@@ -186,6 +192,8 @@ class NodeHost:
             put_message(state, PENDING, Upload.of(clients.upload, 0))
         if self.secagg is not None:  # the parties' secrets stay on this machine, in this file
             put_message(state, SECAGG, self.secagg)
+        if self.ckks is not None:  # the key holder's secret context stays on this machine, in this file
+            put_message(state, CKKS, self.ckks)
 
     def restore(self, state: RecordDict) -> None:
         """Read back what :meth:`save` wrote (nothing on the run's first message)."""
@@ -204,6 +212,7 @@ class NodeHost:
         clients.population, clients.trained = int(scalars["population"]), int(scalars["trained"])
         clients.upload = get_message(state, PENDING, Upload).as_update() if bool(scalars["pending"]) else None
         self.secagg = get_message(state, SECAGG, PartyRound) if f"{SECAGG}.config" in state.config_records else None
+        self.ckks = get_message(state, CKKS, KeyRound) if f"{CKKS}.config" in state.config_records else None
 
     # ------------------------------------------------------------------ messages
 
@@ -238,13 +247,17 @@ class NodeHost:
         if kind == "hello":
             out: Any = self.clients.hello()
         elif kind == "train":
-            self.secagg = None
+            self.secagg = self.ckks = None
             out = self.clients.train(get_message(content, REQUEST, Broadcast))
         elif kind == "aggregate":
             out = self.clients.aggregate(get_message(content, REQUEST, SumRequest))
         elif kind == "secagg":
             request = get_message(content, SUM, SumRequest) if f"{SUM}.config" in content.config_records else None
             out, self.secagg = NodeParties(self.clients, self.secagg).answer(get_message(content, REQUEST, SecAggStep), request)
+        elif kind == "ckks":
+            request = get_message(content, SUM, SumRequest) if f"{SUM}.config" in content.config_records else None
+            key_holder = bool(np.isin(0, self.node.users))  # partition-id 0 hosts user 0
+            out, self.ckks = NodeCKKS(self.clients, self.ckks, key_holder).answer(get_message(content, REQUEST, CKKSStep), request)
         elif kind == "evaluate":
             out = self.clients.evaluate(get_message(content, REQUEST, EvalRequest))
         else:
@@ -271,6 +284,6 @@ def _serve(kind: str, msg: Message, context: Context) -> Message:
     return Message(reply, reply_to=msg)
 
 
-_HANDLERS = (("hello", app.query("hello")), ("train", app.train()), ("aggregate", app.query("aggregate")), ("secagg", app.query("secagg")), ("evaluate", app.evaluate()))
+_HANDLERS = (("hello", app.query("hello")), ("train", app.train()), ("aggregate", app.query("aggregate")), ("secagg", app.query("secagg")), ("ckks", app.query("ckks")), ("evaluate", app.evaluate()))
 for _kind, _register in _HANDLERS:
     _register(functools.partial(_serve, _kind))

@@ -144,22 +144,28 @@ def check_supported(cfg: Any) -> None:
     against its transcript, which the ServerApp sends them. Under ``masking`` the clients'
     broadcast attestation runs on each node among the cohort as that node received the
     broadcast (one message per node), so it does not compare what different nodes received.
+    ``ckks`` with ``aggregation.custody=authority``: the clients encrypt on their nodes, the
+    ServerApp adds ciphertexts, the SuperNode with partition-id 0 is the key holder
+    (:mod:`gfmfr_secure.flower.ckks_relay`) and checks the reported counts against its release.
 
     Raises
     ------
     ConfigError
-        For ``aggregation.backend=ckks`` (its key holder's decryption and the clients'
-        check of it are not relayed between SuperNodes); for ``masking`` with ``aggregation.dropout`` (a
+        For ``ckks`` with ``aggregation.custody=shared-clients`` (the shared secret key would
+        reach the clients' nodes only through the ServerApp); for ``masking`` with ``aggregation.dropout`` (a
         simulated dropout; over Flower the dropouts are the nodes that stop answering); for
         record-level DP-SGD (its accountant's per-client events are not kept between
         messages); and for central DP with adaptive clipping (the clients' clipped-count
         query is not collected).
     """
     backend = cfg.aggregation.backend
-    if backend not in ("plain", "masking"):
+    if backend not in ("plain", "masking", "ckks"):
+        raise ConfigError(f"aggregation.backend={backend!r} over Flower is not built; use aggregation.backend=masking, ckks or plain")
+    if backend == "ckks" and cfg.aggregation.custody != "authority":
         raise ConfigError(
-            f"aggregation.backend={backend!r} over Flower is not built: the key holder's decryption and the clients' check "
-            "of it are not relayed between SuperNodes; use aggregation.backend=masking or plain"
+            f"aggregation.custody={cfg.aggregation.custody!r} over Flower is not built: the clients' shared secret key would reach "
+            "the SuperNodes only through the ServerApp, which could then decrypt every upload; set aggregation.custody=authority "
+            "(the SuperNode with partition-id 0 holds the key)"
         )
     if backend == "masking" and cfg.aggregation.dropout > 0:
         raise ConfigError(

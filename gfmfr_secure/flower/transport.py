@@ -18,7 +18,10 @@ would round differently). Under central DP with a fixed clip the count phase and
 noised sums are released here too (:meth:`FlowerClients._central_release`): the noise is
 one draw, which the nodes would each add again. Every other sum request (local DP: the
 clients' own noise shares) goes to the nodes holding uploads and their partial sums are
-added (:func:`~gfmfr_secure.roles.messages.merge_sum_replies`).
+added (:func:`~gfmfr_secure.roles.messages.merge_sum_replies`), except under the secure
+backends: ``masking`` runs a SecAgg+ round among the nodes' parties (:meth:`FlowerClients._masking_sums`),
+``ckks`` has the parties encrypt on their nodes, adds the ciphertexts here and has the key
+holder's node decrypt (:meth:`FlowerClients._ckks_sums`).
 """
 
 from __future__ import annotations
@@ -109,6 +112,8 @@ class FlowerClients:
         self.central_here = self.per_client and cfg.privacy.mechanism == "central" and not cfg.privacy.adaptive_clip
         #: masking: the sums run as one SecAgg+ round among the nodes' parties, relayed here (see _masking_sums)
         self.masking = cfg.aggregation.backend == "masking"
+        #: ckks: the nodes' clients encrypt, the sums are added here, the key holder's node decrypts (see _ckks_sums)
+        self.ckks = cfg.aggregation.backend == "ckks"
 
     # ------------------------------------------------------------------ exchange
 
@@ -194,6 +199,8 @@ class FlowerClients:
         t = int(msg.round)
         if self.masking and msg.phase in ("count", "sums"):
             return self._masking_sums(msg)
+        if self.ckks and msg.phase in ("count", "sums"):
+            return self._ckks_sums(msg)
         if self._merged is not None and msg.phase == "sums" and msg.central is None and math.isinf(float(msg.clip)):
             return self._plain_sum(msg, self._merged)
         if self._merged is not None and self.central_here and msg.phase in ("count", "sums"):
@@ -229,15 +236,7 @@ class FlowerClients:
 
         t = int(msg.round)
         layout = self._secure_layout(msg)
-        hosted = {n: up.clients for n, up in sorted(self._uploaded.items()) if len(up) and n in self.nodes}
-        parties = np.concatenate(list(hosted.values())) if hosted else np.zeros(0, dtype=np.int64)
-
-        def exchange(kind: str, request: Any, nodes: list[int], extra: dict[str, Any] | None) -> dict[int, SecAggStep]:
-            alive = [n for n in nodes if n in self.nodes]
-            replies = self._exchange(kind, "query.secagg", request, alive, t, lambda c: get_message(c, "reply", SecAggStep), users=parties, extra=extra)
-            self.log[-1]["clients_answered"] = len({p for r in replies.values() for p in r.owners.tolist()})
-            return replies
-
+        hosted, exchange = self._step_exchange(t, "query.secagg", SecAggStep)
         out = relay_secure_sum(exchange, msg, self.aggregator, hosted, layout.n_groups * layout.block_size)
         if out.refused:
             return sum_reply(t, msg.phase, refused=out.refused)
@@ -249,6 +248,70 @@ class FlowerClients:
         cost = {"bytes_up_per_client": out.bytes_up / max(out.survivors, 1), "dropped": float(out.parties - out.survivors), "protocol_s": round(out.seconds, 3)}
         if msg.phase == "count":
             refused = relay_count_check(exchange, msg, out, agg.group_counts.double().numpy(), sorted(hosted))
+            if refused:
+                return sum_reply(t, "count", refused=refused)
+        return sum_reply(t, msg.phase, agg, cost=cost, unclipped=out.unclipped_query)
+
+    def _step_exchange(self, t: int, message_type: str, reply_type: type) -> tuple[dict[int, np.ndarray], Callable[..., dict[int, Any]]]:
+        """The parties of a secure sum (node -> int64 users with an upload) and an exchange of its steps with the nodes still in the run."""
+        hosted = {n: up.clients for n, up in sorted(self._uploaded.items()) if len(up) and n in self.nodes}
+        parties = np.concatenate(list(hosted.values())) if hosted else np.zeros(0, dtype=np.int64)
+
+        def exchange(kind: str, request: Any, nodes: list[int], extra: dict[str, Any] | None) -> dict[int, Any]:
+            alive = [n for n in nodes if n in self.nodes]
+            replies = self._exchange(kind, message_type, request, alive, t, lambda c: get_message(c, "reply", reply_type), users=parties, extra=extra)
+            self.log[-1]["clients_answered"] = len({p for r in replies.values() for p in r.owners.tolist()})
+            return replies
+
+        return hosted, exchange
+
+    def _ckks_sums(self, msg: SumRequest) -> SumReply:
+        """A ``ckks`` sum (count phase or the round's sums): the nodes' clients encrypt, the sum is added here, the key holder decrypts.
+
+        The key holder is the node hosting user 0 (partition-id 0); this side holds the
+        round's public context only (:func:`~gfmfr_secure.flower.ckks_relay.relay_encrypted_sum`)
+        and receives the key holder's release, flooded and, under central DP, noised by it.
+        The log entry of the decrypt step counts the round's ``parties`` and ``survivors``.
+        After a count phase the key holder's node checks the reported counts against its
+        release (:func:`~gfmfr_secure.flower.ckks_relay.relay_ckks_count_check`), as the
+        in-process clients check them against the key holder's release.
+
+        Raises
+        ------
+        DeploymentError
+            The key holder's node is not in the run (it never joined or stopped answering).
+        ConfigError
+            Under distributed DP, when a node dropped and fewer parties were summed than the noise shares were sized for.
+        """
+        from gfmfr_secure.aggregation.layout import decode_sum
+        from gfmfr_secure.errors import ConfigError
+        from gfmfr_secure.flower.ckks_relay import relay_ckks_count_check, relay_encrypted_sum
+        from gfmfr_secure.roles.messages import CKKSStep
+
+        t = int(msg.round)
+        holder = next((n for n in self.nodes if n in self.hosted and np.isin(0, self.hosted[n])), None)
+        if holder is None:
+            raise DeploymentError(f"round {t}: the ckks key holder (the SuperNode with partition-id 0, hosting user 0) is not in the run")
+        layout = self._secure_layout(msg)
+        hosted, exchange = self._step_exchange(t, "query.ckks", CKKSStep)
+        out = relay_encrypted_sum(exchange, msg, self.aggregator, hosted, holder, layout.n_groups * layout.block_size)
+        if out.refused:
+            return sum_reply(t, msg.phase, refused=out.refused)
+        self.log[-1].update(parties=out.parties, survivors=out.survivors)
+        dp = self._dp_plan()
+        if dp is not None and out.survivors < out.parties and dp.share_std(out.parties, out.parties) > 0:
+            raise ConfigError(
+                f"aggregation.backend=ckks: {out.parties - out.survivors} of {out.parties} clients' nodes dropped before encrypting, but the "
+                "distributed DP noise shares were sized for every client; the sum would carry less noise than accounted and is not "
+                "released: keep every SuperNode answering (raise round-timeout) or use privacy.mechanism=central"
+            )
+        agg = decode_sum(out.total, layout, n_clients=out.survivors, grouped=bool(msg.grouped))
+        cost = {
+            "bytes_up_per_client": out.bytes_up / max(out.survivors, 1), "bytes_down_per_client": float(out.context_bytes),
+            "context_bytes": float(out.context_bytes), "flooding_std": out.flooding_std, "protocol_s": round(out.seconds, 3),
+        }
+        if msg.phase == "count":
+            refused = relay_ckks_count_check(exchange, msg, out, agg.group_counts.double().numpy(), holder)
             if refused:
                 return sum_reply(t, "count", refused=refused)
         return sum_reply(t, msg.phase, agg, cost=cost, unclipped=out.unclipped_query)

@@ -42,6 +42,8 @@ from gfmfr_secure.types import AggregateResult, CohortUpdate, LocalHyper
 __all__ = [
     "Assignment",
     "Broadcast",
+    "CKKS_WIRE",
+    "CKKSStep",
     "EvalReply",
     "EvalRequest",
     "Hello",
@@ -523,6 +525,97 @@ def pack_blobs(blobs: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
     return np.frombuffer(b"".join(blobs), dtype=np.uint8).copy(), offsets
 
 
+def blobs_by_owner(owners: np.ndarray, blobs: np.ndarray, offsets: np.ndarray) -> dict[int, list[bytes]]:
+    """The blobs packed by :func:`pack_blobs` (uint8 [B], int64 [m + 1] offsets) by owner (int64 [m]), in order."""
+    out: dict[int, list[bytes]] = {}
+    data = blobs.tobytes()
+    for i, owner in enumerate(owners.tolist()):
+        out.setdefault(int(owner), []).append(data[int(offsets[i]) : int(offsets[i + 1])])
+    return out
+
+
+#: the wire format of a ``ckks`` sum across nodes: the backend's (one value per coefficient, public-key encrypted)
+CKKS_WIRE = "packed"
+
+
+@dataclass(frozen=True, eq=False)
+class CKKSStep(Message):
+    """One step of a ``ckks`` sum between the server's transport, the key holder's node and the clients' nodes.
+
+    Every cohort member with an upload encrypts its dense layout on the node hosting it;
+    the server's transport adds the ciphertexts with the round's public context; the key
+    holder (a node, :mod:`gfmfr_secure.roles.ckks_party`) makes the round's keys and
+    decrypts the sum only::
+
+        keys:    request to the key holder (parameters)              -> reply: the public context (one blob)
+        encrypt: request to the clients' nodes (public context; + SumRequest) -> reply: each party's ciphertexts
+        decrypt: request to the key holder (the encrypted sum; + SumRequest)  -> reply: ``released``
+        check:   request to the key holder (count phase: ``reported``)        -> reply: refused or ""
+
+    Attributes
+    ----------
+    round : t; phase : the :class:`SumRequest` phase summed (``count`` or ``sums``).
+    step : ``keys``, ``encrypt``, ``decrypt`` or ``check``.
+    round_id : the backend's count of sums before this one (names the flooding key).
+    n_parties, dim, value_bound : n, D and the clients' bound on ``|x|``: they fix the CKKS
+        parameters (:func:`~gfmfr_secure.aggregation.ckks.ckks_params_for`).
+    parties : int64 [n] (keys and encrypt requests) the user id of each party, in party order; else empty.
+    owners : int64 [m] the party each blob is from (encrypt reply: one blob per ciphertext); else zeros.
+    blobs : uint8 [B] contexts or ciphertexts, concatenated; offsets : int64 [m + 1].
+    n_summands : (decrypt request) the uploads the encrypted sum adds.
+    released : float64 [D] (decrypt reply) the flooded (and centrally noised) decryption; else None.
+    reported : float64 [G] (check request) the group counts the server reports; else None.
+    refused : why the clients refuse the round (or, ``check``, the reported counts), or "".
+    unclipped_query : (encrypt reply) ``sum_i (b_i - 1/2)`` over the node's uploads.
+    flooding_std : (decrypt reply) std of the flooding noise on every released value.
+    """
+
+    ARRAYS: ClassVar[dict[str, tuple[str, int]]] = {
+        "parties": ("int64", 1), "owners": ("int64", 1), "blobs": ("uint8", 1), "offsets": ("int64", 1), "released": ("float64", 1), "reported": ("float64", 1),
+    }
+
+    round: int
+    phase: str
+    step: str
+    round_id: int
+    n_parties: int
+    dim: int
+    value_bound: float
+    parties: np.ndarray
+    owners: np.ndarray
+    blobs: np.ndarray
+    offsets: np.ndarray
+    n_summands: int = 0
+    released: np.ndarray | None = None
+    reported: np.ndarray | None = None
+    refused: str = ""
+    unclipped_query: float = 0.0
+    flooding_std: float = 0.0
+
+    def parameters(self) -> dict[str, Any]:
+        """The round's public parameters by field name."""
+        return {k: getattr(self, k) for k in ("round", "phase", "round_id", "n_parties", "dim", "value_bound")}
+
+    def messages(self) -> dict[int, list[bytes]]:
+        """The blobs by party (``owners``), in order."""
+        return blobs_by_owner(self.owners, self.blobs, self.offsets)
+
+    def ckks_params(self) -> Any:
+        """The :class:`~gfmfr_secure.secagg.ckks.CKKSParams` of the round: the in-process backend's for n uploads |x| <= value_bound."""
+        from gfmfr_secure.aggregation.ckks import ckks_params_for
+
+        return ckks_params_for(float(self.value_bound), max(int(self.n_parties), 1), packing="coefficients")
+
+    def answer(self, step: str, owners: list[int], blobs: list[bytes], *, parties: np.ndarray | None = None, **extra: Any) -> CKKSStep:
+        """This round's parameters with other content: ``blobs`` from ``owners``, and ``parties`` (default none)."""
+        packed, offsets = pack_blobs(blobs)
+        fields = {"released": None, "reported": None, "refused": "", "unclipped_query": 0.0, "flooding_std": 0.0, "n_summands": 0, **extra}
+        return dataclasses.replace(
+            self, step=step, parties=np.zeros(0, dtype=np.int64) if parties is None else np.asarray(parties, dtype=np.int64),
+            owners=np.asarray(owners, dtype=np.int64), blobs=packed, offsets=offsets, **fields,
+        )
+
+
 @dataclass(frozen=True, eq=False)
 class SecAggRound(Message):
     """The public parameters of one ``masking`` sum across nodes (fields of :class:`SecAggStep` and of a node's kept state).
@@ -601,11 +694,7 @@ class SecAggStep(SecAggRound):
 
     def messages(self) -> dict[int, list[bytes]]:
         """The protocol messages by party (``owners``), in order."""
-        out: dict[int, list[bytes]] = {}
-        data = self.blobs.tobytes()
-        for i, owner in enumerate(self.owners.tolist()):
-            out.setdefault(int(owner), []).append(data[int(self.offsets[i]) : int(self.offsets[i + 1])])
-        return out
+        return blobs_by_owner(self.owners, self.blobs, self.offsets)
 
     def identity_keys(self) -> dict[int, bytes]:
         """Party -> raw Ed25519 public key (32 bytes)."""

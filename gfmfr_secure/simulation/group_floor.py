@@ -34,7 +34,7 @@ from gfmfr_secure.privacy.release import Release, ReleaseLayout, ReleaseNoise
 from gfmfr_secure.rng import SecretSource
 from gfmfr_secure.types import CohortUpdate
 
-__all__ = ["count_inputs", "count_phase", "floor_report", "secrets_report"]
+__all__ = ["count_inputs", "count_phase", "count_release", "floor_report", "secrets_report"]
 
 
 def count_phase(
@@ -95,11 +95,16 @@ def count_inputs(
     )
     if dp is None:
         return counts_only, None
-    layout = ReleaseLayout(n_groups, 0, d, 0, dp.count_value)  # blocks of one coordinate: the count
-    release = Release(dp, layout, round_idx, kind="dp-count")
+    release = count_release(dp, n_groups, d, round_idx)
+    layout = release.layout
     m = n if n_total is None else int(n_total)
     shares = release.shares(source, upload.clients, m, aggregator.min_reporting(m))  # shares of dropped clients never arrive
     return counts_only, ReleaseNoise(layout, release.central(source), shares)
+
+
+def count_release(dp: Any, n_groups: int, d: int, round_idx: int) -> Release:
+    """The count phase's DP release of round ``round_idx``: layout ``[G, 1]`` (one count coordinate per group), kind ``dp-count``."""
+    return Release(dp, ReleaseLayout(n_groups, 0, d, 0, dp.count_value), round_idx, kind="dp-count")
 
 
 def floor_report(min_group_size: int, merged_rounds: int, skipped_rounds: int, smallest: float | None) -> dict[str, Any]:

@@ -126,6 +126,15 @@ class KeyHolder:
             return self.public_context_bytes()
         return self._context.serialize(save_secret_key=True, save_galois_keys=False, save_relin_keys=False)
 
+    def secret_context_bytes(self) -> bytes:
+        """The context with its secret key, for the key holder's own storage between messages.
+
+        Under ``authority`` this never leaves the key holder: a :class:`Decryptor` built from
+        it later decrypts the sum (a key holder that answers one message per process keeps it
+        in its own state file).
+        """
+        return self._context.serialize(save_public_key=not self.symmetric, save_secret_key=True, save_galois_keys=False, save_relin_keys=False)
+
     def encryptor(self, dim: int, *, wire: WireFormat | None = None) -> Encryptor:
         """An :class:`Encryptor` built from :meth:`client_context_bytes` (what a client would build)."""
         w = self.default_wire if wire is None else wire
