@@ -196,3 +196,56 @@ def test_the_server_side_relay_loads_neither_the_key_holder_nor_the_client_role(
     loaded = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=120).stdout
     assert "'gfmfr_secure.secagg.ckks.server'" in loaded  # the import did reach the aggregator's module
     assert not any(f"'{m}'" in loaded for m in forbidden), loaded
+
+
+@pytest.mark.slow
+@pytest.mark.dataset
+def test_the_key_holder_decrypts_once_under_a_key_and_only_it_decrypts(ml100k_dir: Path, tmp_path: Path) -> None:
+    """After a round, a server sending one party's ciphertexts as "the sum" to the key holder is refused (the key was used
+    for the round's release and forgotten); a decrypt step sent to another node is refused too."""
+    from flwr.app import RecordDict
+
+    from gfmfr_secure.flower.records import put_message
+
+    _, _, grid = _run(ml100k_dir, tmp_path, "replay", _FEDRAP.replace("train.rounds=2", "train.rounds=1"), grid_cls=_Recorder)
+    encrypt = next(s for s in grid.received if s.step == "encrypt" and s.owners.size)
+    party, upload = next(iter(encrypt.messages().items()))
+    assert party >= 0 and len(upload) >= 1
+    holder, other = sorted(grid.contexts)[:2]
+    for node, match in ((holder, "decrypts once under a key"), (other, "not the key holder")):
+        content = RecordDict()
+        put_message(content, "request", encrypt.answer("decrypt", [0] * len(upload), upload, n_summands=1))
+        with task_identity():
+            [reply] = grid.send_and_receive([Message(content, dst_node_id=node, message_type="query.ckks", group_id="replay")])
+        assert reply.has_error() and match in reply.error.reason, node
+
+
+@pytest.mark.slow
+@pytest.mark.dataset
+def test_a_node_silent_before_encrypting_is_left_out_and_a_silent_key_holder_stops_the_run(ml100k_dir: Path, tmp_path: Path) -> None:
+    """Node 102 stops answering at round 1's encrypt step: the sum of the other nodes' uploads is released, and the metrics
+    equal a run in which node 102 stopped before round 1's training (within 1e-6). The key holder silent at the decrypt
+    step: the run stops with a DeploymentError naming it."""
+    from gfmfr_secure.flower.loopback import DeploymentError
+
+    metrics, history, _ = _run_silent(ml100k_dir, tmp_path, "dropped", {"sums-encrypt-1": 102})
+    reference, _, _ = _run_silent(ml100k_dir, tmp_path, "gone", {"train-1": 102})
+    for which in ("val", "test"):
+        assert max(abs(metrics[which][k] - reference[which][k]) for k in metrics[which]) <= 1e-6, which
+    assert metrics["flower"]["dropped_nodes"] == [102]
+    steps = {e["kind"]: e for e in history[1]["flower"]}
+    assert steps["sums-encrypt"]["dropped_nodes"] == [102] and steps["sums-encrypt"]["clients_missing"] > 0
+    decrypt = steps["sums-decrypt"]
+    assert decrypt["parties"] - decrypt["survivors"] == steps["sums-encrypt"]["clients_missing"]
+    with pytest.raises(DeploymentError, match="key holder's node 100 did not answer the decrypt step"):
+        _run_silent(ml100k_dir, tmp_path, "holder", {"sums-decrypt-0": 100})
+
+
+def _run_silent(ml100k_dir: Path, tmp_path: Path, name: str, silent_from: dict[str, int]) -> tuple[dict[str, Any], list[dict[str, Any]], LocalGrid]:
+    """:func:`_run` of FedRAP under ckks (2 rounds) with nodes falling silent (LocalGrid's ``silent_from``)."""
+
+    class Silent(LocalGrid):
+        def __init__(self, *args: Any) -> None:
+            super().__init__(*args, silent_from=silent_from)
+
+    return _run(ml100k_dir, tmp_path, name, _FEDRAP, grid_cls=Silent)

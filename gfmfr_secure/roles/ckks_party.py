@@ -90,6 +90,8 @@ class NodeCKKS:
             raise CKKSError(f"round {step.round}: a {step.step} step reached the key holder before it made the round's keys")
         self.kept.check(step)
         if step.step == "decrypt":
+            if self.kept.released is not None or not self.kept.secret.size:
+                raise CKKSError(f"round {step.round}: the key holder already released this sum; it decrypts once under a key")
             if request is None:
                 raise CKKSError(f"round {step.round}: the decrypt step carries no sum request")
             return self._decrypt(step, request)
@@ -143,8 +145,6 @@ class NodeCKKS:
         """Decrypt the sum once, flood it, add the central DP draw; forget the secret key, keep the release."""
         from gfmfr_secure.secagg.ckks.keyholder import Decryptor
 
-        if self.kept.released is not None or not self.kept.secret.size:
-            raise CKKSError(f"round {step.round}: the key holder already released this sum; it decrypts once under a key")
         central = self._central(request)
         decryptor = Decryptor(self.kept.secret.tobytes(), step.ckks_params(), int(step.dim), wire=CKKS_WIRE)
         flood_key = self.clients.aggregator.secrets.key("ckks-flood", int(step.round_id))
