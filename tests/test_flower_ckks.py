@@ -241,11 +241,23 @@ def test_a_node_silent_before_encrypting_is_left_out_and_a_silent_key_holder_sto
         _run_silent(ml100k_dir, tmp_path, "holder", {"sums-decrypt-0": 100})
 
 
-def _run_silent(ml100k_dir: Path, tmp_path: Path, name: str, silent_from: dict[str, int]) -> tuple[dict[str, Any], list[dict[str, Any]], LocalGrid]:
+@pytest.mark.slow
+@pytest.mark.dataset
+def test_under_distributed_dp_a_sum_missing_a_nodes_parties_is_not_released(ml100k_dir: Path, tmp_path: Path) -> None:
+    """The noise shares were sized for every party: without node 102's the sum would carry less noise than accounted."""
+    from gfmfr_secure.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="less noise than accounted"):
+        _run_silent(ml100k_dir, tmp_path, "short", {"sums-encrypt-0": 102}, _FEDRAP + _DISTRIBUTED)
+
+
+def _run_silent(
+    ml100k_dir: Path, tmp_path: Path, name: str, silent_from: dict[str, int], overrides: str = _FEDRAP,
+) -> tuple[dict[str, Any], list[dict[str, Any]], LocalGrid]:
     """:func:`_run` of FedRAP under ckks (2 rounds) with nodes falling silent (LocalGrid's ``silent_from``)."""
 
     class Silent(LocalGrid):
         def __init__(self, *args: Any) -> None:
             super().__init__(*args, silent_from=silent_from)
 
-    return _run(ml100k_dir, tmp_path, name, _FEDRAP, grid_cls=Silent)
+    return _run(ml100k_dir, tmp_path, name, overrides, grid_cls=Silent)
