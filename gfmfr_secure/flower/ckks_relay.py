@@ -104,7 +104,7 @@ def relay_encrypted_sum(exchange: Exchange, msg: SumRequest, aggregator: Any, ho
     )
     kind = f"{msg.phase}-"
     keys = _holder_reply(exchange(kind + "keys", step, [holder], None), holder, "keys")
-    [[context]] = keys.messages().values()
+    context = keys.only_blob("the public context")
     params = step.ckks_params()
     server = CKKSAggregator(context, params, int(dim), wire=CKKS_WIRE)  # refuses a context holding a secret key
     try:

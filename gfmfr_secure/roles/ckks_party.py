@@ -123,7 +123,7 @@ class NodeCKKS:
             aggregator.check_clients_accept(n, int(step.dim), n, None, aggregator.seed, int(step.round_id))
         except ClientRefusal as err:
             return step.answer("encrypt", [], [], refused=str(err))
-        [[context]] = step.messages().values()
+        context = step.only_blob("the public context")
         vectors, members, groups, _ = clients.dense_input(request, n)
         if vectors.shape[1] != int(step.dim):
             raise CKKSError(f"round {step.round}: the clients' uploads hold {vectors.shape[1]} values, the step says {step.dim}")

@@ -600,6 +600,12 @@ class CKKSStep(Message):
         """The blobs by party (``owners``), in order."""
         return blobs_by_owner(self.owners, self.blobs, self.offsets)
 
+    def only_blob(self, what: str) -> bytes:
+        """The step's one blob (a context), or :class:`MessageError` naming ``what`` was expected."""
+        if self.owners.size != 1:
+            raise MessageError(f"round {self.round}: the {self.step} step should carry {what} as one blob, it carries {self.owners.size}")
+        return self.blobs.tobytes()
+
     def ckks_params(self) -> Any:
         """The :class:`~gfmfr_secure.secagg.ckks.CKKSParams` of the round: the in-process backend's for n uploads |x| <= value_bound."""
         from gfmfr_secure.aggregation.ckks import ckks_params_for
