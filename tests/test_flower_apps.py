@@ -76,18 +76,23 @@ def test_secure_settings_flower_does_not_carry_are_refused_by_name(ml100k_dir: P
         check_supported(experiment_config({"config": "configs/fedrap.yaml", "overrides": f"aggregation.backend={backend} train.weighting=uniform"}, data=str(ml100k_dir)))
 
 
-@pytest.mark.parametrize(
-    ("overrides", "match"),
-    [
-        ("privacy.mechanism=dpsgd", "accountant events"),
-        ("privacy.adaptive_clip=true", "clipped-count query"),
-    ],
-)
-def test_dp_settings_flower_does_not_carry_are_refused_by_name(ml100k_dir: Path, overrides: str, match: str) -> None:
-    extra = " train.weighting=uniform" if "dpsgd" in overrides else ""
-    cfg = experiment_config({"config": "configs/privacy/eps-8.yaml", "overrides": overrides + extra}, data=str(ml100k_dir))
-    with pytest.raises(ConfigError, match=match):
-        check_supported(cfg)
+def _flower_and_in_process(ml100k_dir: Path, tmp_path: Path, config: str, overrides: str, n_nodes: int) -> tuple[dict[str, Any], str, Any, LocalGrid]:
+    """The same run over ``n_nodes`` LocalGrid nodes and in process: (Flower metrics, its run folder, the in-process ``FederatedRun``, the grid)."""
+    from gfmfr_secure.simulation.loop import run_federated
+    from gfmfr_secure.simulation.runner import prepare_data
+
+    rc = {"config": config, "overrides": overrides, "data": str(ml100k_dir), "out": str(tmp_path), "name": "run", "min-nodes": n_nodes}
+    grid = LocalGrid(rc, _nodes(n_nodes, ml100k_dir), tmp_path / "state")
+    with task_identity():
+        metrics, folder = run_server(grid, rc)
+    cfg = experiment_config(rc)
+    data, split = prepare_data(cfg)
+    expected = run_federated(cfg, data, split, progress=False)
+    for which in ("val", "test"):
+        assert set(metrics[which]) == set(expected.metrics[which])
+        worst = max(abs(metrics[which][k] - expected.metrics[which][k]) for k in expected.metrics[which])
+        assert worst <= 1e-6, (which, worst)
+    return metrics, folder, expected, grid
 
 
 #: GFMFR made small for speed (d=16, one fusion epoch, 30% cohorts, 2 rounds)
@@ -113,21 +118,57 @@ _SMALL_DP = _SMALL_GFMFR + " secrets=reproducible privacy.noise_multiplier=1.0"
 )
 def test_gfmfr_and_user_level_dp_give_the_in_process_metrics(ml100k_dir: Path, tmp_path: Path, config: str, overrides: str, nodes_sum: bool) -> None:
     """GFMFR and the central, local and distributed DP mechanisms over 3 partitions: val and test metrics of ``run_federated`` within 1e-6."""
-    from gfmfr_secure.simulation.loop import run_federated
-    from gfmfr_secure.simulation.runner import prepare_data
-
-    rc = {"config": config, "overrides": overrides, "data": str(ml100k_dir), "out": str(tmp_path), "name": "run", "min-nodes": 3}
-    grid = LocalGrid(rc, _nodes(3, ml100k_dir), tmp_path / "state")
-    with task_identity():
-        metrics, _ = run_server(grid, rc)
-    cfg = experiment_config(rc)
-    data, split = prepare_data(cfg)
-    expected = run_federated(cfg, data, split, progress=False).metrics
-    for which in ("val", "test"):
-        assert set(metrics[which]) == set(expected[which])
-        worst = max(abs(metrics[which][k] - expected[which][k]) for k in expected[which])
-        assert worst <= 1e-6, (which, worst)
+    *_, grid = _flower_and_in_process(ml100k_dir, tmp_path, config, overrides, 3)
     assert ("query.aggregate" in {kind for _, kind, _ in grid.calls}) == nodes_sum
+
+
+@pytest.mark.slow
+@pytest.mark.dataset
+def test_dpsgd_gives_the_in_process_metrics_and_epsilon_and_each_node_keeps_its_clients_events(ml100k_dir: Path, tmp_path: Path) -> None:
+    """Record-level DP-SGD over 2 nodes: metrics within 1e-6 and the per-client epsilons of ``run_federated`` exactly; each
+    node's state file holds every round's accountant event of its clients, whose composed epsilons give the reported ones."""
+    from gfmfr_secure.client.dpsgd import compose_client_epsilon
+    from gfmfr_secure.flower.clientapp import DPSGD, read_records, state_path
+
+    overrides = "train.rounds=2 model.latent_dim=8 train.client_fraction=0.04 seed=5 secrets=reproducible train.weighting=uniform fusion.server_epochs=1 " \
+        "privacy.mechanism=dpsgd privacy.dpsgd_noise_multiplier=1.0 privacy.dpsgd_batch_size=64"
+    metrics, folder, expected, grid = _flower_and_in_process(ml100k_dir, tmp_path, "configs/privacy/eps-8.yaml", overrides, 2)
+    ours, theirs = metrics["privacy"], expected.metrics["privacy"]
+    assert ours["mechanism"] == "dpsgd" and ours["epsilon_if_covered"] > 0
+    for key in ("epsilon", "epsilon_if_covered", "epsilon_median_client", "rounds"):
+        assert ours[key] == theirs[key], key
+    history = json.loads((Path(folder) / "history.json").read_text(encoding="utf-8"))
+    events: dict[int, list[tuple[float, float, int]]] = {}
+    for node, context in grid.contexts.items():
+        record = read_records(state_path(context)).array_records[DPSGD]
+        for c, (sigma, q, steps) in zip(record["clients"].numpy().tolist(), record["events"].numpy().tolist(), strict=True):
+            assert c % 2 == node - 100  # a node keeps its own clients' events only
+            events.setdefault(c, []).append((sigma, q, int(steps)))
+    assert sum(len(h) for h in events.values()) == sum(h["cohort"] for h in history)
+    assert max(len(h) for h in events.values()) == 2  # clients in both rounds' cohorts kept round 0's event on their node
+    eps = sorted(compose_client_epsilon(h, float(expected.metrics["privacy"]["delta"]), ours["accountant"]) for h in events.values())
+    assert eps[-1] == ours["epsilon_if_covered"] and float(np.median(eps)) == ours["epsilon_median_client"]
+
+
+@pytest.mark.slow
+@pytest.mark.dataset
+@pytest.mark.parametrize("grouping", ["oblivious", "spectral"])
+def test_central_dp_with_adaptive_clipping_gives_the_in_process_clip_and_ledger(ml100k_dir: Path, tmp_path: Path, grouping: str) -> None:
+    """Central DP with adaptive clipping over 3 nodes: the nodes' clipped-count queries reach the server with their uploads,
+    and it noises them as in process; every round's clip and epsilon, the ledger and the metrics equal ``run_federated``'s
+    (metrics within 1e-6)."""
+    overrides = _SMALL_DP + f" train.rounds=3 privacy.adaptive_clip=true privacy.clip_lr=0.5 grouping.method={grouping}"
+    metrics, folder, expected, grid = _flower_and_in_process(ml100k_dir, tmp_path, "configs/privacy/eps-8.yaml", overrides, 3)
+    history = json.loads((Path(folder) / "history.json").read_text(encoding="utf-8"))
+    clips = [h["dp"]["clip"] for h in history]
+    assert clips == [h["dp"]["clip"] for h in expected.history]
+    assert len(set(clips)) == len(clips)  # the clip moved every round
+    assert [h["dp"]["epsilon"] for h in history] == [h["dp"]["epsilon"] for h in expected.history]
+    ours, theirs = metrics["privacy"], expected.metrics["privacy"]
+    assert ours["adaptive_clip"] and ours["ledger"] == theirs["ledger"]
+    for key in ("epsilon", "epsilon_if_covered", "clip_final", "noise_multiplier"):
+        assert ours[key] == theirs[key], key
+    assert "query.aggregate" not in {kind for _, kind, _ in grid.calls}  # the server released the sums itself
 
 
 @pytest.mark.slow

@@ -14,11 +14,12 @@ nodes and server) and keeps its partition's rows only.
 flwr 1.42 starts one ``flwr-clientapp`` process per message (the SuperNode's SuperExec
 launches it and it exits after the reply), so nothing survives in memory between
 messages. The node's client state (the hosted clients' private state, the state kept at
-the best validation round, this round's uploads until they are summed, and during a ``masking``
-sum each party's SecAgg+ state with its secret seed) is written, before
-the reply leaves, to ``<state-dir>/run-<run id>/node-<node id>.npz`` on the node's machine
-(node config ``state-dir``, default ``$FLWR_HOME/gfmfr-state``, ``$FLWR_HOME`` defaulting
-to ``~/.flwr``), and read back by the next message's process. Flower's ``Context.state``
+the best validation round, this round's uploads until they are summed, under DP-SGD each
+client's accountant events, and during a ``masking`` sum each party's SecAgg+ state with its
+secret seed) is written, before the reply leaves, to
+``<state-dir>/run-<run id>/node-<node id>.npz`` on the node's machine (node config
+``state-dir``, default ``$FLWR_HOME/gfmfr-state``, ``$FLWR_HOME`` defaulting to
+``~/.flwr``), and read back by the next message's process. Flower's ``Context.state``
 is not used for it: ``flwr-clientapp`` hands its Context back to the SuperNode only after
 pushing the reply, so the next message's process can start with the Context from before
 (measured: with every ML-100K user in the cohort the test metrics of a 3-round run
@@ -60,12 +61,15 @@ from gfmfr_secure.roles.secagg_party import NodeParties, PartyRound
 
 __all__ = ["NodeHost", "NodeStateError", "app", "read_records", "state_path", "write_records"]
 
-#: the request's and the reply's record names; one-way messages are "before.<i>"; the sum request a secure-sum step carries
-REQUEST, REPLY, BEFORE, SUM = "request", "reply", "before", "sum"
+#: the request's and the reply's record names; one-way messages are "before.<i>"; the sum request a secure-sum step carries;
+#: the clients' adaptive-clipping count query a train reply carries (central DP under plain)
+REQUEST, REPLY, BEFORE, SUM, UNCLIPPED = "request", "reply", "before", "sum", "unclipped"
 #: state record names
 STORE, BEST, NORMS, SCALARS, PENDING, SECAGG = "gfmfr.store", "gfmfr.best", "gfmfr.norms", "gfmfr.node", "gfmfr.upload", "gfmfr.secagg"
 #: the ckks key holder's state (its round's secret context until the one decryption, then the release)
 CKKS = "gfmfr.ckks"
+#: state record of DP-SGD's accountant events: the clients (int64 [k]) and their events (float64 [k, 3]), each client's in order
+DPSGD = "gfmfr.dpsgd"
 
 #: the request's sequence number among those sent to this node (0: the hello)
 SEQ = "seq"
@@ -194,6 +198,12 @@ class NodeHost:
             put_message(state, SECAGG, self.secagg)
         if self.ckks is not None:  # the key holder's secret context stays on this machine, in this file
             put_message(state, CKKS, self.ckks)
+        if node.record_dp is not None:
+            owners = [c for c, hist in sorted(node.record_dp.events.items()) for _ in hist]
+            events = [ev for _, hist in sorted(node.record_dp.events.items()) for ev in hist]
+            state[DPSGD] = ArrayRecord({
+                "clients": Array(np.asarray(owners, dtype=np.int64)), "events": Array(np.asarray(events, dtype=np.float64).reshape(-1, 3)),
+            })
 
     def restore(self, state: RecordDict) -> None:
         """Read back what :meth:`save` wrote (nothing on the run's first message)."""
@@ -213,6 +223,11 @@ class NodeHost:
         clients.upload = get_message(state, PENDING, Upload).as_update() if bool(scalars["pending"]) else None
         self.secagg = get_message(state, SECAGG, PartyRound) if f"{SECAGG}.config" in state.config_records else None
         self.ckks = get_message(state, CKKS, KeyRound) if f"{CKKS}.config" in state.config_records else None
+        if node.record_dp is not None and DPSGD in state.array_records:
+            record = state.array_records[DPSGD]
+            node.record_dp.events = {}
+            for c, (sigma, q, steps) in zip(record["clients"].numpy().tolist(), record["events"].numpy().tolist(), strict=True):
+                node.record_dp.events.setdefault(int(c), []).append((float(sigma), float(q), int(steps)))
 
     # ------------------------------------------------------------------ messages
 
@@ -249,6 +264,9 @@ class NodeHost:
         elif kind == "train":
             self.secagg = self.ckks = None
             out = self.clients.train(get_message(content, REQUEST, Broadcast))
+            pc = self.cfg.privacy
+            if not self.clients.secure and pc.mechanism == "central" and pc.adaptive_clip:  # the server releases the sums (FlowerClients)
+                reply[UNCLIPPED] = ConfigRecord({"query": float(self.clients.unclipped_query())})
         elif kind == "aggregate":
             out = self.clients.aggregate(get_message(content, REQUEST, SumRequest))
         elif kind == "secagg":

@@ -139,7 +139,10 @@ def check_supported(cfg: Any) -> None:
 
     Carried: the ``plain`` backend; ``masking`` as one SecAgg+ round per sum among the
     cohort's parties on every node, relayed by the ServerApp (:mod:`gfmfr_secure.flower.relay`);
-    central, distributed and local user-level DP. Under ``masking`` with oblivious grouping
+    central, distributed and local user-level DP, adaptive clipping included (under central DP
+    with ``plain`` each node sends its clients' clipped-count query with its uploads, and the
+    server adds its noise as in process); record-level DP-SGD (each node keeps its clients'
+    accountant events in its state file). Under ``masking`` with oblivious grouping
     the count phase is a SecAgg round too, and the clients check the reported counts
     against its transcript, which the ServerApp sends them. Under ``masking`` the clients'
     broadcast attestation runs on each node among the cohort as that node received the
@@ -153,10 +156,7 @@ def check_supported(cfg: Any) -> None:
     ConfigError
         For ``ckks`` with ``aggregation.custody=shared-clients`` (the shared secret key would
         reach the clients' nodes only through the ServerApp); for ``masking`` with ``aggregation.dropout`` (a
-        simulated dropout; over Flower the dropouts are the nodes that stop answering); for
-        record-level DP-SGD (its accountant's per-client events are not kept between
-        messages); and for central DP with adaptive clipping (the clients' clipped-count
-        query is not collected).
+        simulated dropout; over Flower the dropouts are the nodes that stop answering).
     """
     backend = cfg.aggregation.backend
     if backend not in ("plain", "masking", "ckks"):
@@ -171,12 +171,4 @@ def check_supported(cfg: Any) -> None:
         raise ConfigError(
             f"aggregation.dropout={cfg.aggregation.dropout} simulates dropouts in process; over Flower the dropouts are the "
             "SuperNodes that stop answering (round-timeout): set aggregation.dropout=0"
-        )
-    pc = cfg.privacy
-    if pc.mechanism == "dpsgd":
-        raise ConfigError("privacy.mechanism=dpsgd over Flower is not built (the per-client accountant events are not kept between messages)")
-    if pc.mechanism == "central" and pc.adaptive_clip:
-        raise ConfigError(
-            "privacy.mechanism=central with privacy.adaptive_clip over Flower is not built: the server releases the sums "
-            "itself and does not collect the clients' clipped-count query (their norms stay on the SuperNodes); set privacy.adaptive_clip=false"
         )

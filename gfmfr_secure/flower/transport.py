@@ -14,14 +14,15 @@ Under the plain backend the nodes' uploads reach the server client by client; wi
 user-level DP the sum of a round is then computed here over the merged uploads with the
 backend's own code (see :meth:`FlowerClients._plain_sum`): no second message, and the
 floats add in the order of the in-process run (per-node partial sums added afterwards
-would round differently). Under central DP with a fixed clip the count phase and the
-noised sums are released here too (:meth:`FlowerClients._central_release`): the noise is
-one draw, which the nodes would each add again. Every other sum request (local DP: the
-clients' own noise shares) goes to the nodes holding uploads and their partial sums are
-added (:func:`~gfmfr_secure.roles.messages.merge_sum_replies`), except under the secure
-backends: ``masking`` runs a SecAgg+ round among the nodes' parties (:meth:`FlowerClients._masking_sums`),
-``ckks`` has the parties encrypt on their nodes, adds the ciphertexts here and has the key
-holder's node decrypt (:meth:`FlowerClients._ckks_sums`).
+would round differently). Under central DP the count phase and the noised sums are
+released here too (:meth:`FlowerClients._central_release`): the noise is one draw, which
+the nodes would each add again; with adaptive clipping each node's train reply carries its
+clients' clipped-count query, which the sums reply passes on. Every other sum request
+(local DP: the clients' own noise shares) goes to the nodes holding uploads and their
+partial sums are added (:func:`~gfmfr_secure.roles.messages.merge_sum_replies`), except
+under the secure backends: ``masking`` runs a SecAgg+ round among the nodes' parties
+(:meth:`FlowerClients._masking_sums`), ``ckks`` has the parties encrypt on their nodes, adds
+the ciphertexts here and has the key holder's node decrypt (:meth:`FlowerClients._ckks_sums`).
 """
 
 from __future__ import annotations
@@ -108,8 +109,9 @@ class FlowerClients:
         self._round = -1
         self._population = 0
         self._plan: tuple[int, Any] | None = None  # (population, user-level DP plan) of a central-DP run
-        #: central DP with a fixed clip: the plain sums and the count phase are released here (see _central_release)
-        self.central_here = self.per_client and cfg.privacy.mechanism == "central" and not cfg.privacy.adaptive_clip
+        #: central DP: the plain sums and the count phase are released here (see _central_release)
+        self.central_here = self.per_client and cfg.privacy.mechanism == "central"
+        self._unclipped = 0.0  # the clients' clipped-count query of the round, from the nodes' train replies
         #: masking: the sums run as one SecAgg+ round among the nodes' parties, relayed here (see _masking_sums)
         self.masking = cfg.aggregation.backend == "masking"
         #: ckks: the nodes' clients encrypt, the sums are added here, the key holder's node decrypts (see _ckks_sums)
@@ -181,8 +183,10 @@ class FlowerClients:
     def train(self, msg: Broadcast) -> Upload:
         t = int(msg.round)
         self._round, self._population = t, int(msg.population)
-        replies = self._exchange("train", "train", msg, list(self.nodes), t, lambda c: get_message(c, "reply", Upload), users=msg.cohort)
+        answers = self._exchange("train", "train", msg, list(self.nodes), t, lambda c: (get_message(c, "reply", Upload), _unclipped_query(c)), users=msg.cohort)
+        replies = {n: up for n, (up, _) in answers.items()}
         self._uploaded = replies
+        self._unclipped = sum(answers[n][1] for n in sorted(answers))
         self._merged = None
         uploads = [replies[n] for n in sorted(replies)]
         refused = sum(u.refused for u in uploads)
@@ -360,7 +364,9 @@ class FlowerClients:
         clients run (:func:`~gfmfr_secure.simulation.group_floor.count_phase`,
         ``aggregate(noise=ReleaseNoise(...))``); the count phase's central draw uses the
         clients' key ``dp-count-central`` of a :class:`~gfmfr_secure.rng.SecretSource`
-        built from the config, as each node's is.
+        built from the config, as each node's is. The sums reply carries the clients'
+        clipped-count query the nodes sent with their uploads (0 without adaptive
+        clipping); the server adds its noise to it as in process.
         """
         from gfmfr_secure.privacy.release import ReleaseLayout, ReleaseNoise
         from gfmfr_secure.rng import SecretSource
@@ -379,7 +385,7 @@ class FlowerClients:
         if msg.central is not None:
             layout = ReleaseLayout(int(msg.n_groups), self.n_items, int(self.cfg.model.latent_dim), self._head_size(), dp.count_value, write_count=bool(msg.write_count))
             noise = ReleaseNoise(layout, torch.from_numpy(np.array(msg.central)), None)
-        return self._plain_sum(msg, up, noise)
+        return dataclasses.replace(self._plain_sum(msg, up, noise), unclipped_query=float(self._unclipped))
 
     def _plain_sum(self, msg: SumRequest, up: Upload, noise: Any = None) -> SumReply:
         """The plain backend's sum of the merged uploads ``up``, computed here (no message to the nodes).
@@ -390,8 +396,8 @@ class FlowerClients:
         release each client commits the group it is summed in (an :class:`Assignment`
         sent with the next request), and without user-level clipping (clip = inf) every
         client's count query ``b_i - 1/2`` is ``+1/2``. ``noise``: the central DP draw
-        (:meth:`_central_release`), None without DP; the count query is then not collected
-        (central DP with a fixed clip does not read it).
+        (:meth:`_central_release`), None without DP; the count query is then 0 here
+        (:meth:`_central_release` replaces it with the one the nodes sent).
         """
         update = up.as_update()
         groups = None
@@ -430,3 +436,7 @@ class FlowerClients:
     def keep_snapshot(self, msg: KeepSnapshot) -> None:
         self._queue(msg)
 
+
+def _unclipped_query(content: RecordDict) -> float:
+    """The clients' clipped-count query ``sum_i (b_i - 1/2)`` a node's train reply carries (central DP with adaptive clipping), else 0."""
+    return float(content.config_records["unclipped"]["query"]) if "unclipped" in content.config_records else 0.0

@@ -207,7 +207,11 @@ class InProcessClients:
         if groups is not None:  # the round released: each client keeps its own group
             for n in self.nodes:
                 n.commit_groups(upload.clients, groups)
-        return sum_reply(t, "sums", agg, cost=dict(self.aggregator.last_cost), unclipped=sum(n.unclipped_query() for n in self.nodes))
+        return sum_reply(t, "sums", agg, cost=dict(self.aggregator.last_cost), unclipped=self.unclipped_query())
+
+    def unclipped_query(self) -> float:
+        """This round's adaptive-clipping count query of the hosted clients: ``sum_i (b_i - 1/2)`` over their uploads."""
+        return sum(n.unclipped_query() for n in self.nodes)
 
     def release_input(self, msg: SumRequest, n_total: int | None = None) -> tuple[CohortUpdate, np.ndarray | None, np.ndarray, ReleaseNoise | None]:
         """What the clients put into the ``sums`` of ``msg``: (uploads, groups int64 [n] or None, weights float64 [n], noise or None).
