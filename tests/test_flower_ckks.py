@@ -11,7 +11,6 @@ and adds the central DP draw (:mod:`gfmfr_secure.flower.ckks_relay`,
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,8 @@ pytest.importorskip("flwr")
 pytest.importorskip("tenseal")
 
 from flwr.app import Message  # noqa: E402
+
+from flower_recording import RecordingGrid  # noqa: E402
 
 from gfmfr_secure.flower.localgrid import LocalGrid, task_identity  # noqa: E402
 from gfmfr_secure.flower.records import get_message  # noqa: E402
@@ -97,17 +98,11 @@ def test_ckks_over_three_nodes_gives_the_in_process_metrics(ml100k_dir: Path, tm
         assert 0 < rec["cost"]["flooding_std"] < 1e-6
 
 
-class _Recorder(LocalGrid):
+class _Recorder(RecordingGrid):
     """LocalGrid that keeps every ckks step the server received."""
 
-    received: list[CKKSStep]
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        replies = list(super().send_and_receive(messages, timeout=timeout))
-        for reply in replies:
-            if reply.metadata.message_type == "query.ckks" and not reply.has_error():
-                self.__dict__.setdefault("received", []).append(get_message(reply.content, "reply", CKKSStep))
-        return replies
+    message_type = "query.ckks"
+    step_cls = CKKSStep
 
 
 @pytest.mark.slow

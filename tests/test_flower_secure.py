@@ -9,7 +9,6 @@ sums are exact fixed-point sums, so the metrics equal the in-process engine's.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import pytest
 
 pytest.importorskip("flwr")
 
-from flwr.app import Message  # noqa: E402
+from flower_recording import RecordingGrid  # noqa: E402
 
 from gfmfr_secure.flower.localgrid import LocalGrid, task_identity  # noqa: E402
 from gfmfr_secure.flower.records import get_message  # noqa: E402
@@ -154,17 +153,11 @@ def test_a_node_silent_after_the_key_rounds_is_recovered_and_the_history_counts_
     assert history[1]["cost"]["dropped"] == missing
 
 
-class _Recorder(LocalGrid):
+class _Recorder(RecordingGrid):
     """LocalGrid that keeps every secure-sum step the server received."""
 
-    received: list[SecAggStep]
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        replies = list(super().send_and_receive(messages, timeout=timeout))
-        for reply in replies:
-            if reply.metadata.message_type == "query.secagg" and not reply.has_error():
-                self.__dict__.setdefault("received", []).append(get_message(reply.content, "reply", SecAggStep))
-        return replies
+    message_type = "query.secagg"
+    step_cls = SecAggStep
 
 
 @pytest.mark.slow
