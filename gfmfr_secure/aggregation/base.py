@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from gfmfr_secure.client.checks import CountEvidence, check_round_parameters
+from gfmfr_secure.errors import ConfigError
 from gfmfr_secure.privacy.release import ReleaseNoise
 from gfmfr_secure.rng import SecretMode, SecretSource
 from gfmfr_secure.secagg.masking import SecAggConfig, neighbourhood_graph
@@ -85,6 +86,23 @@ class Aggregator(ABC):
         drop out never reach the sum. Backends without dropouts return ``n``.
         """
         return int(n)
+
+    def check_survivors(self, survivors: int, n: int, *, fix: str) -> None:
+        """Refuse to release a sum carrying DP noise shares when fewer than :meth:`min_reporting` of ``n`` uploads reached it.
+
+        ``fix`` names what the caller can change (it depends on where the dropouts come from).
+
+        Raises
+        ------
+        ConfigError
+            The sum would carry less noise than accounted.
+        """
+        if survivors < self.min_reporting(n):
+            raise ConfigError(
+                f"aggregation.backend={self.name}: only {survivors} of {n} clients' uploads reached the sum, but the distributed DP "
+                f"noise shares were sized for at least {self.min_reporting(n)}; the sum would carry less noise than accounted "
+                f"and is not released: {fix}"
+            )
 
     @abstractmethod
     def aggregate(

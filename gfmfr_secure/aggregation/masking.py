@@ -99,21 +99,6 @@ class MaskingAggregator(Aggregator):
         """
         return self._threshold(n, n)
 
-    def check_survivors(self, survivors: int, n: int) -> None:
-        """Refuse to release a sum carrying DP noise shares when fewer than :meth:`min_reporting` of ``n`` survived.
-
-        Raises
-        ------
-        ConfigError
-            The sum would carry less noise than accounted.
-        """
-        if survivors < self.min_reporting(n):
-            raise ConfigError(
-                f"aggregation.backend=masking: only {survivors} of {n} clients survived, but the distributed DP "
-                f"noise shares were sized for at least {self.min_reporting(n)} survivors; the sum would carry less noise "
-                "than accounted and is not released: lower aggregation.dropout or raise aggregation.threshold_fraction"
-            )
-
     def _round_shape(self, n: int) -> tuple[int | None, int]:
         """SecAgg+ degree k (None: complete graph) and Shamir threshold t of a round of ``n`` clients."""
         k = 0 if self.settings is None else self.settings.neighbours
@@ -172,7 +157,7 @@ class MaskingAggregator(Aggregator):
             result = secure_sum(vectors, secrets=self.secrets.mode, workers=simulation_workers(), **protocol)
             total, survivors = result.total, np.asarray(result.survivors)
         if noise is not None and noise.shares is not None:
-            self.check_survivors(int(survivors.size), n)
+            self.check_survivors(int(survivors.size), n, fix="lower aggregation.dropout or raise aggregation.threshold_fraction")
         agg = decode_sum(total, layout, n_clients=int(survivors.size), grouped=groups is not None)
         if self.record_transcript:
             sent = self.last_evidence.transcript  # everything the clients sent the server

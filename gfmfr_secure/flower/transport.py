@@ -64,6 +64,9 @@ from gfmfr_secure.types import Exposure
 
 __all__ = ["FlowerClients", "DROPOUT_CODES"]
 
+#: what to change when a node dropped and a distributed-DP sum would carry less noise than accounted
+_KEEP_NODES = "keep every SuperNode answering (raise round-timeout) or use privacy.mechanism=central"
+
 #: Flower error codes that mean the node (or its message) is gone, not that the ClientApp failed
 DROPOUT_CODES = frozenset({3, 4, 5})  # MESSAGE_UNAVAILABLE, REPLY_MESSAGE_UNAVAILABLE, NODE_UNAVAILABLE
 
@@ -247,7 +250,7 @@ class FlowerClients:
         self.log[-1].update(parties=out.parties, survivors=out.survivors, recovered=out.recovered)
         dp = self._dp_plan()
         if dp is not None and (msg.central is not None or msg.phase == "count") and dp.share_std(out.parties, self.aggregator.min_reporting(out.parties)) > 0:
-            self.aggregator.check_survivors(out.survivors, out.parties)
+            self.aggregator.check_survivors(out.survivors, out.parties, fix=_KEEP_NODES)
         agg = decode_sum(out.total, layout, n_clients=out.survivors, grouped=bool(msg.grouped))
         cost = {"bytes_up_per_client": out.bytes_up / max(out.survivors, 1), "dropped": float(out.parties - out.survivors), "protocol_s": round(out.seconds, 3)}
         if msg.phase == "count":
@@ -288,7 +291,6 @@ class FlowerClients:
             Under distributed DP, when a node dropped and fewer parties were summed than the noise shares were sized for.
         """
         from gfmfr_secure.aggregation.layout import decode_sum
-        from gfmfr_secure.errors import ConfigError
         from gfmfr_secure.flower.ckks_relay import relay_ckks_count_check, relay_encrypted_sum
         from gfmfr_secure.roles.messages import CKKSStep
 
@@ -303,12 +305,8 @@ class FlowerClients:
             return sum_reply(t, msg.phase, refused=out.refused)
         self.log[-1].update(parties=out.parties, survivors=out.survivors)
         dp = self._dp_plan()
-        if dp is not None and out.survivors < out.parties and dp.share_std(out.parties, out.parties) > 0:
-            raise ConfigError(
-                f"aggregation.backend=ckks: {out.parties - out.survivors} of {out.parties} clients' nodes dropped before encrypting, but the "
-                "distributed DP noise shares were sized for every client; the sum would carry less noise than accounted and is not "
-                "released: keep every SuperNode answering (raise round-timeout) or use privacy.mechanism=central"
-            )
+        if dp is not None and dp.share_std(out.parties, out.parties) > 0:  # ckks has no dropout recovery: every party must be summed
+            self.aggregator.check_survivors(out.survivors, out.parties, fix=_KEEP_NODES)
         agg = decode_sum(out.total, layout, n_clients=out.survivors, grouped=bool(msg.grouped))
         cost = {
             "bytes_up_per_client": out.bytes_up / max(out.survivors, 1), "bytes_down_per_client": float(out.context_bytes),
