@@ -89,3 +89,54 @@ def test_group_sums_errors_and_registry() -> None:
         group_sums(up, I, np.array([0, 1]), 3)
     with pytest.raises(ValueError, match="unknown aggregation backend 'nope'; known: .*plain"):
         get_aggregator("nope")
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 7), n_groups=st.integers(1, 4), seed=st.integers(0, 10_000), head=st.booleans(), write_count=st.booleans())
+def test_dense_uploads_match_a_per_client_layout(n: int, n_groups: int, seed: int, head: bool, write_count: bool) -> None:
+    """Each row of the dense layout is its client's block ``[I*d item delta | head | count]`` at its group, zero elsewhere."""
+    from gfmfr_secure.aggregation.layout import dense_uploads
+    from gfmfr_secure.privacy.release import ReleaseLayout
+
+    up = make_update(n, seed)
+    if not head:
+        up = CohortUpdate(up.clients, up.n_samples, up.row_ptr, up.row_items, up.item_delta, None, None, up.group, up.loss)
+    groups = np.random.default_rng(seed).integers(0, n_groups, n)
+    layout = ReleaseLayout(n_groups, I, D, H if head else 0, 0.5, write_count)
+    out = dense_uploads(up, layout, groups if n_groups > 1 else None)
+    assert out.shape == (n, n_groups * layout.block_size) and out.dtype == np.float32
+    for j in range(n):
+        expect = np.zeros((n_groups, layout.block_size), dtype=np.float32)
+        g = int(groups[j]) if n_groups > 1 else 0
+        expect[g, : I * D] = up.dense_item_delta(j, I).numpy().reshape(-1)
+        if head:
+            expect[g, I * D : I * D + H] = up.head_delta[j].numpy()
+        expect[g, -1] = 0.5 if write_count else 0.0
+        np.testing.assert_array_equal(out[j], expect.reshape(-1))
+
+
+@settings(max_examples=20, deadline=None)
+@given(n=st.integers(1, 6), n_groups=st.integers(1, 3), seed=st.integers(0, 10_000))
+def test_dense_rows_equal_the_stacked_layout_with_noise_shares(n: int, n_groups: int, seed: int) -> None:
+    """``DenseRows.row`` gives ``noisy_dense_uploads``'s rows bit for bit, into the caller's buffer or a new one."""
+    from gfmfr_secure.aggregation.layout import DenseRows, dense_uploads, noisy_dense_uploads
+    from gfmfr_secure.privacy.release import NoiseShares, ReleaseLayout, ReleaseNoise
+
+    up = make_update(n, seed)
+    groups = np.random.default_rng(seed).integers(0, n_groups, n)
+    layout = ReleaseLayout(n_groups, I, D, H, 1.0)
+    shares = NoiseShares(bytes(range(32)), 0, up.clients, 0.3, layout)
+    noise = ReleaseNoise(layout, torch.zeros(layout.shape, dtype=torch.float64), shares)
+    for nz in (None, noise):
+        stacked = noisy_dense_uploads(up, layout, groups, nz)
+        rows = DenseRows(up, layout, groups, nz)
+        assert rows.shape == stacked.shape
+        buf = np.full(stacked.shape[1], np.nan, dtype=np.float32)
+        for j in range(n):
+            np.testing.assert_array_equal(rows.row(j), stacked[j])
+            assert rows.row(j, buf) is buf
+            np.testing.assert_array_equal(buf, stacked[j])
+    plain = dense_uploads(up, layout, groups)
+    noisy = noisy_dense_uploads(up, layout, groups, noise)
+    for j in range(n):  # the share is added on top of the data, in float64 then rounded
+        np.testing.assert_array_equal(noisy[j], (plain[j] + shares.client(j).reshape(-1).numpy()).astype(np.float32))

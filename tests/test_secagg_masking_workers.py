@@ -33,6 +33,48 @@ def test_threads_give_the_same_round(n: int, neighbours: int | None, dropped: tu
     assert np.abs(one.total - exact).max() <= len(alive) * 2.0 ** -(one.frac_bits + 1)
 
 
+class _Rows:
+    """A row source that builds each row on request and counts the requests."""
+
+    def __init__(self, x: np.ndarray) -> None:
+        self.shape, self._x, self.asked = x.shape, x, [0] * x.shape[0]
+
+    def row(self, u: int, out: np.ndarray | None = None) -> np.ndarray:
+        self.asked[u] += 1
+        out = np.empty(self.shape[1], dtype=np.float32) if out is None else out
+        out[:] = self._x[u]
+        return out
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_a_row_source_gives_the_array_s_round_and_records_every_message(workers: int) -> None:
+    """Rows built on request (each once, survivors only) give the same uploads and sum; ``record`` keeps the transcript."""
+    x = np.random.default_rng(1).uniform(-2, 2, (14, 33)).astype(np.float32)
+    kwargs = dict(value_bound=2.0, threshold=4, neighbours=4, seed=3, dropped=(5,), secrets="reproducible", workers=workers)
+    ref = secure_sum(x, **kwargs)  # type: ignore[arg-type]
+    rows = _Rows(x)
+    got = secure_sum(rows, record=True, **kwargs)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(got.fixed_total, ref.fixed_total)
+    assert got.upload_digests == ref.upload_digests and ref.recording is None
+    assert rows.asked == [0 if u == 5 else 1 for u in range(14)]
+    rec = got.recording
+    assert len(rec.adverts) == 14 and len(rec.uploads) == 13 and rec.reveals and rec.shares
+    server = SecAggServer(rec.config, rec.graph, rec.identity_keys)  # the transcript replays to the same sum
+    server.collect_adverts(rec.adverts)
+    server.route_shares(rec.shares)
+    for upload in rec.uploads:
+        server.receive_upload(upload)
+    server.unmask_requests()
+    np.testing.assert_array_equal(server.finish(rec.reveals), got.fixed_total.astype(np.uint32))
+
+
+def test_a_bad_row_from_a_row_source_stops_the_round() -> None:
+    x = np.zeros((6, 8), dtype=np.float32)
+    x[4, 2] = 3.0
+    with pytest.raises(ValueError, match="client 4"):
+        secure_sum(_Rows(x), value_bound=1.0, threshold=4, neighbours=None, seed=0)
+
+
 def test_on_upload_sees_every_upload_once_with_threads() -> None:
     x = np.random.default_rng(0).uniform(-1, 1, (12, 40)).astype(np.float32)
     seen: list[int] = []

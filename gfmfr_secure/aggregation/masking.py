@@ -21,6 +21,7 @@ import numpy as np
 from gfmfr_secure.aggregation.base import Aggregator, register_aggregator
 from gfmfr_secure.client.checks import CountEvidence, SecAggTranscript
 from gfmfr_secure.aggregation.layout import (
+    DenseRows,
     check_uniform,
     decode_sum,
     noisy_dense_uploads,
@@ -41,42 +42,25 @@ def recorded_secure_sum(
 ) -> tuple[np.ndarray, CountEvidence]:
     """One secure-aggregation round that keeps every message: float64 [D] sum and the clients' evidence.
 
-    The same protocol as :func:`gfmfr_secure.secagg.masking.secure_sum`, played one client
-    at a time through the public client and server classes, for short vectors (a count
-    phase: D = G). The evidence holds the transcript of what the server received (signed
-    key advertisements, share ciphertexts, masked uploads, share reveals) and each
+    :func:`gfmfr_secure.secagg.masking.secure_sum` with ``record=True``, for short vectors
+    (a count phase: D = G). The evidence holds the transcript of what the server received
+    (signed key advertisements, share ciphertexts, masked uploads, share reveals) and each
     surviving client's own upload, for :func:`gfmfr_secure.client.checks.verify_count_evidence`.
 
     Parameters
     ----------
     vectors : float32 [n, D]; the other parameters as in ``secure_sum``.
     """
-    import secrets as os_secrets
+    from gfmfr_secure.secagg.masking import secure_sum
 
-    from gfmfr_secure.secagg.masking import SecAggClient, SecAggConfig, SecAggServer, client_secret_seed, neighbourhood_graph
-
-    n, dim = vectors.shape
-    config = SecAggConfig.create(n, dim, threshold=threshold, value_bound=value_bound, round_id=round_id)
-    graph = neighbourhood_graph(n, neighbours, seed)
-    clients = [
-        SecAggClient(u, config, graph, client_secret_seed(seed, u) if secrets == "reproducible" else os_secrets.token_bytes(32)) for u in range(n)
-    ]
-    pki = {u: c.identity_public_key for u, c in enumerate(clients)}
-    server = SecAggServer(config, graph, pki)
-    adverts = [c.advertise_keys() for c in clients]
-    routed = server.collect_adverts(adverts)
-    shares = [m for u, c in enumerate(clients) for m in c.share_keys(routed.get(u, []), pki)]
-    routed = server.route_shares(shares)
-    for u, c in enumerate(clients):
-        c.receive_shares(routed.get(u, []))
-    gone = set(dropped)
-    uploads = tuple(clients[u].masked_upload(vectors[u]) for u in range(n) if u not in gone)
-    for upload in uploads:
-        server.receive_upload(upload)
-    reveals = tuple(clients[v].reveal_shares(request) for v, request in server.unmask_requests().items())
-    total = decode_sum_ring(server.finish(reveals), frac_bits=config.frac_bits)
-    transcript = SecAggTranscript(tuple(adverts), tuple(shares), uploads, reveals)
-    return total, CountEvidence(layout=None, transcript=transcript, config=config, graph=graph, identity_keys=pki, own_uploads=uploads)
+    result = secure_sum(
+        vectors, value_bound=value_bound, threshold=threshold, neighbours=neighbours, seed=seed, dropped=dropped,
+        round_id=round_id, secrets=secrets, workers=simulation_workers(), record=True,
+    )
+    rec = result.recording
+    transcript = SecAggTranscript(rec.adverts, rec.shares, rec.uploads, rec.reveals)
+    evidence = CountEvidence(layout=None, transcript=transcript, config=rec.config, graph=rec.graph, identity_keys=rec.identity_keys, own_uploads=rec.uploads)
+    return result.total, evidence
 
 
 @register_aggregator("masking")
@@ -139,7 +123,9 @@ class MaskingAggregator(Aggregator):
         t_round = self.rounds_done
         layout = secure_layout(update, n_items, groups, n_groups, noise)
         t0 = time.perf_counter()
-        vectors = noisy_dense_uploads(update, layout, groups, noise)
+        # the count phase keeps its (short) uploads whole; the main sum builds each client's row
+        # as that client encodes it, so the [n, D] matrix never exists
+        vectors = noisy_dense_uploads(update, layout, groups, noise) if self.record_transcript else DenseRows(update, layout, groups, noise)
         encode_s = time.perf_counter() - t0
         n = len(update)
         neighbours, threshold = self._round_shape(n)

@@ -163,6 +163,7 @@ _EXPORTS = {
     "SecAggClient": "client",
     "SecAggServer": "server",
     "SecAggCosts": "driver",
+    "SecAggRecording": "driver",
     "SecureSumResult": "driver",
     "secure_sum": "driver",
 }

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -22,7 +23,30 @@ from gfmfr_secure.secagg.masking.params import NeighbourGraph, SecAggConfig, nei
 from gfmfr_secure.secagg.masking.primitives import KEY_BYTES, Keystream, client_secret_seed
 from gfmfr_secure.secagg.masking.server import SecAggServer
 
-__all__ = ["SecAggCosts", "SecureSumResult", "secure_sum"]
+__all__ = ["RowSource", "SecAggCosts", "SecAggRecording", "SecureSumResult", "secure_sum"]
+
+
+class RowSource(Protocol):
+    """The clients' inputs, one row at a time (e.g. :class:`gfmfr_secure.aggregation.layout.DenseRows`).
+
+    ``shape`` is ``(n, D)``; ``row(u, out)`` returns client u's float32 [D] input, written
+    into ``out`` (float32 [D]) or into a new array when ``out`` is None.
+    """
+
+    shape: tuple[int, int]
+
+    def row(self, u: int, out: np.ndarray | None = None) -> np.ndarray: ...
+
+
+class _ArrayRows:
+    """A float32 [n, D] array as a :class:`RowSource` (rows are views; ``out`` is not used)."""
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.shape = array.shape
+        self._array = array
+
+    def row(self, u: int, out: np.ndarray | None = None) -> np.ndarray:
+        return self._array[u]
 
 
 @dataclass(frozen=True, eq=False)
@@ -60,6 +84,30 @@ class SecAggCosts:
 
 
 @dataclass(frozen=True, eq=False)
+class SecAggRecording:
+    """Every message the clients sent the server in one round, with the round's public setup.
+
+    Attributes
+    ----------
+    adverts : the signed key advertisements, in client order.
+    shares : the encrypted share messages, grouped by sender in client order.
+    uploads : the masked uploads the server accepted, in client order.
+    reveals : the signed share reveals answering the unmask requests, in request order.
+    config : the round's :class:`SecAggConfig`.
+    graph : the round's :class:`NeighbourGraph`.
+    identity_keys : client id -> its Ed25519 identity public key (the PKI).
+    """
+
+    adverts: tuple[bytes, ...]
+    shares: tuple[bytes, ...]
+    uploads: tuple[bytes, ...]
+    reveals: tuple[bytes, ...]
+    config: SecAggConfig
+    graph: NeighbourGraph
+    identity_keys: dict[int, bytes]
+
+
+@dataclass(frozen=True, eq=False)
 class SecureSumResult:
     """Outcome of :func:`secure_sum`.
 
@@ -72,6 +120,7 @@ class SecureSumResult:
     frac_bits : f.
     upload_digests : SHA-256 of each survivor's masked payload, in the order of ``survivors``.
     costs : :class:`SecAggCosts`.
+    recording : :class:`SecAggRecording` when ``record=True``, else None.
     """
 
     total: np.ndarray
@@ -81,6 +130,7 @@ class SecureSumResult:
     frac_bits: int
     upload_digests: tuple[bytes, ...]
     costs: SecAggCosts
+    recording: SecAggRecording | None = None
 
 
 def _check_dropped(dropped: Sequence[int], n: int) -> frozenset[int]:
@@ -105,7 +155,7 @@ class _ArcJob:
     """
 
     clients: list[SecAggClient]
-    vectors: np.ndarray
+    rows: RowSource
     partners: dict[int, frozenset[int]]
     drop: frozenset[int]
     graph: NeighbourGraph
@@ -115,8 +165,9 @@ class _ArcJob:
 
     def run(self, arc: list[int]) -> None:
         on_arc = set(arc)
-        dim = self.vectors.shape[1]
+        dim = self.rows.shape[1]
         keystream = Keystream(dim)
+        row_buffer = np.empty(dim, dtype=np.float32)  # one per arc, reused: no fresh pages per client
         partial: dict[int, np.ndarray] = {}
         visited: set[int] = set()
         for u in arc:
@@ -147,14 +198,14 @@ class _ArcJob:
             if pair_total is None:
                 pair_total = np.zeros(dim, dtype=np.uint32)
             t0 = time.perf_counter()
-            upload = self.clients[u].masked_upload(self.vectors[u], pair_mask_total=pair_total)
+            upload = self.clients[u].masked_upload(self.rows.row(u, row_buffer), pair_mask_total=pair_total)
             self.mask_s[u] += time.perf_counter() - t0
             self.bytes_up[u] += len(upload)
             self.deliver(u, upload)
 
 
 def secure_sum(
-    vectors: np.ndarray,
+    vectors: np.ndarray | RowSource,
     *,
     value_bound: float,
     threshold: int,
@@ -165,6 +216,7 @@ def secure_sum(
     on_upload: Callable[[int, bytes], None] | None = None,
     secrets: str = "os",
     workers: int = 1,
+    record: bool = False,
 ) -> SecureSumResult:
     """Simulate one full secure-aggregation round for n clients and return the survivors' sum.
 
@@ -173,7 +225,9 @@ def secure_sum(
 
     Parameters
     ----------
-    vectors : float32 [n, D], row u is client u's input; ``|x| <= value_bound``, finite.
+    vectors : float32 [n, D], row u is client u's input; ``|x| <= value_bound``, finite. Or a
+        :class:`RowSource` giving the rows one at a time (each row is then checked when its
+        client encodes it, and a bad row stops the round there with the same error).
     value_bound : B, fixes the fixed-point resolution (see :func:`choose_frac_bits`).
     threshold : t, Shamir threshold within each closed neighbourhood (n for the complete graph,
         k + 1 for SecAgg+).
@@ -196,20 +250,21 @@ def secure_sum(
     SecureSumResult
     """
     wall0 = time.perf_counter()
-    if not isinstance(vectors, np.ndarray) or vectors.ndim != 2 or vectors.dtype != np.float32:
-        got = (
-            f"{vectors.dtype} {vectors.shape}"
-            if isinstance(vectors, np.ndarray)
-            else type(vectors).__name__
-        )
-        raise ValueError(f"vectors must be a float32 array of shape [n, D], got {got}")
+    if isinstance(vectors, np.ndarray):
+        if vectors.ndim != 2 or vectors.dtype != np.float32:
+            raise ValueError(f"vectors must be a float32 array of shape [n, D], got {vectors.dtype} {vectors.shape}")
+        check_values(vectors, value_bound)
+        rows: RowSource = _ArrayRows(vectors)
+    elif callable(getattr(vectors, "row", None)) and len(getattr(vectors, "shape", ())) == 2:
+        rows = vectors
+    else:
+        raise ValueError(f"vectors must be a float32 array of shape [n, D] or a RowSource, got {type(vectors).__name__}")
     if secrets not in SECRET_MODES:
         raise ValueError(f"secrets must be one of {', '.join(SECRET_MODES)}, got {secrets!r}")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be an int >= 1, got {workers!r}")
-    n, dim = vectors.shape
+    n, dim = (int(v) for v in rows.shape)
     drop = _check_dropped(dropped, n)
-    check_values(vectors, value_bound)
     config = SecAggConfig.create(
         n, dim, threshold=threshold, value_bound=value_bound, round_id=round_id
     )
@@ -242,7 +297,8 @@ def secure_sum(
         identity_keys = {u: c.identity_public_key for u, c in enumerate(clients)}
         server = SecAggServer(config, graph, identity_keys, workers=workers)
         t0 = time.perf_counter()
-        routed_adverts = server.collect_adverts([a for _, a in made])
+        adverts = tuple(a for _, a in made)
+        routed_adverts = server.collect_adverts(adverts)
         server_setup += time.perf_counter() - t0
         del made
 
@@ -260,6 +316,7 @@ def secure_sum(
         t0 = time.perf_counter()
         routed_shares = server.route_shares(outgoing)
         server_setup += time.perf_counter() - t0
+        shares = tuple(outgoing) if record else ()
         del outgoing
 
         def receive(u: int) -> None:
@@ -275,6 +332,7 @@ def secure_sum(
         partners = {u: frozenset(clients[u].mask_partners()) for u in range(n) if u not in drop}
         lock = threading.Lock()
         server_s = np.zeros(n)
+        uploads: dict[int, bytes] = {}
 
         def deliver(u: int, upload: bytes) -> None:
             t0 = time.perf_counter()
@@ -282,11 +340,13 @@ def secure_sum(
             with lock:
                 if on_upload is not None:
                     on_upload(u, upload)
+                if record:
+                    uploads[u] = upload
                 server.accept_upload(checked)
             server_s[u] = time.perf_counter() - t0
 
         arcs = [[int(u) for u in a] for a in np.array_split(np.asarray(graph.order), max(1, min(workers, n))) if len(a)]
-        arc_job = _ArcJob(clients, vectors, partners, drop, graph, mask_s, bytes_up, deliver)
+        arc_job = _ArcJob(clients, rows, partners, drop, graph, mask_s, bytes_up, deliver)
         list(run(arc_job.run, arcs))
         server_aggregate = float(server_s.sum())
 
@@ -313,6 +373,11 @@ def secure_sum(
             pool.shutdown()
 
     survivors = server.survivors
+    recording = (
+        SecAggRecording(adverts, shares, tuple(uploads[u] for u in sorted(uploads)), tuple(reveals), config, graph, identity_keys)
+        if record
+        else None
+    )
     alive = np.array(survivors, dtype=np.int64)
     per_client = keygen_s + share_s + mask_s
     costs = SecAggCosts(
@@ -337,4 +402,5 @@ def secure_sum(
         frac_bits=config.frac_bits,
         upload_digests=tuple(server.upload_digest(u) for u in survivors),
         costs=costs,
+        recording=recording,
     )
