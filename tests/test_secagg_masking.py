@@ -538,3 +538,41 @@ def test_costs_match_the_documented_message_sizes() -> None:
     assert (c.client_mask_s > 0).all() and (c.client_share_s > 0).all() and c.mean_client_s > 0
     assert c.server_aggregate_s > 0 and c.server_unmask_s > 0 and c.wall_s >= c.server_unmask_s
     assert math.isfinite(float(r.total.sum()))
+
+
+def test_remembered_verifications_still_refuse_forgeries_and_charge_their_time() -> None:
+    """The verification memo answers only for the exact bytes it checked; its time is charged to the skipping thread."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from gfmfr_secure.secagg.masking.primitives import skipped_verify_seconds, verify_signature
+
+    key, other = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    message = b"advert of client 7, round 3"
+    signature = key.sign(message)
+    verify_signature(key.public_key(), signature, message, "advert")  # verified, remembered
+    before = skipped_verify_seconds()
+    verify_signature(key.public_key(), signature, message, "advert")  # remembered: charged, not rerun
+    assert skipped_verify_seconds() > before
+    forged = bytearray(signature)
+    forged[5] ^= 1
+    for k, sig, msg in [
+        (key.public_key(), bytes(forged), message),  # tampered signature
+        (key.public_key(), signature, message + b"!"),  # substituted message under a valid signature
+        (other.public_key(), signature, message),  # another party's key
+    ]:
+        for _ in range(2):  # the refusal is remembered as a refusal
+            with pytest.raises(SecAggError, match="failed signature verification"):
+                verify_signature(k, sig, msg, "advert")
+
+
+def test_payload_digest_is_blake3_and_binds_every_byte() -> None:
+    import blake3
+
+    from gfmfr_secure.secagg.masking.primitives import payload_digest
+
+    payload = np.random.default_rng(0).integers(0, 2**32, 1000, dtype=np.uint32).tobytes()
+    assert payload_digest(payload) == blake3.blake3(payload).digest() and len(payload_digest(payload)) == 32
+    assert payload_digest(memoryview(payload)) == payload_digest(payload)
+    changed = bytearray(payload)
+    changed[-1] ^= 0x80
+    assert payload_digest(bytes(changed)) != payload_digest(payload)

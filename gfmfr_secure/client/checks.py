@@ -54,6 +54,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from gfmfr_secure.secagg.fixedpoint import decode_sum
 from gfmfr_secure.secagg.masking import MaskedUpload, NeighbourGraph, SecAggConfig, SecAggError, SecAggServer
+from gfmfr_secure.secagg.masking.primitives import payload_digest
 
 __all__ = [
     "BroadcastAttestation",
@@ -307,7 +308,7 @@ def _replay(transcript: SecAggTranscript, config: SecAggConfig, graph: Neighbour
 def _check_own_upload(server: SecAggServer, own_upload: bytes, config: SecAggConfig) -> None:
     """Refuse unless the bytes this client sent are the upload the replayed server summed for it."""
     mine = MaskedUpload.from_bytes(own_upload, config.dim)
-    if mine.client not in server.survivors or server.upload_digest(mine.client) != hashlib.sha256(mine.payload).digest():
+    if mine.client not in server.survivors or server.upload_digest(mine.client) != payload_digest(mine.payload):
         raise ClientRefusal(f"client {mine.client} refuses: its own upload is not in the transcript of round {config.round_id}")
 
 

@@ -31,7 +31,7 @@ signed with it.
    Bonawitz et al.'s implementation (AES runs in hardware on x86-64 and ARMv8,
    about 1.7x the speed of ChaCha20 there). The upload is bytes:
    a header, a SHA-256 commitment to ``b_u``, the ``4 D`` payload bytes and
-   an Ed25519 signature over header, commitment and SHA-256 of the payload;
+   an Ed25519 signature over header, commitment and BLAKE3 of the payload;
    a tampered, truncated or mis-sized upload is rejected. ``U3`` is the set of
    clients whose upload arrived.
 3. **Unmasking.** The server tells each survivor ``v`` which of its
@@ -118,7 +118,7 @@ Per round the clients expand ``(k / 2 + 1) n`` keystreams of ``4 D`` bytes (each
 mask once, shared by its endpoints in the simulation, plus the self masks) and hash
 their uploads; the server hashes every upload and expands the n self masks again.
 :func:`secure_sum` plays the clients on ``workers`` threads: the AES-CTR keystream,
-SHA-256 and numpy, the bulk of a round, run with the GIL released.
+BLAKE3 and numpy, the bulk of a round, run with the GIL released.
 
 Randomness
 ----------

@@ -7,11 +7,10 @@ signatures are checked by the receiving role, which knows the sender's identity 
 
 from __future__ import annotations
 
-import hashlib
 import struct
 from dataclasses import dataclass
 
-from gfmfr_secure.secagg.masking.primitives import KEY_BYTES, SIG_BYTES, SecAggError, check_bytes, check_magic
+from gfmfr_secure.secagg.masking.primitives import KEY_BYTES, SIG_BYTES, SecAggError, check_bytes, check_magic, payload_digest
 from gfmfr_secure.secagg.shamir import int_to_secret
 
 __all__ = ["UPLOAD_HEADER", "EncryptedShare", "KeyAdvert", "MaskedUpload", "ShareReveal", "UnmaskRequest"]
@@ -185,7 +184,7 @@ class MaskedUpload:
     """Round 2 message: a parsed masked upload (``payload`` stays raw little-endian uint32 bytes).
 
     Wire layout: header (magic, round, client, dim: 16 bytes) | commitment to b_u (32) |
-    payload (4 D) | Ed25519 signature (64) over header + commitment + SHA-256(payload).
+    payload (4 D) | Ed25519 signature (64) over header + commitment + BLAKE3(payload).
     """
 
     round_id: int
@@ -200,7 +199,7 @@ class MaskedUpload:
 
     @staticmethod
     def signed_digest(header: bytes, commitment: bytes, payload: bytes | memoryview) -> bytes:
-        return header + commitment + hashlib.sha256(payload).digest()
+        return header + commitment + payload_digest(payload)
 
     @classmethod
     def from_bytes(cls, data: bytes, dim: int) -> MaskedUpload:

@@ -6,7 +6,6 @@ reveal; it never imports the client role (a test walks the imports).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from gfmfr_secure.secagg.fixedpoint import out_of_range
 from gfmfr_secure.secagg.masking.messages import UPLOAD_HEADER, EncryptedShare, KeyAdvert, MaskedUpload, ShareReveal, UnmaskRequest
 from gfmfr_secure.secagg.masking.params import NeighbourGraph, SecAggConfig
-from gfmfr_secure.secagg.masking.primitives import Keystream, SecAggError, commitment_to, derive_pair_seed, verify_signature
+from gfmfr_secure.secagg.masking.primitives import Keystream, SecAggError, commitment_to, derive_pair_seed, payload_digest, verify_signature
 from gfmfr_secure.secagg.shamir import Share, int_to_secret, reconstruct_secret
 
 __all__ = ["CheckedUpload", "SecAggServer"]
@@ -26,7 +25,7 @@ __all__ = ["CheckedUpload", "SecAggServer"]
 
 @dataclass(frozen=True, eq=False)
 class CheckedUpload:
-    """A masked upload that passed :meth:`SecAggServer.check_upload`: its client, the SHA-256
+    """A masked upload that passed :meth:`SecAggServer.check_upload`: its client, the BLAKE3
     of its payload, its commitment to b_u and the payload as uint32 [D] (a view of the bytes)."""
 
     client: int
@@ -73,7 +72,7 @@ class SecAggServer:
         self._sharers: set[int] = set()
         self._shares_routed = False
         self._total = np.zeros(config.dim, dtype=np.uint32)
-        self._uploaded: dict[int, bytes] = {}  # client -> SHA-256 of its payload
+        self._uploaded: dict[int, bytes] = {}  # client -> BLAKE3 digest of its payload
         self._commitments: dict[int, bytes] = {}
         self._requests: dict[int, UnmaskRequest] | None = None
         self._dropped_needed: tuple[int, ...] = ()
@@ -90,7 +89,7 @@ class SecAggServer:
         return tuple(sorted(self._sharers - set(self._uploaded)))
 
     def upload_digest(self, client: int) -> bytes:
-        """SHA-256 of the masked payload accepted from ``client``."""
+        """BLAKE3 digest of the masked payload accepted from ``client``."""
         return self._uploaded[client]
 
     def collect_adverts(self, messages: Iterable[bytes]) -> dict[int, list[bytes]]:
@@ -192,7 +191,7 @@ class SecAggServer:
             raise SecAggError(f"masked upload from client {u}, which did not share its keys")
         if u in self._uploaded:
             raise SecAggError(f"client {u} uploaded twice")
-        digest = hashlib.sha256(upload.payload).digest()
+        digest = payload_digest(upload.payload)
         header = bytes(data[: UPLOAD_HEADER.size])
         signed = header + upload.commitment + digest
         verify_signature(self._identity[u], upload.signature, signed, f"masked upload of client {u}")
