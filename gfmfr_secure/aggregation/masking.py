@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -30,17 +30,19 @@ from gfmfr_secure.aggregation.layout import (
 from gfmfr_secure.errors import ConfigError
 from gfmfr_secure.privacy.release import ReleaseNoise
 from gfmfr_secure.rng import derive_seed, numpy_rng
-from gfmfr_secure.secagg.fixedpoint import decode_sum as decode_sum_ring
 from gfmfr_secure.secagg.simulation import simulation_workers
 from gfmfr_secure.types import AggregateResult, CohortUpdate, Exposure
+
+if TYPE_CHECKING:
+    from gfmfr_secure.secagg.masking import SecureSumResult
 
 __all__ = ["MaskingAggregator", "recorded_secure_sum"]
 
 
 def recorded_secure_sum(
     vectors: np.ndarray, *, value_bound: float, threshold: int, neighbours: int | None, seed: int, dropped: list[int], round_id: int, secrets: str
-) -> tuple[np.ndarray, CountEvidence]:
-    """One secure-aggregation round that keeps every message: float64 [D] sum and the clients' evidence.
+) -> tuple[SecureSumResult, CountEvidence]:
+    """One secure-aggregation round that keeps every message: its result and the clients' evidence.
 
     :func:`gfmfr_secure.secagg.masking.secure_sum` with ``record=True``, for short vectors
     (a count phase: D = G). The evidence holds the transcript of what the server received
@@ -60,7 +62,7 @@ def recorded_secure_sum(
     rec = result.recording
     transcript = SecAggTranscript(rec.adverts, rec.shares, rec.uploads, rec.reveals)
     evidence = CountEvidence(layout=None, transcript=transcript, config=rec.config, graph=rec.graph, identity_keys=rec.identity_keys, own_uploads=rec.uploads)
-    return result.total, evidence
+    return result, evidence
 
 
 @register_aggregator("masking")
@@ -136,29 +138,23 @@ class MaskingAggregator(Aggregator):
         value_bound = 8.0 if st is None else st.value_bound
         protocol = {"value_bound": value_bound, "threshold": threshold, "neighbours": neighbours, "seed": round_seed, "dropped": dropped, "round_id": t_round}
         if self.record_transcript:
-            total, evidence = recorded_secure_sum(vectors, secrets=self.secrets.mode, **protocol)
+            result, evidence = recorded_secure_sum(vectors, secrets=self.secrets.mode, **protocol)
             self.last_evidence = dataclasses.replace(evidence, layout=layout)
-            survivors = np.setdiff1d(np.arange(n), dropped)
         else:
             result = secure_sum(vectors, secrets=self.secrets.mode, workers=simulation_workers(), **protocol)
-            total, survivors = result.total, np.asarray(result.survivors)
+        total, survivors = result.total, np.asarray(result.survivors)
         if noise is not None and noise.shares is not None:
             self.check_survivors(int(survivors.size), n, fix="lower aggregation.dropout or raise aggregation.threshold_fraction")
         agg = decode_sum(total, layout, n_clients=int(survivors.size), grouped=groups is not None)
-        if self.record_transcript:
-            sent = self.last_evidence.transcript  # everything the clients sent the server
-            size = sum(len(m) for part in (sent.adverts, sent.shares, sent.uploads, sent.reveals) for m in part)
-            self.last_cost = {"bytes_up_per_client": size / max(int(survivors.size), 1), "dropped": float(len(dropped))}
-        else:
-            c = result.costs
-            self.last_cost = {
-                "workers": float(simulation_workers()),
-                "bytes_up_per_client": float(np.mean(c.bytes_up[survivors])),
-                "bytes_down_per_client": float(np.mean(c.bytes_down[survivors])),
-                "plain_dense_bytes_per_client": float(c.plain_bytes),
-                "client_s": float(c.mean_client_s) + encode_s / max(n, 1),
-                "server_s": float(c.server_setup_s + c.server_aggregate_s + c.server_unmask_s),
-                "dropped": float(len(dropped)),
-            }
+        c = result.costs
+        self.last_cost = {
+            "workers": float(simulation_workers()),
+            "bytes_up_per_client": float(np.mean(c.bytes_up[survivors])),
+            "bytes_down_per_client": float(np.mean(c.bytes_down[survivors])),
+            "plain_dense_bytes_per_client": float(c.plain_bytes),
+            "client_s": float(c.mean_client_s) + encode_s / max(n, 1),
+            "server_s": float(c.server_setup_s + c.server_aggregate_s + c.server_unmask_s),
+            "dropped": float(len(dropped)),
+        }
         self.rounds_done += 1
         return agg
