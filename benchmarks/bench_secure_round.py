@@ -19,7 +19,9 @@ float32 sums by rounding; CKKS's release also carries the flooding noise.
 
 Besides the simulated round (every client's protocol work on this machine's cores), a
 deployment estimate is printed: plain's round plus one client's protocol seconds plus
-the server's, as when each client runs its own part on its own device in parallel.
+the server's, as when each client runs its own part on its own device in parallel
+(without the clients' replay of the count phase's transcript under ``masking``, which
+the loop does once for all of them).
 
 A one-round plain run warms up first (it compiles the fusion kernel), untimed. The
 secure backends spread their simulated clients over the CPUs this process may use

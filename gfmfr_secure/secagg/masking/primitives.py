@@ -117,7 +117,7 @@ def payload_digest(payload: bytes | memoryview) -> bytes:
 #: (public key, signature, message) -> (valid, seconds the verification took); see verify_signature
 _VERIFIED: dict[tuple[bytes, bytes, bytes], tuple[bool, float]] = {}
 _VERIFIED_LOCK = threading.Lock()
-_VERIFIED_LIMIT = 1 << 18
+_VERIFIED_LIMIT = 1 << 15  # about 6,000 signatures a default round; cleared when full (a few MB at most)
 _SKIPPED = threading.local()
 
 
