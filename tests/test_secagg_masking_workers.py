@@ -57,15 +57,15 @@ def test_a_row_source_gives_the_array_s_round_and_records_every_message(workers:
     np.testing.assert_array_equal(got.fixed_total, ref.fixed_total)
     assert got.upload_digests == ref.upload_digests and ref.recording is None
     assert rows.asked == [0 if u == 5 else 1 for u in range(14)]
-    rec = got.recording
-    assert len(rec.adverts) == 14 and len(rec.uploads) == 13 and rec.reveals and rec.shares
+    rec, sent = got.recording, got.recording.transcript
+    assert len(sent.adverts) == 14 and len(sent.uploads) == 13 and sent.reveals and sent.shares
     server = SecAggServer(rec.config, rec.graph, rec.identity_keys)  # the transcript replays to the same sum
-    server.collect_adverts(rec.adverts)
-    server.route_shares(rec.shares)
-    for upload in rec.uploads:
+    server.collect_adverts(sent.adverts)
+    server.route_shares(sent.shares)
+    for upload in sent.uploads:
         server.receive_upload(upload)
     server.unmask_requests()
-    np.testing.assert_array_equal(server.finish(rec.reveals), got.fixed_total.astype(np.uint32))
+    np.testing.assert_array_equal(server.finish(sent.reveals), got.fixed_total.astype(np.uint32))
 
 
 def test_a_bad_row_from_a_row_source_stops_the_round() -> None:

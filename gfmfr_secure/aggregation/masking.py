@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from gfmfr_secure.aggregation.base import Aggregator, register_aggregator
-from gfmfr_secure.client.checks import CountEvidence, SecAggTranscript
+from gfmfr_secure.client.checks import CountEvidence
 from gfmfr_secure.aggregation.layout import (
     DenseRows,
     check_uniform,
@@ -60,8 +60,9 @@ def recorded_secure_sum(
         round_id=round_id, secrets=secrets, workers=simulation_workers(), record=True,
     )
     rec = result.recording
-    transcript = SecAggTranscript(rec.adverts, rec.shares, rec.uploads, rec.reveals)
-    evidence = CountEvidence(layout=None, transcript=transcript, config=rec.config, graph=rec.graph, identity_keys=rec.identity_keys, own_uploads=rec.uploads)
+    evidence = CountEvidence(
+        layout=None, transcript=rec.transcript, config=rec.config, graph=rec.graph, identity_keys=rec.identity_keys, own_uploads=rec.transcript.uploads
+    )
     return result, evidence
 
 

@@ -53,7 +53,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from gfmfr_secure.secagg.fixedpoint import decode_sum
-from gfmfr_secure.secagg.masking import MaskedUpload, NeighbourGraph, SecAggConfig, SecAggError, SecAggServer
+from gfmfr_secure.secagg.masking import MaskedUpload, NeighbourGraph, SecAggConfig, SecAggError, SecAggServer, SecAggTranscript
 from gfmfr_secure.secagg.masking.primitives import payload_digest
 
 __all__ = [
@@ -264,24 +264,6 @@ def check_round_parameters(config: SecAggConfig, graph: NeighbourGraph, *, min_g
 
 
 # --------------------------------------------------------------------------- verifiable counts
-
-
-@dataclass(frozen=True)
-class SecAggTranscript:
-    """Every message the server received in one secure-aggregation round, as bytes.
-
-    Attributes
-    ----------
-    adverts : the signed key advertisements.
-    shares : the encrypted share messages (the server reads only their headers).
-    uploads : the signed masked uploads it accepted.
-    reveals : the signed share reveals answering its unmask requests.
-    """
-
-    adverts: tuple[bytes, ...]
-    shares: tuple[bytes, ...]
-    uploads: tuple[bytes, ...]
-    reveals: tuple[bytes, ...]
 
 
 def _replay(transcript: SecAggTranscript, config: SecAggConfig, graph: NeighbourGraph, identity_keys: Mapping[int, bytes]) -> tuple[SecAggServer, np.ndarray]:

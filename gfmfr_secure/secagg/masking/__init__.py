@@ -152,6 +152,7 @@ _EXPORTS = {
     "EncryptedShare": "messages",
     "KeyAdvert": "messages",
     "MaskedUpload": "messages",
+    "SecAggTranscript": "messages",
     "ShareReveal": "messages",
     "UnmaskRequest": "messages",
     "NeighbourGraph": "params",

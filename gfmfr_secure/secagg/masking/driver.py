@@ -19,6 +19,7 @@ import numpy as np
 from gfmfr_secure.rng import SECRET_MODES
 from gfmfr_secure.secagg.fixedpoint import centre, check_values, decode_sum
 from gfmfr_secure.secagg.masking.client import SecAggClient
+from gfmfr_secure.secagg.masking.messages import SecAggTranscript
 from gfmfr_secure.secagg.masking.params import NeighbourGraph, SecAggConfig, neighbourhood_graph
 from gfmfr_secure.secagg.masking.primitives import KEY_BYTES, Keystream, client_secret_seed, skipped_verify_seconds
 from gfmfr_secure.secagg.masking.server import SecAggServer
@@ -89,19 +90,14 @@ class SecAggRecording:
 
     Attributes
     ----------
-    adverts : the signed key advertisements, in client order.
-    shares : the encrypted share messages, grouped by sender in client order.
-    uploads : the masked uploads the server accepted, in client order.
-    reveals : the signed share reveals answering the unmask requests, in request order.
+    transcript : adverts and uploads in client order, shares grouped by sender in client
+        order, reveals in request order.
     config : the round's :class:`SecAggConfig`.
     graph : the round's :class:`NeighbourGraph`.
     identity_keys : client id -> its Ed25519 identity public key (the PKI).
     """
 
-    adverts: tuple[bytes, ...]
-    shares: tuple[bytes, ...]
-    uploads: tuple[bytes, ...]
-    reveals: tuple[bytes, ...]
+    transcript: SecAggTranscript
     config: SecAggConfig
     graph: NeighbourGraph
     identity_keys: dict[int, bytes]
@@ -376,7 +372,7 @@ def secure_sum(
 
     survivors = server.survivors
     recording = (
-        SecAggRecording(adverts, shares, tuple(uploads[u] for u in sorted(uploads)), tuple(reveals), config, graph, identity_keys)
+        SecAggRecording(SecAggTranscript(adverts, shares, tuple(uploads[u] for u in sorted(uploads)), tuple(reveals)), config, graph, identity_keys)
         if record
         else None
     )

@@ -1,4 +1,4 @@
-"""Wire messages of pairwise-mask secure aggregation: frozen dataclasses with ``to_bytes`` / ``from_bytes``.
+"""Wire messages of pairwise-mask secure aggregation: frozen dataclasses with ``to_bytes`` / ``from_bytes``, and the transcript of a round's messages.
 
 All integers little-endian. Parsing checks lengths and magic numbers and raises
 :class:`~gfmfr_secure.secagg.masking.primitives.SecAggError` on anything malformed;
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from gfmfr_secure.secagg.masking.primitives import KEY_BYTES, SIG_BYTES, SecAggError, check_bytes, check_magic, payload_digest
 from gfmfr_secure.secagg.shamir import int_to_secret
 
-__all__ = ["UPLOAD_HEADER", "EncryptedShare", "KeyAdvert", "MaskedUpload", "ShareReveal", "UnmaskRequest"]
+__all__ = ["UPLOAD_HEADER", "EncryptedShare", "KeyAdvert", "MaskedUpload", "SecAggTranscript", "ShareReveal", "UnmaskRequest"]
 
 _ADVERT = struct.Struct("<4sII32s32s")  # magic, round, client, c_u^PK, s_u^PK; + signature
 _SHARE_HDR = struct.Struct("<4sIII")  # magic, round, sender, receiver; + AEAD ciphertext
@@ -228,3 +228,21 @@ class MaskedUpload:
             view[start : start + 4 * dim],
             data[-SIG_BYTES:],
         )
+
+
+@dataclass(frozen=True)
+class SecAggTranscript:
+    """Every message the server received in one secure-aggregation round, as bytes.
+
+    Attributes
+    ----------
+    adverts : the signed key advertisements.
+    shares : the encrypted share messages (the server reads only their headers).
+    uploads : the signed masked uploads it accepted.
+    reveals : the signed share reveals answering its unmask requests.
+    """
+
+    adverts: tuple[bytes, ...]
+    shares: tuple[bytes, ...]
+    uploads: tuple[bytes, ...]
+    reveals: tuple[bytes, ...]
