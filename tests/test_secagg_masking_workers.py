@@ -4,16 +4,26 @@ With ``secrets="reproducible"`` every client's upload is a function of the seed 
 a round played on several threads must give the same uploads, the same exact sum and the
 same survivors as on one, with and without dropouts; the server's parallel half
 (:meth:`SecAggServer.check_upload`) changes no state, and its serial half refuses a
-second upload from a client.
+second upload from a client. The driver only uses threads for vectors of at least
+``PARALLEL_MIN_DIM`` words; the tests lower that floor so their short vectors take the
+threaded path.
 """
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
+from gfmfr_secure.secagg.masking import driver
 from gfmfr_secure.secagg.masking import SecAggClient, SecAggConfig, SecAggError, SecAggServer, neighbourhood_graph, secure_sum
 from gfmfr_secure.secagg.simulation import simulation_workers
+
+
+@pytest.fixture(autouse=True)
+def _threads_for_short_vectors(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(driver, "PARALLEL_MIN_DIM", 1)
 
 
 @pytest.mark.parametrize(("n", "neighbours", "dropped"), [(30, 6, ()), (30, 6, (3, 17)), (9, None, (4,))])
@@ -80,6 +90,19 @@ def test_on_upload_sees_every_upload_once_with_threads() -> None:
     seen: list[int] = []
     secure_sum(x, value_bound=1.0, threshold=4, neighbours=4, seed=0, workers=3, on_upload=lambda u, _: seen.append(u))
     assert sorted(seen) == list(range(12))
+
+
+@pytest.mark.parametrize("floor", [1, 41])
+def test_threads_only_from_the_dimension_floor(monkeypatch: pytest.MonkeyPatch, floor: int) -> None:
+    """At D >= PARALLEL_MIN_DIM the clients mask on worker threads; below it all on the caller's."""
+    monkeypatch.setattr(driver, "PARALLEL_MIN_DIM", floor)
+    x = np.random.default_rng(0).uniform(-1, 1, (12, 40)).astype(np.float32)
+    threads: set[int] = set()
+    secure_sum(x, value_bound=1.0, threshold=4, neighbours=4, seed=0, workers=3, on_upload=lambda u, _: threads.add(threading.get_ident()))
+    if floor > 40:
+        assert threads == {threading.get_ident()}
+    else:
+        assert threads and threading.get_ident() not in threads
 
 
 def test_check_upload_changes_nothing_and_accept_refuses_a_second_upload() -> None:

@@ -117,8 +117,10 @@ percent of the ``4 D`` bytes of a plain float32 upload.
 Per round the clients expand ``(k / 2 + 1) n`` keystreams of ``4 D`` bytes (each pair
 mask once, shared by its endpoints in the simulation, plus the self masks) and hash
 their uploads; the server hashes every upload and expands the n self masks again.
-:func:`secure_sum` plays the clients on ``workers`` threads: the AES-CTR keystream,
-BLAKE3 and numpy, the bulk of a round, run with the GIL released.
+:func:`secure_sum` plays the clients' masking round on ``workers`` threads when vectors
+are long (``driver.PARALLEL_MIN_DIM``): the AES-CTR keystream, BLAKE3 and numpy, the bulk
+of such a round, run with the GIL released. The key rounds hold the GIL (X25519, Ed25519,
+Shamir, Python) and run on the calling thread, where they are faster than on threads.
 
 Randomness
 ----------

@@ -24,7 +24,15 @@ from gfmfr_secure.secagg.masking.params import NeighbourGraph, SecAggConfig, nei
 from gfmfr_secure.secagg.masking.primitives import KEY_BYTES, Keystream, client_secret_seed, skipped_verify_seconds
 from gfmfr_secure.secagg.masking.server import SecAggServer
 
-__all__ = ["RowSource", "SecAggCosts", "SecAggRecording", "SecureSumResult", "secure_sum"]
+__all__ = ["PARALLEL_MIN_DIM", "RowSource", "SecAggCosts", "SecAggRecording", "SecureSumResult", "secure_sum"]
+
+#: Shortest vector whose masking round runs on ``workers`` threads. Threads pay only where
+#: the GIL is released: the AES keystream, BLAKE3 and numpy on long vectors. The key rounds
+#: (X25519, Ed25519, Shamir, message parsing) hold it, and on threads they run slower than
+#: on one (a 943-client count phase, D = 5: 4.1 s on 2 threads, 2.7 s on one); they always
+#: run on the calling thread. Timed on 2 cores with 943 clients, the masking round on 2
+#: threads loses at 2^16 words (3.7 s against 3.2 s a sum) and wins at 2^17 (4.0 against 4.7).
+PARALLEL_MIN_DIM = 1 << 17
 
 
 class RowSource(Protocol):
@@ -235,10 +243,11 @@ def secure_sum(
     secrets : ``os`` (default): each client's secret seed is 32 bytes from the OS CSPRNG.
         ``reproducible``: derived from ``seed`` (:func:`client_secret_seed`), so equal seeds give
         identical uploads; a simulation mode that protects nothing against whoever knows the seed.
-    workers : threads that play the clients (and hash, check and unmask for the server). The
-        AES keystream, BLAKE3 and numpy release the GIL, so the bulk of a round runs in
-        parallel (the key rounds' Python and signature work may not). The ring is cut into
-        ``workers`` arcs for the masking round: pairs across two arcs are expanded once per
+    workers : threads for the masking round (clients masking, the server hashing and checking
+        their uploads) and the server's unmasking, when ``D >= PARALLEL_MIN_DIM``: the AES
+        keystream, BLAKE3 and numpy release the GIL, the bulk of such a round. The key rounds
+        hold the GIL and run on the calling thread, and so does everything for shorter vectors.
+        The ring is cut into one arc per thread: pairs across two arcs are expanded once per
         arc. The sum does not depend on ``workers``.
 
     Returns
@@ -275,8 +284,9 @@ def secure_sum(
     unmask_s = np.zeros(n)
     server_setup = server_aggregate = server_unmask = 0.0
 
-    pool = ThreadPoolExecutor(workers) if workers > 1 else None
-    run = pool.map if pool is not None else map
+    threads = workers if dim >= PARALLEL_MIN_DIM else 1
+    pool = ThreadPoolExecutor(threads) if threads > 1 else None
+    run = pool.map if pool is not None else map  # the masking round only (see PARALLEL_MIN_DIM)
     try:
         # Round 0: AdvertiseKeys (each client makes its keys from its own secret seed).
         def make_client(u: int) -> tuple[SecAggClient, bytes]:
@@ -288,10 +298,10 @@ def secure_sum(
             bytes_up[u] += len(advert)
             return client, advert
 
-        made = list(run(make_client, range(n)))
+        made = list(map(make_client, range(n)))
         clients = [c for c, _ in made]
         identity_keys = {u: c.identity_public_key for u, c in enumerate(clients)}
-        server = SecAggServer(config, graph, identity_keys, workers=workers)
+        server = SecAggServer(config, graph, identity_keys, workers=threads)
         t0 = time.perf_counter()
         adverts = tuple(a for _, a in made)
         routed_adverts = server.collect_adverts(adverts)
@@ -310,7 +320,7 @@ def secure_sum(
             bytes_up[u] += sum(len(m) for m in sent)
             return sent
 
-        outgoing = [m for sent in run(share, range(n)) for m in sent]
+        outgoing = [m for sent in map(share, range(n)) for m in sent]
         t0 = time.perf_counter()
         routed_shares = server.route_shares(outgoing)
         server_setup += time.perf_counter() - t0
@@ -324,7 +334,7 @@ def secure_sum(
             clients[u].receive_shares(incoming)
             share_s[u] += time.perf_counter() - t0
 
-        list(run(receive, range(n)))
+        list(map(receive, range(n)))
 
         # Round 2: MaskedInputCollection, on ``workers`` arcs of the ring (see _mask_arc).
         partners = {u: frozenset(clients[u].mask_partners()) for u in range(n) if u not in drop}
@@ -343,7 +353,7 @@ def secure_sum(
                 server.accept_upload(checked)
             server_s[u] = time.perf_counter() - t0
 
-        arcs = [[int(u) for u in a] for a in np.array_split(np.asarray(graph.order), max(1, min(workers, n))) if len(a)]
+        arcs = [[int(u) for u in a] for a in np.array_split(np.asarray(graph.order), max(1, min(threads, n))) if len(a)]
         arc_job = _ArcJob(clients, rows, partners, drop, graph, mask_s, bytes_up, deliver)
         list(run(arc_job.run, arcs))
         server_aggregate = float(server_s.sum())
@@ -362,7 +372,7 @@ def secure_sum(
             bytes_up[v] += len(answer)
             return answer
 
-        reveals = list(run(reveal, requests.items()))
+        reveals = list(map(reveal, requests.items()))
         t0 = time.perf_counter()
         ring_total = server.finish(reveals)
         server_unmask += time.perf_counter() - t0
