@@ -5,8 +5,9 @@ a round played on several threads must give the same uploads, the same exact sum
 same survivors as on one, with and without dropouts; the server's parallel half
 (:meth:`SecAggServer.check_upload`) changes no state, and its serial half refuses a
 second upload from a client. The driver only uses threads for vectors of at least
-``PARALLEL_MIN_DIM`` words; the tests lower that floor so their short vectors take the
-threaded path.
+``PARALLEL_MIN_DIM`` words, and forks a process for half the ring only from
+``FORK_MIN_CLIENTS`` clients; the tests lower both floors so their small rounds take
+those paths.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from gfmfr_secure.secagg.simulation import simulation_workers
 @pytest.fixture(autouse=True)
 def _threads_for_short_vectors(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(driver, "PARALLEL_MIN_DIM", 1)
+    monkeypatch.setattr(driver, "FORK_MIN_CLIENTS", 1)
 
 
 @pytest.mark.parametrize(("n", "neighbours", "dropped"), [(30, 6, ()), (30, 6, (3, 17)), (9, None, (4,))])
@@ -41,6 +43,40 @@ def test_threads_give_the_same_round(n: int, neighbours: int | None, dropped: tu
     alive = [u for u in range(n) if u not in dropped]
     exact = x[alive].astype(np.float64).sum(0)
     assert np.abs(one.total - exact).max() <= len(alive) * 2.0 ** -(one.frac_bits + 1)
+
+
+@pytest.mark.parametrize("threads", [True, False])
+@pytest.mark.parametrize("dropped", [(), (2, 11)])
+def test_a_forked_half_ring_sends_the_same_messages(monkeypatch: pytest.MonkeyPatch, threads: bool, dropped: tuple[int, ...]) -> None:
+    """Half the ring played in a forked process (share round; masking round too without threads): the same transcript and sum."""
+    if not threads:
+        monkeypatch.setattr(driver, "PARALLEL_MIN_DIM", 1 << 30)
+    x = np.random.default_rng(7).uniform(-3, 3, (16, 24)).astype(np.float32)
+    kwargs = dict(value_bound=3.0, threshold=4, neighbours=4, seed=9, dropped=dropped, secrets="reproducible", record=True)
+    monkeypatch.setattr(driver, "FORK_MIN_CLIENTS", 1 << 30)
+    one = secure_sum(x, workers=1, **kwargs)  # type: ignore[arg-type]
+    monkeypatch.setattr(driver, "FORK_MIN_CLIENTS", 1)
+    seen: list[int] = []
+    two = secure_sum(x, workers=2, on_upload=lambda u, _: seen.append(u), **kwargs)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(two.fixed_total, one.fixed_total)
+    assert two.recording.transcript == one.recording.transcript
+    assert two.survivors == one.survivors and sorted(seen) == list(two.survivors)
+    for field in ("bytes_up", "bytes_down"):
+        np.testing.assert_array_equal(getattr(two.costs, field), getattr(one.costs, field))
+    assert np.all(two.costs.client_share_s > 0) and np.all(two.costs.client_mask_s[list(two.survivors)] > 0)
+
+
+@pytest.mark.parametrize("half", [0, 1])
+def test_an_error_in_either_half_of_the_ring_stops_the_round(monkeypatch: pytest.MonkeyPatch, half: int) -> None:
+    """A bad row met by the parent's arc or by the forked process's arc is raised as in one process."""
+    monkeypatch.setattr(driver, "PARALLEL_MIN_DIM", 1 << 30)
+    n = 12
+    order = neighbourhood_graph(n, 4, 5).order
+    bad = int(order[0] if half == 0 else order[-1])
+    x = np.zeros((n, 8), dtype=np.float32)
+    x[bad, 3] = 5.0
+    with pytest.raises(ValueError, match=f"client {bad}"):
+        secure_sum(_Rows(x), value_bound=1.0, threshold=4, neighbours=4, seed=5, workers=2)
 
 
 class _Rows:

@@ -6,12 +6,14 @@ roles passes as bytes.
 
 from __future__ import annotations
 
+import multiprocessing
 import secrets as _os_secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from typing import Protocol
 
 import numpy as np
@@ -21,10 +23,10 @@ from gfmfr_secure.secagg.fixedpoint import centre, check_values, decode_sum
 from gfmfr_secure.secagg.masking.client import SecAggClient
 from gfmfr_secure.secagg.masking.messages import SecAggTranscript
 from gfmfr_secure.secagg.masking.params import NeighbourGraph, SecAggConfig, neighbourhood_graph
-from gfmfr_secure.secagg.masking.primitives import KEY_BYTES, Keystream, client_secret_seed, skipped_verify_seconds
+from gfmfr_secure.secagg.masking.primitives import KEY_BYTES, Keystream, SecAggError, client_secret_seed, skipped_verify_seconds
 from gfmfr_secure.secagg.masking.server import SecAggServer
 
-__all__ = ["PARALLEL_MIN_DIM", "RowSource", "SecAggCosts", "SecAggRecording", "SecureSumResult", "secure_sum"]
+__all__ = ["FORK_MIN_CLIENTS", "PARALLEL_MIN_DIM", "RowSource", "SecAggCosts", "SecAggRecording", "SecureSumResult", "secure_sum"]
 
 #: Shortest vector whose masking round runs on ``workers`` threads. Threads pay only where
 #: the GIL is released: the AES keystream, BLAKE3 and numpy on long vectors. The key rounds
@@ -33,6 +35,10 @@ __all__ = ["PARALLEL_MIN_DIM", "RowSource", "SecAggCosts", "SecAggRecording", "S
 #: run on the calling thread. Timed on 2 cores with 943 clients, the masking round on 2
 #: threads loses at 2^16 words (3.7 s against 3.2 s a sum) and wins at 2^17 (4.0 against 4.7).
 PARALLEL_MIN_DIM = 1 << 17
+#: Fewest clients for which, when ``workers > 1``, a forked process plays half the ring through
+#: the GIL-bound rounds (ShareKeys, and the masking round of short vectors): below it the fork
+#: and the hand-back of the clients' state cost more than they save.
+FORK_MIN_CLIENTS = 128
 
 
 class RowSource(Protocol):
@@ -208,6 +214,98 @@ class _ArcJob:
             self.deliver(u, upload)
 
 
+def _expect(conn: Connection, tag: str) -> tuple:
+    """The next message from the forked half of the ring, which must be ``tag``; its error re-raised."""
+    try:
+        got = conn.recv()
+    except EOFError:
+        raise RuntimeError("the forked process playing half the ring exited without answering") from None
+    if got[0] == "error":
+        raise got[1]
+    if got[0] != tag:  # pragma: no cover - the two halves run the same code
+        raise RuntimeError(f"the forked half of the ring sent {got[0]!r}, expected {tag!r}")
+    return got[1:]
+
+
+def _arcs(graph: NeighbourGraph, k: int) -> list[list[int]]:
+    """The ring (``graph.order``) cut into ``k`` contiguous arcs (fewer when there are fewer clients)."""
+    n = len(graph.order)
+    return [[int(u) for u in a] for a in np.array_split(np.asarray(graph.order), max(1, min(k, n))) if len(a)]
+
+
+def _forked_half(
+    clients: list[SecAggClient],
+    config: SecAggConfig,
+    graph: NeighbourGraph,
+    halves: list[list[int]],
+    share: Callable[[int], list[bytes]],
+    route: Callable[[list[bytes]], dict[int, list[bytes]]],
+    receive: Callable[[int, list[bytes]], None],
+    mask_arc: Callable[[list[int], Callable[[int, bytes], None]], None] | None,
+    deliver: Callable[[int, bytes], None],
+    costs: tuple[np.ndarray, ...],
+) -> list[bytes]:
+    """Round 1 (and round 2 when ``mask_arc`` is given) with the second arc of ``halves`` played by a forked process.
+
+    Returns the share messages in client order. These rounds hold the GIL (X25519,
+    ChaCha20-Poly1305, Ed25519, Shamir, Python), so threads cannot split them; a forked child,
+    which inherits the clients and the routed keys, can. The child sends its clients' share
+    messages, receives the shares the server routed to them, masks their inputs
+    (``mask_arc``), and hands back their masked uploads, each client's state
+    (:meth:`SecAggClient.export_state`) and its entries of ``costs`` (per-client arrays
+    that ``share``, ``receive`` and ``mask_arc`` add to); the parent plays the first arc
+    meanwhile, passes the child's uploads to ``deliver`` and resumes its clients
+    (:meth:`SecAggClient.resume`). Messages, routing and errors are those of the
+    one-process round; an error of the parent's arc is raised first.
+    """
+    here_arc, their_arc = halves
+    ctx = multiprocessing.get_context("fork")
+    here, there = ctx.Pipe()
+
+    def child() -> None:
+        here.close()
+        try:
+            there.send(("sent", {u: share(u) for u in their_arc}))
+            routed = there.recv()
+            for u in their_arc:
+                receive(u, routed[u])
+            masked: list[tuple[int, bytes]] = []
+            if mask_arc is not None:
+                mask_arc(their_arc, lambda u, upload: masked.append((u, upload)))
+            states = {u: clients[u].export_state() for u in their_arc}
+            there.send(("state", states, [c[their_arc] for c in costs], masked))
+        except (SecAggError, ValueError) as err:
+            there.send(("error", err))
+
+    proc = ctx.Process(target=child, name="secagg-half-ring", daemon=True)
+    proc.start()
+    there.close()
+    try:
+        sent = {u: share(u) for u in here_arc}
+        (theirs_sent,) = _expect(here, "sent")
+        sent.update(theirs_sent)
+        outgoing = [m for u in range(len(clients)) for m in sent[u]]
+        routed = route(outgoing)
+        here.send({u: routed.get(u, []) for u in their_arc})
+        for u in here_arc:
+            receive(u, routed.get(u, []))
+        if mask_arc is not None:
+            mask_arc(here_arc, deliver)
+        states, parts, masked = _expect(here, "state")
+    finally:
+        here.close()
+        proc.join(timeout=5.0)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    for array, part in zip(costs, parts, strict=True):
+        array[their_arc] = part
+    for u, state in states.items():
+        clients[u] = SecAggClient.resume(config, graph, state)
+    for u, upload in masked:
+        deliver(u, upload)
+    return outgoing
+
 def secure_sum(
     vectors: np.ndarray | RowSource,
     *,
@@ -320,24 +418,20 @@ def secure_sum(
             bytes_up[u] += sum(len(m) for m in sent)
             return sent
 
-        outgoing = [m for sent in map(share, range(n)) for m in sent]
-        t0 = time.perf_counter()
-        routed_shares = server.route_shares(outgoing)
-        server_setup += time.perf_counter() - t0
-        shares = tuple(outgoing) if record else ()
-        del outgoing
+        def route(outgoing: list[bytes]) -> dict[int, list[bytes]]:
+            nonlocal server_setup
+            t0 = time.perf_counter()
+            routed = server.route_shares(outgoing)
+            server_setup += time.perf_counter() - t0
+            return routed
 
-        def receive(u: int) -> None:
-            incoming = routed_shares.get(u, [])
+        def receive(u: int, incoming: list[bytes]) -> None:
             bytes_down[u] += sum(len(m) for m in incoming)
             t0 = time.perf_counter()
             clients[u].receive_shares(incoming)
             share_s[u] += time.perf_counter() - t0
 
-        list(map(receive, range(n)))
-
-        # Round 2: MaskedInputCollection, on ``workers`` arcs of the ring (see _mask_arc).
-        partners = {u: frozenset(clients[u].mask_partners()) for u in range(n) if u not in drop}
+        # Round 2: MaskedInputCollection, one arc of the ring at a time (see _ArcJob).
         lock = threading.Lock()
         server_s = np.zeros(n)
         uploads: dict[int, bytes] = {}
@@ -353,9 +447,28 @@ def secure_sum(
                 server.accept_upload(checked)
             server_s[u] = time.perf_counter() - t0
 
-        arcs = [[int(u) for u in a] for a in np.array_split(np.asarray(graph.order), max(1, min(threads, n))) if len(a)]
-        arc_job = _ArcJob(clients, rows, partners, drop, graph, mask_s, bytes_up, deliver)
-        list(run(arc_job.run, arcs))
+        def mask_arc(arc: list[int], send: Callable[[int, bytes], None]) -> None:
+            partners = {u: frozenset(clients[u].mask_partners()) for u in arc if u not in drop}
+            _ArcJob(clients, rows, partners, drop, graph, mask_s, bytes_up, send).run(arc)
+
+        if workers > 1 and n >= FORK_MIN_CLIENTS and "fork" in multiprocessing.get_all_start_methods():
+            # Rounds 1 and 2 hold the GIL (round 2 only for short vectors): a forked process plays
+            # half the ring through them
+            masked = threads == 1
+            outgoing = _forked_half(
+                clients, config, graph, _arcs(graph, 2), share, route, receive, mask_arc if masked else None, deliver,
+                (share_s, mask_s, bytes_up, bytes_down),
+            )
+        else:
+            masked = False
+            outgoing = [m for u in range(n) for m in share(u)]
+            routed_shares = route(outgoing)
+            for u in range(n):
+                receive(u, routed_shares.get(u, []))
+        shares = tuple(outgoing) if record else ()
+        del outgoing
+        if not masked:
+            list(run(lambda arc: mask_arc(arc, deliver), _arcs(graph, threads)))
         server_aggregate = float(server_s.sum())
 
         # Round 3: Unmasking.
