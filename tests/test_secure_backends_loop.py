@@ -42,6 +42,7 @@ def test_secure_backend_matches_plain(backend, tiny_synthetic, split) -> None:
     assert server and all(v.exposure == Exposure.GROUP_SUMS and "per_client" not in v.received for v in server)
     cost = secure.metrics["cost"]
     assert cost["bytes_up_per_client"] > 0 and cost["server_s"] > 0
+    assert cost["count_phase_check_client_s"] > 0  # the clients checked the reported counts, and that time is reported
 
 
 def test_masking_recovers_dropouts(tiny_synthetic, split) -> None:

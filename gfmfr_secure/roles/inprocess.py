@@ -14,6 +14,7 @@ client party over the node's uploads; the server receives only the released sums
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -26,6 +27,7 @@ from gfmfr_secure.client.checks import ClientRefusal, broadcast_digest, broadcas
 from gfmfr_secure.errors import ConfigError
 from gfmfr_secure.privacy.release import Release, ReleaseLayout, ReleaseNoise
 from gfmfr_secure.rng import SecretSource
+from gfmfr_secure.secagg.masking.primitives import skipped_verify_seconds
 from gfmfr_secure.roles.client import ClientNode
 from gfmfr_secure.roles.messages import (
     Assignment,
@@ -77,7 +79,10 @@ def counted_groups(
 
     Returns the reported counts float64 [G] and the phase's cost. With ``verify`` the
     backend keeps the phase's evidence (masking: its transcript; ckks: the key holder's
-    release) and the clients refuse counts that differ from it. ``phase`` and ``check`` replace
+    release) and the clients refuse counts that differ from it; the cost then also holds
+    ``check_client_s``, the seconds one client's check takes as deployed (the check runs
+    once for all of them here, and signatures this process verified before are charged,
+    not verified again). ``phase`` and ``check`` replace
     :func:`count_phase` and :func:`check_reported_counts` (active-server experiments). ``n_total``:
     the uploads of the whole round when ``upload`` is one node's part (:func:`count_phase`).
 
@@ -92,7 +97,10 @@ def counted_groups(
     finally:
         aggregator.record_transcript = False
     if verify:
-        (check or check_reported_counts)(counts, verify_count_evidence(aggregator.last_evidence), tolerance=COUNT_TOLERANCE)
+        t0, skipped0 = time.perf_counter(), skipped_verify_seconds()
+        verified = verify_count_evidence(aggregator.last_evidence)
+        cost = {**cost, "check_client_s": time.perf_counter() - t0 + skipped_verify_seconds() - skipped0}
+        (check or check_reported_counts)(counts, verified, tolerance=COUNT_TOLERANCE)
     return counts, cost
 
 
