@@ -227,6 +227,11 @@ def _expect(conn: Connection, tag: str) -> tuple:
     return got[1:]
 
 
+def _can_fork() -> bool:
+    """Whether this process may fork a child: the platform has ``fork`` and this is no daemonic process."""
+    return "fork" in multiprocessing.get_all_start_methods() and not multiprocessing.current_process().daemon
+
+
 def _arcs(graph: NeighbourGraph, k: int) -> list[list[int]]:
     """The ring (``graph.order``) cut into ``k`` contiguous arcs (fewer when there are fewer clients)."""
     n = len(graph.order)
@@ -451,7 +456,7 @@ def secure_sum(
             partners = {u: frozenset(clients[u].mask_partners()) for u in arc if u not in drop}
             _ArcJob(clients, rows, partners, drop, graph, mask_s, bytes_up, send).run(arc)
 
-        if workers > 1 and n >= FORK_MIN_CLIENTS and "fork" in multiprocessing.get_all_start_methods():
+        if workers > 1 and n >= FORK_MIN_CLIENTS and _can_fork():
             # Rounds 1 and 2 hold the GIL (round 2 only for short vectors): a forked process plays
             # half the ring through them
             masked = threads == 1
