@@ -235,7 +235,8 @@ def encode(
     # |x| <= B (in the input's precision) was checked above, so one scalar bound covers every value
     if _largest_word(_check_bound(value_bound), int(frac_bits)) > MAX_ABS_SUM:
         raise ValueError(f"frac_bits={frac_bits} is too large for value_bound={value_bound}")
-    scaled = np.ldexp(arr.astype(work, copy=False), int(frac_bits))
+    # a product with 2^f rounds like ldexp (both are exact here) and takes half the time
+    scaled = np.multiply(arr, work(2.0 ** int(frac_bits)), dtype=work)
     return np.rint(scaled, out=scaled).astype(np.int32).view(np.uint32)
 
 
