@@ -25,6 +25,7 @@ from gfmfr_secure.secagg.ckks import (
     slots_to_coefficients,
 )
 from gfmfr_secure.secagg.ckks.messages import Scratch
+from gfmfr_secure.secagg.ckks.words import as_seal, word_layout
 
 ts = pytest.importorskip("tenseal")
 from tenseal import sealapi  # noqa: E402  (after the skip)
@@ -42,7 +43,7 @@ def exact_packed_decryption(holder: KeyHolder, enc_sum: list[bytes]) -> np.ndarr
     slots = []
     for blob in enc_sum:
         plain = sealapi.Plaintext()
-        decryptor.decrypt(scratch.load_ciphertext(sealapi, seal_context, blob), plain)
+        decryptor.decrypt(scratch.load_ciphertext(sealapi, seal_context, as_seal(blob, word_layout(seal_context), holder.params.scale)), plain)
         slots.append(encoder.decode_complex(plain))
     scratch.close()
     return slots_to_coefficients(np.array(slots)).reshape(-1)

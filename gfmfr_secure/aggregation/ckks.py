@@ -2,7 +2,7 @@
 
 Each client encrypts its dense group-indexed layout (:mod:`.layout`) plus its own DP
 noise share, one value per polynomial coefficient (the ``packed`` wire format:
-``ceil(D / 8192)`` SEAL ciphertexts, 22.9 bytes per value under ``authority`` custody,
+``ceil(D / 8192)`` SEAL ciphertexts, 22 bytes per value under ``authority`` custody (their words),
 about half that under ``shared-clients``). The aggregator holds only the public context and adds
 ciphertexts; the key holder (``aggregation.custody``: a key authority apart from the
 aggregator, or a secret key shared by the clients) decrypts the sum, floods it (an
@@ -50,8 +50,8 @@ def ckks_params_for(value_bound: float, max_summands: int, packing: str = "slots
     HomomorphicEncryption.org table allows 218 at 128-bit and 152 at 192-bit security for
     N = 8192); the scale is the largest the 80-bit data modulus holds with the flooding
     noise added before decryption (943 summands of ``|x| <= 8``: 2**66, flooding std
-    1.2e-8 on a sum of D = 579,850 values, 22.9 bytes per value). The single 60-bit data
-    prime that N = 4096 allows (16.1 bytes per value) holds a scale of 2**46 only: its
+    1.2e-8 on a sum of D = 579,850 values, 22 bytes per value). The single 60-bit data
+    prime that N = 4096 allows (16 bytes per value) holds a scale of 2**46 only: its
     flooding std, 9.1e-3 on a sum, moved the validation NDCG@10 of a default run by 2.1e-3
     in two rounds.
     """

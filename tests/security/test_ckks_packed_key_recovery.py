@@ -24,6 +24,7 @@ from test_ckks_key_recovery import N, _psi, _zstd_decompress, intt, ntt  # noqa:
 
 from gfmfr_secure.secagg.ckks import CKKSParams, KeyHolder  # noqa: E402
 from gfmfr_secure.secagg.ckks.messages import Scratch  # noqa: E402
+from gfmfr_secure.secagg.ckks.words import as_seal, word_layout  # noqa: E402
 from gfmfr_secure.secagg.ckks import slots_to_coefficients  # noqa: E402
 
 # N = 4096 (the attack helpers' ring), one 60-bit data prime, Delta = 2**46: the smallest packed
@@ -34,7 +35,7 @@ PARAMS = CKKSParams(4096, (60, 49), 46, max_abs_value=8.0, max_summands=943)
 def coefficients_of(blob: bytes, seal_context) -> np.ndarray:
     """int64 [2, N]: (c0, c1) of a serialised SEAL ciphertext in coefficient form (one data prime)."""
     scratch = Scratch()
-    ct = scratch.load_ciphertext(sealapi, seal_context, blob)
+    ct = scratch.load_ciphertext(sealapi, seal_context, as_seal(blob, word_layout(seal_context), PARAMS.scale))
     out = sealapi.Ciphertext()
     sealapi.Evaluator(seal_context).transform_from_ntt(ct, out)
     with tempfile.TemporaryDirectory() as folder:
@@ -77,7 +78,7 @@ def exact_release(holder: KeyHolder, blob: bytes) -> np.ndarray:
     seal_context = holder._context.seal_context().data
     scratch = Scratch()
     plain = sealapi.Plaintext()
-    sealapi.Decryptor(seal_context, holder._context.secret_key().data).decrypt(scratch.load_ciphertext(sealapi, seal_context, blob), plain)
+    sealapi.Decryptor(seal_context, holder._context.secret_key().data).decrypt(scratch.load_ciphertext(sealapi, seal_context, as_seal(blob, word_layout(seal_context), PARAMS.scale)), plain)
     scratch.close()
     return slots_to_coefficients(np.array([sealapi.CKKSEncoder(seal_context).decode_complex(plain)]))[0]
 

@@ -93,9 +93,10 @@ meet 192-bit security. The scale is the largest the 80-bit data modulus holds:
 ``Delta = 2**66`` for 943 summands of ``|x| <= 8``. Then:
 
 * **Bytes**: a fresh ciphertext is sent at the data primes only (the special
-  prime lives in the public key): two polynomials of N 64-bit words per prime,
-  zstd-compressed by SEAL (the 20-bit prime's words shrink), 22.9 bytes per value
-  under public-key encryption (5.7x float32). At N = 4096 the standard allows 109
+  prime lives in the public key): two polynomials of N words per prime, each
+  prime's words in the bytes it needs (:mod:`.words`: 8 + 3), 22 bytes per value
+  under public-key encryption (5.5x float32; SEAL's zstd-compressed form was 22.9).
+  At N = 4096 the standard allows 109
   bits: one 60-bit data prime and a 49-bit special prime send 16.1 bytes per value,
   but hold ``Delta = 2**46`` only, whose flooding noise (below) is a million times
   larger. The slot parameters below send 34 + 34-bit primes for N / 2 values:
@@ -187,8 +188,12 @@ Wire formats
     second polynomial is replaced by the seed of the PRNG that generated it:
     half the bytes.
 ``"packed"`` (either custody; the backend's)
-    Raw SEAL ciphertexts with one value per coefficient: public-key encrypted
-    under ``authority``, seeded symmetric under ``shared-clients``.
+    One value per coefficient. Under ``authority``, public-key ciphertexts sent
+    as their words (:mod:`.words`): the aggregator checks each word against its
+    prime and adds them mod q_i in numpy, without SEAL (0.1 against 0.4 ms per
+    ciphertext loaded through SEAL), and the key holder rebuilds SEAL's
+    serialisation of the sum and loads it with SEAL's checks. Under
+    ``shared-clients``, raw SEAL ciphertexts, seeded symmetric.
 
 The SEAL formats go through ``tenseal.sealapi``, whose ``save`` / ``load`` only
 take file paths: the ciphertext bytes (never keys) pass through a private

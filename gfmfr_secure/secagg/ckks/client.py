@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from gfmfr_secure.secagg.ckks.messages import Scratch, check_context, chunk_bounds, load_context
+from gfmfr_secure.secagg.ckks.messages import Scratch, check_context, chunk_bounds, has_public_key, load_context
+from gfmfr_secure.secagg.ckks.words import pack, word_layout, words_from_seal
 from gfmfr_secure.secagg.ckks.params import CKKSParams
 from gfmfr_secure.secagg.ckks.primitives import (
     CKKSError,
@@ -44,14 +45,7 @@ class Encryptor:
         self._ctx = load_context(context_bytes, check_n_threads(n_threads), "client context")
         check_context(self._ctx, params, "client context")
         self._bounds = chunk_bounds(params, self._dim, self._wire)
-        if self._ctx.is_private():
-            can_encrypt = True
-        else:
-            try:
-                can_encrypt = self._ctx.has_public_key()
-            except ValueError:  # a public context of a symmetric-encryption key: parameters only
-                can_encrypt = False
-        if not can_encrypt:
+        if not (self._ctx.is_private() or has_public_key(self._ctx)):
             raise CKKSError("the client context holds neither a public key nor a secret key: it cannot encrypt")
         if wire == "seeded" and not self._ctx.is_private():
             raise CKKSError(
@@ -66,6 +60,8 @@ class Encryptor:
             self._seal_encryptor = sealapi.Encryptor(seal_context, key)
             self._encoder = sealapi.CKKSEncoder(seal_context)
             self._scratch = Scratch()
+            # packed, public key: the ciphertext's words travel (see words.py); seeded: SEAL's bytes
+            self._words = word_layout(seal_context) if wire == "packed" and not self._symmetric else None
 
     @property
     def dim(self) -> int:
@@ -126,4 +122,6 @@ class Encryptor:
             return self._scratch.save(self._seal_encryptor.encrypt_symmetric(plain))
         ct = sealapi.Ciphertext()
         self._seal_encryptor.encrypt(plain, ct)
+        if self._words is not None:
+            return pack(words_from_seal(self._scratch.save(ct), self._words, self._params.scale), self._words)
         return self._scratch.save(ct)

@@ -17,6 +17,7 @@ from numpy.typing import NDArray
 from gfmfr_secure.secagg.ckks.client import Encryptor
 from gfmfr_secure.secagg.ckks.messages import Scratch, as_blob, check_context, check_format, check_seal_ciphertext, chunk_bounds, load_context, load_error
 from gfmfr_secure.secagg.ckks.params import CKKSParams
+from gfmfr_secure.secagg.ckks.words import seal_from_words, unpack, word_layout
 from gfmfr_secure.secagg.ckks.primitives import (
     PACKING,
     CKKSError,
@@ -210,6 +211,7 @@ class Decryptor:
             self._encoder = sealapi.CKKSEncoder(self._seal_context)
             self._evaluator = sealapi.Evaluator(self._seal_context)
             self._scratch = Scratch()
+        self._words = word_layout(self._seal_context) if self._wire == "packed" and not symmetric else None
 
     def decrypt(
         self, encrypted_sum: Sequence[bytes], *, noise: NoiseFn | None = None, flood_key: bytes | None = None
@@ -277,7 +279,15 @@ class Decryptor:
         return slots_to_coefficients(slots).reshape(-1)[: self._dim]
 
     def _load_seal(self, blob: object, where: str) -> Any:
-        return self._scratch.load_checked(self._seal_context, self._params, self._wire, blob, where)
+        if self._words is None:
+            return self._scratch.load_checked(self._seal_context, self._params, self._wire, blob, where)
+        words = unpack(as_blob(blob, where), self._words, where)
+        try:  # SEAL validates the rebuilt ciphertext once more as it loads it
+            ct = self._scratch.load_ciphertext(self.sealapi_module, self._seal_context, seal_from_words(words, self._words, self._params.scale))
+        except (ValueError, RuntimeError) as exc:
+            raise load_error(where, exc) from exc
+        check_seal_ciphertext(ct, self._params, where)
+        return ct
 
     def _decrypt_one(self, blob: object, k: int, size: int) -> NDArray[np.float64]:
         where = f"encrypted sum, ciphertext {k}"

@@ -23,6 +23,7 @@ __all__ = [
     "check_format",
     "check_seal_ciphertext",
     "chunk_bounds",
+    "has_public_key",
     "load_context",
     "load_error",
 ]
@@ -74,6 +75,14 @@ def as_blob(blob: object, where: str) -> bytes:
     if not data:
         raise CKKSError(f"{where}: empty ciphertext")
     return data
+
+
+def has_public_key(ctx: Any) -> bool:
+    """Whether a TenSEAL context holds a public key (a symmetric-key public context holds parameters only)."""
+    try:
+        return bool(ctx.has_public_key())
+    except ValueError:
+        return False
 
 
 def check_format(data: bytes, wire: WireFormat, where: str) -> None:

@@ -334,8 +334,8 @@ PRESETS: dict[str, CKKSParams] = {
     # The ``packed`` wire format's (the backend's for 943 clients, |x| <= 8): N = 8192, 60 + 20-bit
     # data primes, Delta = 2**66, flooding std 1.2e-8 on a sum of D = 579,850 values (public key).
     "packed": CKKSParams(8192, (60, 20, 45), 66, max_abs_value=8.0, max_summands=943),
-    # The smallest ``packed`` ring: N = 4096, one 60-bit data prime (16.1 bytes per value against
-    # 22.9), Delta = 2**46, flooding std 9.1e-3 on the same sum.
+    # The smallest ``packed`` ring: N = 4096, one 60-bit data prime (16 bytes per value against
+    # 22), Delta = 2**46, flooding std 9.1e-3 on the same sum.
     "packed-4096": CKKSParams(4096, (60, 49), 46, max_abs_value=8.0, max_summands=943),
 }
 # A ring of N = 2048 (at most 54 bits of modulus) cannot keep the flooding noise

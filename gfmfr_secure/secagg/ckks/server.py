@@ -16,10 +16,12 @@ from gfmfr_secure.secagg.ckks.messages import (
     check_format,
     check_seal_ciphertext,
     chunk_bounds,
+    has_public_key,
     load_context,
     load_error,
 )
 from gfmfr_secure.secagg.ckks.params import CKKSParams
+from gfmfr_secure.secagg.ckks.words import add_into, pack, unpack, word_layout
 from gfmfr_secure.secagg.ckks.primitives import CKKSError, WireFormat, check_dim, check_n_threads, check_wire, sealapi_module, tenseal_module
 
 __all__ = ["CKKSAggregator"]
@@ -56,6 +58,8 @@ class CKKSAggregator:
             self._seal_context = self._ctx.seal_context().data
             self._evaluator = self.sealapi_module.Evaluator(self._seal_context)
             self._scratch = Scratch()
+        # packed under a public key: uploads are words (see words.py), added here in numpy
+        self._words = word_layout(self._seal_context) if wire == "packed" and has_public_key(self._ctx) else None
 
     @property
     def context(self) -> Any:
@@ -78,8 +82,9 @@ class CKKSAggregator:
         Returns
         -------
         list
-            One TenSEAL ``CKKSVector`` (``"tenseal"``) or SEAL ``Ciphertext``
-            (``"seeded"``, ``"packed"``) per ciphertext.
+            One TenSEAL ``CKKSVector`` (``"tenseal"``), SEAL ``Ciphertext`` (``"seeded"``,
+            ``"packed"`` under a symmetric key) or uint64 [2, L, N] words (``"packed"``
+            under a public key: :mod:`.words`) per ciphertext.
 
         Raises
         ------
@@ -99,6 +104,8 @@ class CKKSAggregator:
 
     def _load_one(self, blob: object, k: int) -> Any:
         where = f"ciphertext {k}"
+        if self._words is not None:
+            return unpack(as_blob(blob, where), self._words, where)
         if self._wire != "tenseal":
             return self._scratch.load_checked(self._seal_context, self._params, self._wire, blob, where)
         data = as_blob(blob, where)
@@ -137,6 +144,9 @@ class CKKSAggregator:
     def _accumulate(self, parts: list[Any]) -> None:
         if self._acc is None:
             self._acc = parts
+        elif self._words is not None:
+            for acc, words in zip(self._acc, parts, strict=True):
+                add_into(acc, words, self._words)
         elif self._wire != "tenseal":
             for acc, ct in zip(self._acc, parts, strict=True):
                 self._evaluator.add_inplace(acc, ct)
@@ -170,6 +180,8 @@ class CKKSAggregator:
         """The encrypted sum of the uploads added so far, one bytes object per ciphertext."""
         if self._acc is None:
             raise CKKSError("no upload has been added: there is no sum to return")
+        if self._words is not None:
+            return [pack(words, self._words) for words in self._acc]
         if self._wire != "tenseal":
             return [self._scratch.save(ct) for ct in self._acc]
         return [vec.serialize() for vec in self._acc]
