@@ -79,6 +79,28 @@ def test_an_error_in_either_half_of_the_ring_stops_the_round(monkeypatch: pytest
         secure_sum(_Rows(x), value_bound=1.0, threshold=4, neighbours=4, seed=5, workers=2)
 
 
+@pytest.mark.parametrize("half", [0, 1])
+def test_a_protocol_error_in_either_half_of_the_ring_stops_the_round(monkeypatch: pytest.MonkeyPatch, half: int) -> None:
+    """A client aborting ShareKeys in the parent's arc or in the forked process's: the same SecAggError, no process left."""
+    import multiprocessing
+
+    n = 12
+    order = neighbourhood_graph(n, 4, 5).order
+    bad = int(order[0] if half == 0 else order[-1])
+    honest = SecAggClient.share_keys
+
+    def share_keys(self, adverts, identity_keys):  # type: ignore[no-untyped-def]
+        if self.client_id == bad:
+            raise SecAggError(f"client {bad} aborts the key sharing")
+        return honest(self, adverts, identity_keys)
+
+    monkeypatch.setattr(SecAggClient, "share_keys", share_keys)
+    x = np.zeros((n, 8), dtype=np.float32)
+    with pytest.raises(SecAggError, match=f"client {bad} aborts"):
+        secure_sum(x, value_bound=1.0, threshold=4, neighbours=4, seed=5, workers=2)
+    assert not multiprocessing.active_children()
+
+
 class _Rows:
     """A row source that builds each row on request and counts the requests."""
 

@@ -281,6 +281,8 @@ def _forked_half(
             there.send(("state", states, [c[their_arc] for c in costs], masked))
         except (SecAggError, ValueError) as err:
             there.send(("error", err))
+        except EOFError:  # the parent stopped the round (an error of its own arc) and closed the pipe
+            return
 
     proc = ctx.Process(target=child, name="secagg-half-ring", daemon=True)
     proc.start()
@@ -310,6 +312,7 @@ def _forked_half(
     for u, upload in masked:
         deliver(u, upload)
     return outgoing
+
 
 def secure_sum(
     vectors: np.ndarray | RowSource,
