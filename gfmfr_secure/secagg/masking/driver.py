@@ -270,18 +270,19 @@ def _forked_half(
     def child() -> None:
         here.close()
         try:
-            there.send(("sent", {u: share(u) for u in their_arc}))
-            routed = there.recv()
-            for u in their_arc:
-                receive(u, routed[u])
-            masked: list[tuple[int, bytes]] = []
-            if mask_arc is not None:
-                mask_arc(their_arc, lambda u, upload: masked.append((u, upload)))
-            states = {u: clients[u].export_state() for u in their_arc}
-            there.send(("state", states, [c[their_arc] for c in costs], masked))
-        except (SecAggError, ValueError) as err:
-            there.send(("error", err))
-        except EOFError:  # the parent stopped the round (an error of its own arc) and closed the pipe
+            try:
+                there.send(("sent", {u: share(u) for u in their_arc}))
+                routed = there.recv()
+                for u in their_arc:
+                    receive(u, routed[u])
+                masked: list[tuple[int, bytes]] = []
+                if mask_arc is not None:
+                    mask_arc(their_arc, lambda u, upload: masked.append((u, upload)))
+                states = {u: clients[u].export_state() for u in their_arc}
+                there.send(("state", states, [c[their_arc] for c in costs], masked))
+            except (SecAggError, ValueError) as err:
+                there.send(("error", err))
+        except (EOFError, BrokenPipeError):  # the parent stopped the round (an error of its own arc) and closed the pipe
             return
 
     proc = ctx.Process(target=child, name="secagg-half-ring", daemon=True)
