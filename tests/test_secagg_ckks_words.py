@@ -67,7 +67,7 @@ def test_words_round_trip_through_seal(seal) -> None:
     x = np.random.default_rng(0).uniform(-8, 8, 4096)
     saved = scratch.save(_encrypt(seal, x))
     words = words_from_seal(saved, layout, P.scale)
-    assert words.shape == (2, 2, 8192) and np.all(words < layout.moduli)
+    assert words.shape == (2, 2, 8192) and np.all(words < np.array(layout.primes, dtype=np.uint64).reshape(1, -1, 1))
     message = pack(words, layout)
     assert len(message) == layout.nbytes < len(saved)  # fewer bytes than SEAL's compressed form
     np.testing.assert_array_equal(unpack(message, layout, "ct"), words)

@@ -68,11 +68,6 @@ class WordLayout:
         """Bytes of one ciphertext in this format."""
         return len(MAGIC) + 32 + 2 * self.degree * sum(self.widths)
 
-    @property
-    def moduli(self) -> NDArray[np.uint64]:
-        """uint64 [1, L, 1]: the primes, broadcast against words [2, L, N]."""
-        return np.array(self.primes, dtype=np.uint64).reshape(1, -1, 1)
-
 
 def word_layout(seal_context: Any) -> WordLayout:
     """The data level of a ``sealapi.SEALContext``."""
